@@ -1,0 +1,57 @@
+# The one entry point for humans and CI. Each target sets itself up.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+# Debian packages the tests and the demo use (installed with apt-get when missing and root).
+APT_PACKAGES := mosquitto mosquitto-clients openssh-server openssh-client systemd dpkg-dev lintian fakeroot
+STAMP := $(VENV)/.installed
+
+.PHONY: all test lint typecheck pytest demo bench deb proto clean deps venv
+
+all: test
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO="sudo"; \
+	  else echo "need root or sudo to install:$$missing" >&2; exit 1; fi; \
+	  echo "installing Debian packages:$$missing"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q -U pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
+
+lint: venv
+	$(VENV)/bin/ruff check agent tests
+	$(VENV)/bin/ruff format --check agent tests
+
+typecheck: venv
+	$(VENV)/bin/mypy agent
+
+pytest: venv deps
+	PYTHONASYNCIODEBUG=1 $(VENV)/bin/pytest -q -p no:randomly tests $(PYTEST_ARGS)
+
+test: deps venv lint typecheck pytest
+
+demo: deps venv
+	$(PY) -m agent.demo
+
+bench: deps venv
+	$(PY) tests/bench/tunnel_bench.py
+
+proto: venv
+	$(PY) -m grpc_tools.protoc -Iagent/protocol --python_out=agent/protocol/_pb --pyi_out=agent/protocol/_pb agent/protocol/message.proto
+
+deb: deps venv
+	bash packaging/debian/build.sh
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache
