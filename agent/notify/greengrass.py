@@ -1,0 +1,339 @@
+"""
+Tunnel notifications through the Greengrass nucleus' IPC (``SubscribeToIoTCore``).
+
+Deployed as a Greengrass component, the agent does not open an MQTT connection of
+its own: the nucleus already holds the thing's connection to AWS IoT Core and
+relays ``$aws/things/<thing>/tunnels/notify`` over its local IPC socket, provided
+the recipe's ``accessControl`` grants ``aws.greengrass#SubscribeToIoTCore`` on
+that topic (packaging/greengrass/recipe.yaml).
+
+Invariants: this module never parses a payload (STYLE §3): every message, even a
+malformed one, is handed over raw as a :class:`RawNotification` and validated
+downstream by :mod:`agent.notification`. SDK callbacks run on the SDK's threads;
+they only ever call ``loop.call_soon_threadsafe``. A stream that closes while the
+source is open is re-established with backoff, on a fresh IPC connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import re
+from typing import TYPE_CHECKING, Any, Protocol, Self
+
+import structlog
+
+from agent.exceptions import ConfigError, NotificationError
+from agent.notify.base import RawNotification
+from agent.retry import backoff
+
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+
+
+__all__ = [
+    "QOS_AT_LEAST_ONCE",
+    "GreengrassNotificationSource",
+    "IpcClient",
+    "default_client_factory",
+]
+
+_log = structlog.get_logger(__name__)
+
+# The nucleus sets this for every component it runs (Greengrass "component environment").
+_THING_NAME_ENV = "AWS_IOT_THING_NAME"
+# The AWS IoT thing-name pattern (CreateThing API).
+_THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
+# awsiot.greengrasscoreipc.model.QOS.AT_LEAST_ONCE: a notification published while the
+# stream was briefly down is redelivered rather than lost (control-plane §6).
+QOS_AT_LEAST_ONCE = "1"
+
+
+class IpcClient(Protocol):
+    """
+    The slice of ``GreengrassCoreIPCClientV2`` this source uses (the test seam).
+    """
+
+    def subscribe_to_iot_core(
+        self,
+        *,
+        topic_name: str,
+        qos: str,
+        on_stream_event: Callable[[Any], None],
+        on_stream_error: Callable[[Exception], bool],
+        on_stream_closed: Callable[[], None],
+    ) -> tuple[Any, Any]:
+        """
+        Subscribe synchronously; return ``(response, operation)``.
+        """
+        ...
+
+    def close(self) -> Any:
+        """
+        Close the IPC connection and the client's callback executor.
+        """
+        ...
+
+
+def default_client_factory() -> IpcClient:
+    """
+    Connect to the nucleus with the SDK's V2 client (blocking; run it in a thread).
+
+    The SDK reads the socket path and the auth token from the environment the
+    nucleus gives its components (``AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT``,
+    ``SVCUID``).
+
+    Returns:
+        A connected ``GreengrassCoreIPCClientV2``.
+    """
+    # Imported here so that merely importing this module (the registry does it lazily
+    # anyway) does not load the IPC client outside Greengrass.
+    from awsiot.greengrasscoreipc.clientv2 import (  # noqa: PLC0415
+        GreengrassCoreIPCClientV2,
+    )
+
+    # executor=None: our callbacks only hop to the event loop, so they may run on the
+    # CRT thread; a thread pool could reorder two notifications (rotation, control-plane §6).
+    client: IpcClient = GreengrassCoreIPCClientV2(executor=None)
+    return client
+
+
+class _Closed:
+    """
+    Queue sentinel: the source was closed; iteration ends.
+    """
+
+
+_CLOSED = _Closed()
+
+
+class GreengrassNotificationSource:
+    """
+    A :class:`~agent.notify.base.NotificationSource` fed by Greengrass IPC.
+
+    Args:
+        thing_name: The thing whose notify topic to subscribe to; defaults to
+            ``$AWS_IOT_THING_NAME``, which the nucleus sets for its components.
+        queue_size: Notifications buffered between the SDK threads and the loop;
+            when full the oldest is dropped (a newer one carries a fresher token).
+        client_factory: Returns a connected IPC client; blocking, called in a
+            worker thread. Tests pass a fake here: the nucleus cannot run in CI.
+        retry_initial: First delay before re-subscribing after the stream closed.
+        retry_max: Largest such delay.
+        environ: Environment to read the thing name from; defaults to ``os.environ``.
+
+    Raises:
+        ConfigError: No thing name was given and ``$AWS_IOT_THING_NAME`` is unset.
+    """
+
+    def __init__(  # noqa: PLR0913 (keyword-only settings, STYLE §6)
+        self,
+        *,
+        thing_name: str | None = None,
+        queue_size: int = 16,
+        client_factory: Callable[[], IpcClient] = default_client_factory,
+        retry_initial: float = 1.0,
+        retry_max: float = 60.0,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        """
+        Record the configuration; nothing connects before ``__aenter__``.
+        """
+        env = os.environ if environ is None else environ
+        name = thing_name or env.get(_THING_NAME_ENV)
+        if not name:
+            raise ConfigError(
+                f"the Greengrass notification source needs a thing name (${_THING_NAME_ENV})"
+            )
+        # The name goes into a topic: MQTT wildcards or '/' would widen the subscription.
+        if not _THING_NAME.fullmatch(name):
+            raise ConfigError(f"thing name {name!r} does not match [a-zA-Z0-9:_-]{{1,128}}")
+        if queue_size < 1:
+            raise ValueError("queue_size must be >= 1")
+        self.thing_name = name
+        self.topic = f"$aws/things/{name}/tunnels/notify"
+        self._factory = client_factory
+        self._retry_initial = retry_initial
+        self._retry_max = retry_max
+        self._queue: asyncio.Queue[RawNotification | _Closed] = asyncio.Queue(queue_size)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: IpcClient | None = None
+        self._operation: Any = None
+        # Bumped on each subscription so late callbacks of a replaced stream are ignored.
+        self._generation = 0
+        self._closing = False
+        self._resubscriber: asyncio.Task[None] | None = None
+        self.dropped = 0
+        self.resubscriptions = 0
+
+    async def __aenter__(self) -> Self:
+        """
+        Connect to the nucleus and subscribe to the notify topic.
+
+        Raises:
+            NotificationError: The nucleus refused the connection or the subscription
+                (typically: the deployment lacks the recipe's ``accessControl``).
+        """
+        self._loop = asyncio.get_running_loop()
+        self._closing = False
+        await self._subscribe()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """
+        Stop re-subscribing, close the stream and the connection, end iteration.
+        """
+        self._closing = True
+        if self._resubscriber is not None:
+            task, self._resubscriber = self._resubscriber, None
+            task.cancel()
+            # gather() returns the task's CancelledError instead of raising it, while a
+            # cancellation of this coroutine itself still propagates (STYLE §4).
+            await asyncio.gather(task, return_exceptions=True)
+        await self._disconnect()
+        self._put(_CLOSED)
+
+    def __aiter__(self) -> AsyncIterator[RawNotification]:
+        """
+        Return an iterator over received notifications, ending once closed.
+        """
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[RawNotification]:
+        while True:
+            item = await self._queue.get()
+            if isinstance(item, _Closed):
+                # Leave the sentinel for any other iterator still waiting.
+                self._put(_CLOSED)
+                return
+            yield item
+
+    # -- connection management (event loop) ---------------------------------------
+
+    async def _subscribe(self) -> None:
+        self._generation += 1
+        generation = self._generation
+        try:
+            self._client = await asyncio.to_thread(self._factory)
+        except Exception as exc:
+            raise NotificationError(f"cannot connect to the Greengrass nucleus IPC: {exc}") from exc
+        client = self._client
+        try:
+            _response, self._operation = await asyncio.to_thread(
+                lambda: client.subscribe_to_iot_core(
+                    topic_name=self.topic,
+                    qos=QOS_AT_LEAST_ONCE,
+                    on_stream_event=lambda event: self._on_stream_event(generation, event),
+                    on_stream_error=lambda error: self._on_stream_error(generation, error),
+                    on_stream_closed=lambda: self._on_stream_closed(generation),
+                )
+            )
+        except Exception as exc:
+            await self._disconnect()
+            raise NotificationError(
+                f"SubscribeToIoTCore on {self.topic} refused: {type(exc).__name__}: {exc}"
+            ) from exc
+        _log.info("notify_subscribed", source="greengrass", topic=self.topic)
+
+    async def _disconnect(self) -> None:
+        # Invalidate callbacks first: closing the stream fires on_stream_closed.
+        self._generation += 1
+        operation, self._operation = self._operation, None
+        client, self._client = self._client, None
+        if operation is not None:
+            await asyncio.to_thread(_close_quietly, operation)
+        if client is not None:
+            await asyncio.to_thread(_close_quietly, client)
+
+    async def _resubscribe(self, delays: Iterator[float]) -> None:
+        await self._disconnect()
+        while not self._closing:
+            delay = next(delays)
+            _log.info("reconnect_scheduled", source="greengrass", delay=round(delay, 3))
+            await asyncio.sleep(delay)
+            try:
+                await self._subscribe()
+            except NotificationError as exc:
+                _log.warning("notify_resubscribe_failed", source="greengrass", error=str(exc))
+                continue
+            self.resubscriptions += 1
+            return
+
+    def _start_resubscribe(self, generation: int) -> None:
+        if self._closing or generation != self._generation or self._resubscriber is not None:
+            return
+        delays = backoff(initial=self._retry_initial, maximum=self._retry_max)
+        self._resubscriber = asyncio.get_running_loop().create_task(self._resubscribe(delays))
+        self._resubscriber.add_done_callback(self._resubscribe_done)
+
+    def _resubscribe_done(self, task: asyncio.Task[None]) -> None:
+        if self._resubscriber is task:
+            self._resubscriber = None
+        if not task.cancelled() and task.exception() is not None:
+            _log.error("notify_resubscribe_crashed", source="greengrass", exc_info=task.exception())
+
+    def _put(self, item: RawNotification | _Closed) -> None:
+        # Bounded queue (interfaces.md, SEAM 1): drop the oldest, keep the newest.
+        if self._queue.full():
+            dropped = self._queue.get_nowait()
+            if isinstance(dropped, RawNotification):
+                self.dropped += 1
+                _log.warning("notification_dropped", source="greengrass", reason="queue_full")
+        self._queue.put_nowait(item)
+
+    # -- SDK callbacks (SDK threads) --------------------------------------------------
+
+    def _call_in_loop(self, callback: Callable[..., None], *args: object) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        # RuntimeError: the loop is closed; the daemon is gone and nobody is listening.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(callback, *args)
+
+    def _on_stream_event(self, generation: int, event: Any) -> None:
+        message = getattr(event, "message", None)
+        if message is None:
+            return
+        payload = message.payload
+        notification = RawNotification(
+            topic=message.topic_name or self.topic,
+            payload=bytes(payload) if payload is not None else b"",
+        )
+        self._call_in_loop(self._deliver, generation, notification)
+
+    def _deliver(self, generation: int, notification: RawNotification) -> None:
+        if generation == self._generation and not self._closing:
+            self._put(notification)
+
+    def _on_stream_error(self, generation: int, error: Exception) -> bool:
+        self._call_in_loop(self._log_stream_error, generation, type(error).__name__, str(error))
+        # True closes the stream; on_stream_closed then re-subscribes on a fresh connection,
+        # so a stream in an unknown state never leaves the agent silently deaf.
+        return True
+
+    def _log_stream_error(self, generation: int, error_type: str, error: str) -> None:
+        if generation == self._generation and not self._closing:
+            _log.warning(
+                "notify_stream_error", source="greengrass", error_type=error_type, error=error
+            )
+
+    def _on_stream_closed(self, generation: int) -> None:
+        self._call_in_loop(self._stream_closed, generation)
+
+    def _stream_closed(self, generation: int) -> None:
+        if generation == self._generation and not self._closing:
+            _log.warning("notify_stream_closed", source="greengrass", topic=self.topic)
+            self._start_resubscribe(generation)
+
+
+def _close_quietly(closeable: Any) -> None:
+    try:
+        result = closeable.close()
+        # The SDK returns concurrent futures; wait so no CRT work outlives the source.
+        if hasattr(result, "result"):
+            result.result(timeout=5)
+    except Exception as exc:
+        _log.debug("notify_close_failed", source="greengrass", error=str(exc))
