@@ -1,0 +1,209 @@
+"""
+Tunnel notification payload (bytes) -> :class:`TunnelRequest`. Pure: no I/O, no clock.
+
+The payload arrives on ``$aws/things/<thing>/tunnels/notify`` (control-plane §6)::
+
+    {"clientAccessToken": "...", "clientMode": "destination",
+     "region": "us-east-1", "services": ["SSH"]}
+
+Invariants: :func:`parse_notification` raises nothing but
+:class:`InvalidNotification`, whatever the bytes; no error message ever contains
+the access token; the token only leaves a :class:`TunnelRequest` through
+``get_secret_value()``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from pydantic import SecretStr
+
+from agent.exceptions import InvalidNotification
+
+
+if TYPE_CHECKING:
+    from collections.abc import Collection
+
+
+__all__ = [
+    "MAX_PAYLOAD_SIZE",
+    "MAX_SERVICES",
+    "MAX_TOKEN_LENGTH",
+    "TunnelRequest",
+    "parse_notification",
+]
+
+# A real notification is ~1 KiB (a <1 KB token plus three ids); 16 KiB leaves room and
+# bounds the JSON parser's work on hostile input.
+MAX_PAYLOAD_SIZE = 16 * 1024
+# localproxy caps tokens at 4096 characters (control-plane §5).
+MAX_TOKEN_LENGTH = 4096
+# Services per tunnel (control-plane §7).
+MAX_SERVICES = 3
+
+# AWS partitions: us-east-1, us-gov-west-1, cn-north-1, us-isob-east-1. Anchored and
+# strict so the region can never carry a host name into the data-plane endpoint.
+_REGION = re.compile(r"[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d{1,2}")
+# URL-safe token characters (control-plane §5: URL-safe base64); '+', '/' and '=' are
+# accepted too since standard base64 is equally safe in an environment variable.
+_TOKEN = re.compile(r"[A-Za-z0-9_\-.~+/=]+")
+# The API pattern without ':' because the id becomes a localproxy map id (data-plane §8).
+_SERVICE_ID = re.compile(r"[a-zA-Z0-9_-]{1,128}")
+_API_SERVICE_ID = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelRequest:
+    """
+    A validated request to open the destination side of a tunnel.
+
+    Attributes:
+        token: The destination client access token; its repr is masked.
+        region: The tunnel's AWS region (selects the data-plane host).
+        services: The requested service ids, in the notification's order.
+    """
+
+    token: SecretStr
+    region: str
+    services: tuple[str, ...]
+
+
+def _reject_constant(name: str) -> Any:
+    raise InvalidNotification(f"payload contains the non-JSON constant {name}")
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Duplicate keys would let two parsers of the same bytes disagree on the token.
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise InvalidNotification(f"payload repeats the key {key[:64]!r}")
+        result[key] = value
+    return result
+
+
+def _decode(payload: bytes, max_size: int) -> dict[str, Any]:
+    if len(payload) > max_size:
+        raise InvalidNotification(f"payload is {len(payload)} bytes, more than {max_size}")
+    try:
+        text = payload.decode("utf-8")
+        document = json.loads(
+            text, object_pairs_hook=_unique_object, parse_constant=_reject_constant
+        )
+    except InvalidNotification:
+        raise
+    except UnicodeDecodeError:
+        raise InvalidNotification("payload is not UTF-8") from None
+    # RecursionError: deeply nested arrays fit in 16 KiB; the message would echo nothing.
+    except (ValueError, RecursionError):
+        raise InvalidNotification("payload is not valid JSON") from None
+    if not isinstance(document, dict):
+        raise InvalidNotification(f"payload is a JSON {type(document).__name__}, not an object")
+    return document
+
+
+def _show(value: object, secret: object) -> str:
+    """
+    Render a rejected value for an error message, never any part of the token.
+    """
+    if not isinstance(value, str):
+        return type(value).__name__
+    # A sender that put the token in the wrong field must not get it logged.
+    # Short values (SSH, us-east-1) may occur in a random token by chance and reveal nothing.
+    if (
+        isinstance(secret, str)
+        and secret
+        and (secret in value or (len(value) >= 8 and value in secret))
+    ):
+        return "<redacted>"
+    return repr(value[:64])
+
+
+def _check_token(value: object) -> SecretStr:
+    # Messages below describe the token's shape only, never its characters.
+    if not isinstance(value, str):
+        raise InvalidNotification("clientAccessToken is missing or not a string")
+    if not value:
+        raise InvalidNotification("clientAccessToken is empty")
+    if len(value) > MAX_TOKEN_LENGTH:
+        raise InvalidNotification(
+            f"clientAccessToken is {len(value)} characters, more than {MAX_TOKEN_LENGTH}"
+        )
+    if not _TOKEN.fullmatch(value):
+        raise InvalidNotification("clientAccessToken contains characters outside the URL-safe set")
+    return SecretStr(value)
+
+
+def _check_region(value: object, secret: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidNotification("region is missing or not a string")
+    if not _REGION.fullmatch(value):
+        raise InvalidNotification(f"region {_show(value, secret)} does not look like an AWS region")
+    return value
+
+
+def _check_services(
+    value: object, allowed: Collection[str] | None, secret: object
+) -> tuple[str, ...]:
+    if not isinstance(value, list):
+        raise InvalidNotification("services is missing or not a list")
+    if not 1 <= len(value) <= MAX_SERVICES:
+        raise InvalidNotification(
+            f"services has {len(value)} entries, expected 1 to {MAX_SERVICES}"
+        )
+    services: list[str] = []
+    for item in value:
+        if not isinstance(item, str) or not _API_SERVICE_ID.fullmatch(item):
+            raise InvalidNotification(
+                f"service {_show(item, secret)} does not match [a-zA-Z0-9:_-]{{1,128}}"
+            )
+        if not _SERVICE_ID.fullmatch(item):
+            raise InvalidNotification(
+                f"service {_show(item, secret)} contains ':', which localproxy cannot map"
+            )
+        if item in services:
+            raise InvalidNotification(f"service {_show(item, secret)} is requested twice")
+        services.append(item)
+    # Deny by default: one unknown service refuses the whole notification (issue 4 §3).
+    if allowed is not None:
+        for item in services:
+            if item not in allowed:
+                raise InvalidNotification(
+                    f"service {_show(item, secret)} is not in the services map"
+                )
+    return tuple(services)
+
+
+def parse_notification(
+    payload: bytes,
+    *,
+    allowed_services: Collection[str] | None = None,
+    max_size: int = MAX_PAYLOAD_SIZE,
+) -> TunnelRequest:
+    """
+    Parse and validate one tunnel notification.
+
+    Args:
+        payload: The raw MQTT payload.
+        allowed_services: The configured service names; ``None`` skips that check.
+        max_size: Largest payload accepted, in bytes.
+
+    Returns:
+        The validated request.
+
+    Raises:
+        InvalidNotification: For any defect; the message names it and never the token.
+    """
+    document = _decode(payload, max_size)
+    secret = document.get("clientAccessToken")
+    mode = document.get("clientMode")
+    # The Device Client accepts only lowercase "destination" (control-plane §6).
+    if mode != "destination":
+        raise InvalidNotification(f"clientMode is {_show(mode, secret)}, expected 'destination'")
+    region = _check_region(document.get("region"), secret)
+    services = _check_services(document.get("services"), allowed_services, secret)
+    token = _check_token(secret)
+    return TunnelRequest(token=token, region=region, services=services)

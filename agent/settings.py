@@ -1,0 +1,469 @@
+"""
+The agent's settings: one frozen pydantic-settings model, validated once at startup.
+
+Sources, highest priority first: command-line flags (passed as ``overrides``),
+``TUNNEL_AGENT_*`` environment variables (nested delimiter ``__``, e.g.
+``TUNNEL_AGENT_MQTT__PORT``), then the TOML file (default
+``/etc/iot-tunnel-agent/config.toml``). Components never receive this object:
+the daemon passes plain keyword arguments down (STYLE §6).
+
+:func:`load_settings` turns every problem into one :class:`ConfigError` whose
+message lists each bad field as ``field = value: why``; :func:`check_files`
+adds what only the filesystem can tell (unreadable or exposed key files).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+from contextvars import ContextVar
+from datetime import timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
+
+from agent.exceptions import ConfigError
+from agent.notify import NotifyKind, resolve_kind
+
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    from pydantic_settings import PydanticBaseSettingsSource
+
+
+__all__ = [
+    "DEFAULT_CONFIG_PATH",
+    "DEFAULT_RUNTIME_DIR",
+    "AgentSettings",
+    "LimitsSettings",
+    "LoggingSettings",
+    "MqttSettings",
+    "ProxySettings",
+    "check_files",
+    "load_settings",
+    "parse_duration",
+    "parse_service_target",
+]
+
+DEFAULT_CONFIG_PATH = Path("/etc/iot-tunnel-agent/config.toml")
+DEFAULT_RUNTIME_DIR = Path("/run/iot-tunnel-agent")
+
+# The AWS IoT thing-name pattern (CreateThing API).
+_THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
+# localproxy map ids: the API pattern minus ':' (data-plane §8).
+_SERVICE_ID = re.compile(r"[a-zA-Z0-9_-]{1,128}")
+# host[:port] for the proxy endpoint override, as localproxy accepts it (data-plane §8).
+_ENDPOINT = re.compile(r"[a-z0-9.\[\]-]+(:[0-9]{1,5})?")
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\]")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)([dhms])")
+_DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+# The agent sets these per tunnel; configuration must not override them (STYLE §3).
+_RESERVED_ENV = frozenset({"AWSIOT_TUNNEL_ACCESS_TOKEN", "AWSIOT_TUNNEL_CLIENT_TOKEN"})
+# Flags the agent builds itself; extra_args must not change the tunnel's shape or carry a token.
+_RESERVED_ARGS = frozenset(
+    {"-t", "--access-token", "-i", "--client-token", "-r", "--region", "-e", "--proxy-endpoint",
+     "-s", "--source-listen-port", "-d", "--destination-app", "-m", "--mode", "--config"}
+)  # fmt: skip
+
+
+def parse_service_target(value: object) -> str:
+    """
+    Validate one ``[services]`` value and return it in localproxy ``-d`` form.
+
+    Args:
+        value: A port (int or digits), ``host:port``, or an absolute Unix socket path.
+
+    Returns:
+        The target as localproxy's destination map expects it (data-plane §8).
+
+    Raises:
+        ValueError: The value is none of the accepted forms.
+    """
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        # ValueError, not TypeError: pydantic turns only ValueError into a field error.
+        raise ValueError("must be a port, 'host:port' or an absolute Unix socket path")  # noqa: TRY004
+    text = str(value).strip()
+    # ',' and '=' separate entries of the -d map: a target containing them would inject one.
+    if any(ch in text for ch in ",= \t") or not text.isprintable():
+        raise ValueError("must not contain ',', '=', spaces or control characters")
+    if "/" in text:
+        if not text.startswith("/"):
+            raise ValueError("a Unix socket path must be absolute")
+        return text
+    host, sep, port = text.rpartition(":")
+    if sep and not _HOSTNAME.fullmatch(host):
+        raise ValueError(f"{host!r} is not a valid host name or address")
+    if not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise ValueError("port must be an integer between 1 and 65535")
+    return f"{host}:{int(port)}" if sep else str(int(port))
+
+
+def parse_duration(value: object) -> object:
+    """
+    Accept ``"12h"``, ``"90m"``, ``"1h30m"``, ``"45s"`` besides what pydantic takes.
+
+    Args:
+        value: The raw setting value.
+
+    Returns:
+        A :class:`timedelta` for the compact form, else ``value`` unchanged
+        (seconds as a number, ISO 8601 ``PT12H``: pydantic parses those).
+    """
+    if isinstance(value, str):
+        text = value.strip().lower()
+        parts = _DURATION_PART.findall(text)
+        if parts and "".join(n + u for n, u in parts) == text:
+            return timedelta(seconds=sum(float(n) * _DURATION_UNITS[u] for n, u in parts))
+    return value
+
+
+def _check_service_name(value: str) -> str:
+    if not _SERVICE_ID.fullmatch(value):
+        raise ValueError(
+            "a service name must match [a-zA-Z0-9_-]{1,128} (localproxy map ids cannot contain ':')"
+        )
+    return value
+
+
+ServiceName = Annotated[str, AfterValidator(_check_service_name)]
+ServiceTarget = Annotated[str, BeforeValidator(parse_service_target)]
+Duration = Annotated[timedelta, BeforeValidator(parse_duration)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MqttSettings(_Section):
+    """
+    The MQTT connection to AWS IoT Core (or the emulator's broker).
+
+    Required when the notification source is MQTT; ignored under Greengrass.
+    """
+
+    endpoint: str | None = Field(default=None, min_length=1, max_length=253)
+    port: int = Field(default=8883, ge=1, le=65535)
+    client_id: str | None = Field(default=None, min_length=1, max_length=128)
+    cert: Path | None = None
+    key: Path | None = None
+    ca: Path | None = None
+    http_proxy: SecretStr | None = None
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not _HOSTNAME.fullmatch(value):
+            raise ValueError("must be a host name or address, without scheme or port")
+        return value
+
+    @field_validator("http_proxy")
+    @classmethod
+    def _check_http_proxy(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not re.fullmatch(
+            r"https?://[^\s/]+(:\d{1,5})?/?", value.get_secret_value()
+        ):
+            raise ValueError("must look like http://[user:password@]host:port")
+        return value
+
+
+class ProxySettings(_Section):
+    """
+    How the destination local proxy is started for each tunnel (STYLE §3, SEAM 2).
+    """
+
+    binary: Literal["bundled"] | Path = "bundled"
+    ca: Path | None = None
+    endpoint: str | None = None
+    no_verify: bool = False
+    extra_args: tuple[str, ...] = ()
+    extra_env: dict[str, SecretStr] = Field(default_factory=dict)
+    stop_grace: float = Field(default=2.0, gt=0, le=30)
+    max_restarts: int = Field(default=5, ge=0, le=1000)
+    restart_backoff_initial: float = Field(default=1.0, gt=0, le=600)
+    restart_backoff_max: float = Field(default=30.0, gt=0, le=3600)
+
+    @field_validator("binary", mode="before")
+    @classmethod
+    def _check_binary(cls, value: object) -> object:
+        if isinstance(value, str) and value != "bundled" and not value.startswith("/"):
+            raise ValueError("must be 'bundled' or an absolute path to a localproxy binary")
+        return value
+
+    @field_validator("endpoint")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        value = value.lower()
+        if not _ENDPOINT.fullmatch(value):
+            raise ValueError("must be host[:port] without scheme (localproxy -e)")
+        return value
+
+    @field_validator("extra_args")
+    @classmethod
+    def _check_extra_args(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for arg in value:
+            if arg.split("=", 1)[0] in _RESERVED_ARGS:
+                raise ValueError(f"{arg.split('=', 1)[0]!r} is set by the agent itself")
+        return value
+
+    @field_validator("extra_env")
+    @classmethod
+    def _check_extra_env(cls, value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+        for name in value:
+            if not _ENV_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a valid environment variable name")
+            if name in _RESERVED_ENV:
+                raise ValueError(f"{name} is set by the agent for each tunnel")
+        return value
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> Self:
+        # -k disables TLS verification: only acceptable against the local emulator.
+        if self.no_verify and self.endpoint is None:
+            raise ValueError("no_verify is only allowed with an endpoint override (the emulator)")
+        if self.restart_backoff_max < self.restart_backoff_initial:
+            raise ValueError("restart_backoff_max must be >= restart_backoff_initial")
+        return self
+
+
+class LoggingSettings(_Section):
+    """
+    Log level and format; ``auto`` means JSON unless stdout is a terminal (STYLE §7).
+    """
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+    @field_validator("level", "format", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
+
+
+class LimitsSettings(_Section):
+    """
+    Bounds on tunnels; reloaded on SIGHUP without touching running tunnels.
+    """
+
+    max_concurrent_tunnels: int = Field(default=10, ge=1, le=1000)
+    max_tunnel_lifetime: Duration = timedelta(hours=12)
+    # What happens to a notification over the cap: "refuse_new" keeps running sessions
+    # intact; "stop_oldest" favours the newest operator.
+    on_limit: Literal["refuse_new", "stop_oldest"] = "refuse_new"
+
+    @field_validator("max_tunnel_lifetime")
+    @classmethod
+    def _check_lifetime(cls, value: timedelta) -> timedelta:
+        if not timedelta(seconds=1) <= value <= timedelta(days=7):
+            raise ValueError("must be between 1 second and 7 days")
+        return value
+
+
+# TOML data for the current load_settings() call: the lowest-priority source.
+_toml_data: ContextVar[Mapping[str, Any] | None] = ContextVar("_toml_data", default=None)
+
+
+class AgentSettings(BaseSettings):
+    """
+    Every setting of the agent, frozen after validation.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="TUNNEL_AGENT_",
+        env_nested_delimiter="__",
+        frozen=True,
+        extra="forbid",
+        validate_default=True,
+    )
+
+    thing_name: str
+    notify: NotifyKind = "auto"
+    services: dict[ServiceName, ServiceTarget] = Field(default_factory=dict)
+    runtime_dir: Path | None = None
+    mqtt: MqttSettings = MqttSettings()
+    proxy: ProxySettings = ProxySettings()
+    logging: LoggingSettings = LoggingSettings()
+    limits: LimitsSettings = LimitsSettings()
+
+    @field_validator("thing_name")
+    @classmethod
+    def _check_thing_name(cls, value: str) -> str:
+        if not _THING_NAME.fullmatch(value):
+            raise ValueError("must match [a-zA-Z0-9:_-]{1,128}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_mqtt_required(self) -> Self:
+        if resolve_kind(self.notify) == "mqtt":
+            missing = [
+                f"mqtt.{n}" for n in ("endpoint", "cert", "key") if getattr(self.mqtt, n) is None
+            ]
+            if missing:
+                raise ValueError(f"{', '.join(missing)} required for the MQTT notification source")
+        return self
+
+    @property
+    def client_id(self) -> str:
+        """
+        The MQTT client id: the configured one, else the thing name.
+        """
+        return self.mqtt.client_id or self.thing_name
+
+    @property
+    def state_dir(self) -> Path:
+        """
+        Where the status file lives: setting, ``$RUNTIME_DIRECTORY`` (systemd), or ``/run``.
+        """
+        if self.runtime_dir is not None:
+            return self.runtime_dir
+        # systemd may pass several directories separated by ':'; ours is the first.
+        env = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+        return Path(env) if env else DEFAULT_RUNTIME_DIR
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+        file_secret_settings: PydanticBaseSettingsSource,  # noqa: ARG003
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """
+        Rank the sources: flags (init kwargs), then environment, then the TOML file.
+        """
+        return (
+            init_settings,
+            env_settings,
+            InitSettingsSource(settings_cls, dict(_toml_data.get() or {})),
+        )
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as file:
+            return tomllib.load(file)
+    except FileNotFoundError as exc:
+        raise ConfigError(f"config file {path}: not found") from exc
+    except PermissionError as exc:
+        raise ConfigError(f"config file {path}: not readable by this user") from exc
+    except IsADirectoryError as exc:
+        raise ConfigError(f"config file {path}: is a directory") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from exc
+
+
+_SECRET_FIELDS = ("http_proxy", "extra_env")
+
+
+def _describe(error: Mapping[str, Any]) -> str:
+    loc = ".".join(str(part) for part in error["loc"]).replace(".[key]", " (name)") or "(settings)"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "missing":
+        return f"{loc}: required, not set"
+    if any(part in _SECRET_FIELDS for part in error["loc"]):
+        return f"{loc}: {message}"
+    value = error.get("input")
+    shown = repr(value)
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return f"{loc} = {shown}: {message}"
+
+
+def load_settings(
+    config: Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> AgentSettings:
+    """
+    Build the settings from the TOML file, the environment and flag overrides.
+
+    Args:
+        config: The TOML file; ``None`` uses the default path when it exists.
+        overrides: Values from command-line flags (nested dicts for sections).
+
+    Returns:
+        The validated, frozen settings.
+
+    Raises:
+        ConfigError: One line per problem, each naming the field, value and reason.
+    """
+    if config is None:
+        data = _read_toml(DEFAULT_CONFIG_PATH) if DEFAULT_CONFIG_PATH.exists() else {}
+    else:
+        data = _read_toml(config)
+    token = _toml_data.set(data)
+    try:
+        return AgentSettings(**dict(overrides or {}))
+    except ValidationError as exc:
+        where = f" in {config or DEFAULT_CONFIG_PATH}" if data else ""
+        lines = [_describe(error) for error in exc.errors(include_url=False)]
+        raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(lines)) from None
+    finally:
+        _toml_data.reset(token)
+
+
+def _check_readable(problems: list[str], field: str, path: Path) -> bool:
+    try:
+        with path.open("rb"):
+            pass
+    except FileNotFoundError:
+        problems.append(f"{field} = '{path}': file does not exist")
+    except IsADirectoryError:
+        problems.append(f"{field} = '{path}': is a directory, expected a file")
+    except OSError as exc:
+        problems.append(f"{field} = '{path}': not readable by this user ({exc.strerror})")
+    else:
+        return True
+    return False
+
+
+def check_files(settings: AgentSettings) -> list[str]:
+    """
+    Check the files the settings point to, as the daemon's user.
+
+    Args:
+        settings: Validated settings.
+
+    Returns:
+        One ``field = value: why`` line per problem; empty when all is well.
+    """
+    problems: list[str] = []
+    mqtt = settings.mqtt
+    for field, path in (
+        ("mqtt.cert", mqtt.cert),
+        ("mqtt.ca", mqtt.ca),
+        ("proxy.ca", settings.proxy.ca),
+    ):
+        if path is not None and not (field == "proxy.ca" and path.is_dir()):
+            _check_readable(problems, field, path)
+    if mqtt.key is not None and _check_readable(problems, "mqtt.key", mqtt.key):
+        mode = stat.S_IMODE(mqtt.key.stat().st_mode)
+        # A private key readable by others defeats mutual TLS (chmod 0600 or 0400).
+        if mode & 0o077:
+            problems.append(
+                f"mqtt.key = '{mqtt.key}': mode {mode:04o} lets group/others read the "
+                "private key; chmod 600 it"
+            )
+    binary = settings.proxy.binary
+    if isinstance(binary, Path):
+        if not binary.is_file():
+            problems.append(f"proxy.binary = '{binary}': file does not exist")
+        elif not os.access(binary, os.X_OK):
+            problems.append(f"proxy.binary = '{binary}': not executable by this user")
+    return problems

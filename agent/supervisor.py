@@ -1,0 +1,403 @@
+"""
+Spawn, watch and stop one destination local proxy process (SEAM 2).
+
+One command line serves the bundled ``tunnel-localproxy`` and the AWS localproxy
+binary: both take ``-d MAP``, ``-r REGION`` or ``-e ENDPOINT``, ``-c`` and ``-k``
+(data-plane §8). The access token and the client token travel in the child's
+environment only (``AWSIOT_TUNNEL_ACCESS_TOKEN``, ``AWSIOT_TUNNEL_CLIENT_TOKEN``):
+argv is world-readable in ``/proc/*/cmdline`` (STYLE §7). Neither argv nor the
+environment is ever logged.
+
+Children die with the agent: each child asks the kernel for SIGTERM when its
+parent thread exits (``PR_SET_PDEATHSIG``), so not even ``kill -9`` of the
+agent leaves a proxy behind. Each child leads its own process group, so a
+terminal's Ctrl-C reaches only the agent, which then stops the proxies in order
+(STYLE §4), and a stop reaches whatever the proxy itself started.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import os
+import secrets
+import signal
+import string
+import sys
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Protocol
+
+from agent.exceptions import ProxyStartError
+
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping, Sequence
+    from pathlib import Path
+
+    from structlog.typing import FilteringBoundLogger
+
+
+__all__ = [
+    "ProxyHandle",
+    "ProxyLauncher",
+    "ProxyProcess",
+    "ProxySpec",
+    "SubprocessLauncher",
+    "build_argv",
+    "build_env",
+    "new_client_token",
+    "proxy_command",
+]
+
+_CLIENT_TOKEN_ALPHABET = string.ascii_letters + string.digits + "-"
+# Inherited from the agent's environment; everything else (notably TUNNEL_AGENT_*
+# and NOTIFY_SOCKET) stays out of the proxy's environment.
+_INHERITED_ENV = frozenset(
+    {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR",
+     "PYTHONPATH", "VIRTUAL_ENV", "SSL_CERT_FILE", "SSL_CERT_DIR", "PYTHONASYNCIODEBUG"}
+)  # fmt: skip
+_INHERITED_PREFIXES = ("LC_", "COVERAGE_", "COV_CORE_")
+# Longest stdout/stderr line logged; longer ones are cut (a log line is not a dump).
+_MAX_LINE = 2000
+_PIPE_LIMIT = 64 * 1024
+# After the proxy exits, how long its pipes may stay open (held by a grandchild).
+_PIPE_DRAIN_TIMEOUT = 1.0
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl() -> Callable[..., int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:  # pragma: no cover - a Linux without a loadable libc
+        return None
+    prctl = libc.prctl
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    prctl.restype = ctypes.c_int
+    result: Callable[..., int] = prctl
+    return result
+
+
+# Resolved once at import: the forked child must only call an already-bound function.
+_prctl = _load_prctl()
+
+
+def _death_signal_preexec(parent_pid: int) -> Callable[[], None] | None:
+    if _prctl is None:  # pragma: no cover - non-Linux
+        return None
+    prctl = _prctl
+
+    def preexec() -> None:
+        # Runs in the child between fork and exec; keep it to one syscall and a check.
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+        # The agent may have died before prctl took effect: then nobody would signal us.
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+    return preexec
+
+
+def proxy_command(binary: Literal["bundled"] | Path) -> list[str]:
+    """
+    Return the command that starts the configured local proxy, before its flags.
+
+    Args:
+        binary: ``"bundled"`` or the path of an AWS-localproxy-compatible binary.
+
+    Returns:
+        ``[sys.executable, "-m", "agent.proxy"]`` or ``[str(binary)]``.
+    """
+    if binary == "bundled":
+        return [sys.executable, "-m", "agent.proxy"]
+    return [str(binary)]
+
+
+def new_client_token(length: int = 64) -> str:
+    """
+    Generate a fresh client token: the proxy reconnects with it after a drop.
+
+    Args:
+        length: 32 to 128 characters (data-plane §2).
+
+    Returns:
+        ``length`` characters from ``[a-zA-Z0-9-]``, from :mod:`secrets`.
+
+    Raises:
+        ValueError: ``length`` is out of range.
+    """
+    if not 32 <= length <= 128:
+        raise ValueError("client tokens are 32 to 128 characters")
+    return "".join(secrets.choice(_CLIENT_TOKEN_ALPHABET) for _ in range(length))
+
+
+def build_argv(  # noqa: PLR0913 - keyword-only, one per localproxy flag
+    command: Sequence[str],
+    *,
+    services: Mapping[str, str],
+    region: str,
+    endpoint: str | None = None,
+    ca: Path | None = None,
+    no_verify: bool = False,
+    extra_args: Sequence[str] = (),
+) -> list[str]:
+    """
+    Build a destination proxy's argv; it never contains a token.
+
+    Args:
+        command: :func:`proxy_command`'s result.
+        services: Service id -> target (``22``, ``host:port`` or a socket path), validated.
+        region: The tunnel's region, used unless ``endpoint`` is set.
+        endpoint: ``host[:port]`` override (the emulator's relay).
+        ca: CA file or directory for the data-plane TLS (``-c``).
+        no_verify: Skip TLS verification (``-k``), emulator only.
+        extra_args: Further flags from the settings, appended last.
+
+    Returns:
+        The full argv.
+    """
+    argv = [*command, "-d", ",".join(f"{name}={target}" for name, target in services.items())]
+    argv += ["-e", endpoint] if endpoint is not None else ["-r", region]
+    if ca is not None:
+        argv += ["-c", str(ca)]
+    if no_verify:
+        argv.append("-k")
+    argv += extra_args
+    return argv
+
+
+def build_env(
+    *,
+    token: str,
+    client_token: str,
+    extra_env: Mapping[str, str] | None = None,
+    http_proxy: str | None = None,
+    base: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """
+    Build a proxy's environment: a short allow-list of ours plus the tunnel's tokens.
+
+    Args:
+        token: The destination client access token.
+        client_token: The tunnel's client token.
+        extra_env: Variables from the settings.
+        http_proxy: Outbound web proxy, passed as ``HTTPS_PROXY`` (localproxy reads it).
+        base: Environment to inherit from; :data:`os.environ` by default.
+
+    Returns:
+        The child's complete environment.
+    """
+    source = os.environ if base is None else base
+    env = {
+        name: value
+        for name, value in source.items()
+        if name in _INHERITED_ENV or name.startswith(_INHERITED_PREFIXES)
+    }
+    if http_proxy is not None:
+        env["HTTPS_PROXY"] = http_proxy
+    env.update(extra_env or {})
+    env["AWSIOT_TUNNEL_ACCESS_TOKEN"] = token
+    env["AWSIOT_TUNNEL_CLIENT_TOKEN"] = client_token
+    return env
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySpec:
+    """
+    Everything needed to start one proxy process.
+
+    Attributes:
+        argv: The command line (no secrets).
+        env: The complete environment, tokens included; excluded from repr.
+        stop_grace: Seconds between SIGTERM and SIGKILL on stop.
+    """
+
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(repr=False)
+    stop_grace: float = 2.0
+
+
+class ProxyHandle(Protocol):
+    """
+    A running proxy, as the tunnel manager sees it.
+    """
+
+    @property
+    def pid(self) -> int:
+        """
+        The process id.
+        """
+        ...
+
+    @property
+    def returncode(self) -> int | None:
+        """
+        The exit status once reaped (negative: killed by that signal), else ``None``.
+        """
+        ...
+
+    async def wait(self) -> int:
+        """
+        Wait for the process to exit and return its status; safe to await concurrently.
+        """
+        ...
+
+    async def stop(self) -> int:
+        """
+        Stop the process (SIGTERM, grace, SIGKILL), reap it and return its status.
+        """
+        ...
+
+
+class ProxyLauncher(Protocol):
+    """
+    Starts proxies: the real :class:`SubprocessLauncher` or a test fake.
+    """
+
+    async def launch(self, spec: ProxySpec, *, log: FilteringBoundLogger) -> ProxyHandle:
+        """
+        Start one proxy; ``log`` carries the tunnel's context for its output lines.
+        """
+        ...
+
+
+class ProxyProcess:
+    """
+    One proxy child: its output goes to the log, its exit is awaited once and shared.
+    """
+
+    def __init__(
+        self, process: asyncio.subprocess.Process, *, log: FilteringBoundLogger, stop_grace: float
+    ) -> None:
+        """
+        Watch an already started child.
+
+        Args:
+            process: The child, with stdout and stderr piped.
+            log: Logger bound to the tunnel's context.
+            stop_grace: Seconds between SIGTERM and SIGKILL in :meth:`stop`.
+        """
+        self._process = process
+        self._log = log.bind(pid=process.pid)
+        self._stop_grace = stop_grace
+        # One watcher task; every waiter awaits it through a shield (STYLE §4).
+        self._exited = asyncio.ensure_future(self._watch())
+
+    @property
+    def pid(self) -> int:
+        """
+        The process id.
+        """
+        return self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        """
+        The exit status once reaped, else ``None``.
+        """
+        return self._process.returncode
+
+    async def _pump(self, reader: asyncio.StreamReader | None, stream: str) -> None:
+        if reader is None:
+            return
+        while True:
+            try:
+                line = await reader.readline()
+            except ValueError:
+                # Longer than the pipe limit: asyncio dropped it; say so and go on.
+                self._log.warning("proxy_output_truncated", stream=stream)
+                continue
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").rstrip()
+            if text:
+                self._log.info("proxy_output", stream=stream, line=text[:_MAX_LINE])
+
+    async def _watch(self) -> int:
+        pumps = [
+            asyncio.ensure_future(self._pump(self._process.stdout, "stdout")),
+            asyncio.ensure_future(self._pump(self._process.stderr, "stderr")),
+        ]
+        try:
+            returncode = await self._process.wait()
+            # Whatever the proxy left in its group (a wrapper's child) goes with it.
+            self._signal_group(signal.SIGKILL)
+            _, pending = await asyncio.wait(pumps, timeout=_PIPE_DRAIN_TIMEOUT)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+        for pump in pending:
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+        return returncode
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        # The child leads its own group (process_group=0): pgid == pid.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self._process.pid, sig)
+
+    async def wait(self) -> int:
+        """
+        Wait for the process to exit and its output to be logged.
+
+        Returns:
+            The exit status (negative: killed by that signal).
+        """
+        return await asyncio.shield(self._exited)
+
+    async def stop(self) -> int:
+        """
+        Stop the process: SIGTERM to its group, ``stop_grace`` seconds, then SIGKILL; reap.
+
+        Returns:
+            The exit status.
+        """
+        if self._process.returncode is None and not self._exited.done():
+            self._log.info("proxy_stopping", grace=self._stop_grace)
+            self._signal_group(signal.SIGTERM)
+            try:
+                async with asyncio.timeout(self._stop_grace):
+                    return await asyncio.shield(self._exited)
+            except TimeoutError:
+                self._log.warning("proxy_kill", reason="grace_expired")
+                self._signal_group(signal.SIGKILL)
+        return await asyncio.shield(self._exited)
+
+
+class SubprocessLauncher:
+    """
+    Starts each proxy as a child process of the agent.
+    """
+
+    async def launch(self, spec: ProxySpec, *, log: FilteringBoundLogger) -> ProxyProcess:
+        """
+        Start one proxy process.
+
+        Args:
+            spec: Command, environment and stop grace.
+            log: Logger bound to the tunnel's context.
+
+        Returns:
+            The running process.
+
+        Raises:
+            ProxyStartError: The binary is missing or cannot be executed.
+        """
+        try:
+            process = await asyncio.create_subprocess_exec(
+                *spec.argv,
+                env=dict(spec.env),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                limit=_PIPE_LIMIT,
+                close_fds=True,
+                process_group=0,
+                preexec_fn=_death_signal_preexec(os.getpid()),
+            )
+        except OSError as exc:
+            # Name only the binary: the rest of argv is fine but the habit is not.
+            raise ProxyStartError(f"cannot start {spec.argv[0]}: {exc.strerror}") from exc
+        return ProxyProcess(process, log=log, stop_grace=spec.stop_grace)

@@ -1,0 +1,543 @@
+"""
+TunnelManager: which tunnels run, for how long, and what happens when a proxy exits.
+
+No I/O of its own: processes come from a :class:`~agent.supervisor.ProxyLauncher`.
+Policy, in one place (STYLE §3):
+
+- **Dedupe**: a notification whose token was seen recently is ignored
+  (control-plane §6: "ignore a notification identical to the last one").
+- **Rotation**: a new token for the services of a running tunnel starts a new
+  proxy; the old one is *superseded* (it no longer counts against the cap) and
+  ends on its own when the service replaces its connection (data-plane §7: the
+  close frame makes it exit 0).
+- **Cap**: at ``max_concurrent`` tunnels, ``refuse_new`` drops the notification;
+  ``stop_oldest`` stops the oldest-started tunnel and admits the new one.
+- **Lifetime**: a tunnel's proxy is stopped ``max_lifetime`` after it started.
+- **Restarts**: exit 0 means the tunnel ended (a close frame or a 4xx handshake,
+  data-plane §7); a non-zero exit or a signal restarts the proxy with the same
+  tokens after a backoff delay, at most ``max_restarts`` times in a row. A run
+  longer than ``restart_reset_after`` resets the count (STYLE §2).
+
+Stopping never cancels a tunnel's task: it sets the tunnel's stop event and the
+task stops its proxy and returns (STYLE §4).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import structlog
+
+from agent.exceptions import ProxyStartError
+from agent.logging import register_secret, unregister_secret
+from agent.retry import backoff
+from agent.supervisor import ProxySpec, build_argv, build_env, new_client_token
+
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Iterator, Mapping, Sequence
+    from pathlib import Path
+
+    from pydantic import SecretStr
+
+    from agent.notification import TunnelRequest
+    from agent.supervisor import ProxyHandle, ProxyLauncher
+
+
+__all__ = ["Limits", "Outcome", "ProxyOptions", "TunnelInfo", "TunnelManager"]
+
+log = structlog.get_logger("agent.tunnels")
+
+# How many recent token digests are remembered for dedupe (a few hours of tunnels).
+_RECENT_TOKENS = 256
+
+
+class Outcome(enum.StrEnum):
+    """
+    What :meth:`TunnelManager.open` did with a request.
+    """
+
+    STARTED = "started"
+    DUPLICATE = "duplicate"
+    REFUSED_LIMIT = "refused_limit"
+    REFUSED_SERVICE = "refused_service"
+    CLOSING = "closing"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """
+    Bounds reloaded on SIGHUP.
+
+    Attributes:
+        max_concurrent: Most tunnels running at once (superseded ones not counted).
+        max_lifetime: Seconds after which a tunnel's proxy is stopped.
+        on_limit: ``refuse_new`` or ``stop_oldest`` at the cap.
+    """
+
+    max_concurrent: int = 10
+    max_lifetime: float = 12 * 3600.0
+    on_limit: Literal["refuse_new", "stop_oldest"] = "refuse_new"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyOptions:
+    """
+    How proxies are started and restarted; fixed for the agent's life.
+
+    Attributes:
+        command: Binary and leading arguments (:func:`~agent.supervisor.proxy_command`).
+        endpoint: ``-e`` override, else ``-r`` with the notification's region.
+        ca: ``-c`` CA file or directory.
+        no_verify: ``-k`` (emulator only).
+        extra_args: Appended to argv.
+        extra_env: Added to the environment (excluded from repr).
+        http_proxy: Outbound web proxy for the data plane (excluded from repr).
+        stop_grace: Seconds from SIGTERM to SIGKILL.
+        max_restarts: Consecutive failed runs restarted before giving up.
+        backoff_initial: First restart delay, in seconds.
+        backoff_max: Largest restart delay, in seconds.
+        restart_reset_after: A run this long (seconds) resets the failure count.
+    """
+
+    command: tuple[str, ...]
+    endpoint: str | None = None
+    ca: Path | None = None
+    no_verify: bool = False
+    extra_args: tuple[str, ...] = ()
+    extra_env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    http_proxy: str | None = field(default=None, repr=False)
+    stop_grace: float = 2.0
+    max_restarts: int = 5
+    backoff_initial: float = 1.0
+    backoff_max: float = 30.0
+    restart_reset_after: float = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class TunnelInfo:
+    """
+    A snapshot of one tunnel for the status file.
+
+    Attributes:
+        key: Short random id of the tunnel in logs (not derived from the token).
+        services: Requested service ids.
+        region: The tunnel's region.
+        state: ``starting``, ``running``, ``restarting`` or ``stopping``.
+        pid: The proxy's pid while one runs.
+        started_at: Wall-clock start, seconds since the epoch.
+        restarts: Proxy restarts so far.
+        superseded: A newer token for the same services arrived (rotation).
+    """
+
+    key: str
+    services: tuple[str, ...]
+    region: str
+    state: str
+    pid: int | None
+    started_at: float
+    restarts: int
+    superseded: bool
+
+
+@dataclass(eq=False, slots=True)
+class _Tunnel:
+    key: str
+    services: tuple[str, ...]
+    region: str
+    token: SecretStr = field(repr=False)
+    client_token: str = field(repr=False)
+    digest: str
+    started_at: float
+    deadline: float
+    state: str = "starting"
+    pid: int | None = None
+    restarts: int = 0
+    superseded: bool = False
+    stop_reason: str | None = None
+    stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def info(self) -> TunnelInfo:
+        return TunnelInfo(
+            key=self.key,
+            services=self.services,
+            region=self.region,
+            state=self.state,
+            pid=self.pid,
+            started_at=self.started_at,
+            restarts=self.restarts,
+            superseded=self.superseded,
+        )
+
+    def request_stop(self, reason: str) -> None:
+        if self.stop_reason is None:
+            self.stop_reason = reason
+            self.state = "stopping"
+        self.stop_event.set()
+
+
+def _digest(token: SecretStr) -> str:
+    # Dedupe on a hash so the manager keeps no token after its tunnel ends.
+    return hashlib.sha256(token.get_secret_value().encode()).hexdigest()
+
+
+class TunnelManager:
+    """
+    Admits tunnel requests and supervises one proxy per tunnel until it ends.
+    """
+
+    def __init__(
+        self,
+        *,
+        launcher: ProxyLauncher,
+        services: Mapping[str, str],
+        limits: Limits,
+        options: ProxyOptions,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        """
+        Create an idle manager.
+
+        Args:
+            launcher: Starts proxy processes.
+            services: Service id -> localproxy target; the deny-by-default allow-list.
+            limits: Cap, lifetime and over-cap policy.
+            options: Proxy command and restart policy.
+            on_change: Called (synchronously) whenever the set of tunnels or a pid changes.
+        """
+        self._launcher = launcher
+        self._services = dict(services)
+        self._limits = limits
+        self._options = options
+        self._on_change = on_change
+        self._tunnels: dict[str, _Tunnel] = {}
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._recent: OrderedDict[str, None] = OrderedDict()
+        self._closing = False
+
+    @property
+    def services(self) -> Mapping[str, str]:
+        """
+        The current services map (id -> target).
+        """
+        return self._services
+
+    @property
+    def limits(self) -> Limits:
+        """
+        The current limits.
+        """
+        return self._limits
+
+    def tunnels(self) -> list[TunnelInfo]:
+        """
+        Return a snapshot of the running tunnels, oldest first.
+        """
+        return [tunnel.info() for tunnel in self._tunnels.values()]
+
+    def reconfigure(self, *, services: Mapping[str, str], limits: Limits) -> None:
+        """
+        Apply a reloaded services map and limits without touching running proxies.
+
+        A tunnel's next restart uses the new map (a removed service is dropped);
+        a new lifetime applies to tunnels opened from now on.
+
+        Args:
+            services: The new allow-list.
+            limits: The new limits.
+        """
+        self._services = dict(services)
+        self._limits = limits
+        log.info(
+            "tunnels_reconfigured",
+            services=sorted(self._services),
+            max_concurrent=limits.max_concurrent,
+            max_lifetime=limits.max_lifetime,
+            on_limit=limits.on_limit,
+        )
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            try:
+                self._on_change()
+            except Exception:
+                log.exception("status_update_failed")
+
+    def _is_duplicate(self, digest: str) -> bool:
+        if digest in self._recent:
+            self._recent.move_to_end(digest)
+            return True
+        self._recent[digest] = None
+        if len(self._recent) > _RECENT_TOKENS:
+            self._recent.popitem(last=False)
+        return False
+
+    def _counted(self) -> list[_Tunnel]:
+        return [t for t in self._tunnels.values() if not t.superseded and t.stop_reason is None]
+
+    def _admit(self, request: TunnelRequest) -> Outcome | _Tunnel | None:
+        """
+        Apply rotation and the cap; return the superseded tunnel, ``None``, or a refusal.
+        """
+        counted = self._counted()
+        same = [t for t in counted if set(t.services) == set(request.services)]
+        superseded = sum(t.superseded for t in self._tunnels.values())
+        # Rotation: bounded so that at most 2 x max_concurrent proxies ever run.
+        if same and superseded < self._limits.max_concurrent:
+            return same[-1]
+        if len(counted) < self._limits.max_concurrent:
+            return None
+        if self._limits.on_limit == "refuse_new":
+            log.warning(
+                "tunnel_limit_reached",
+                policy="refuse_new",
+                max_concurrent=self._limits.max_concurrent,
+            )
+            return Outcome.REFUSED_LIMIT
+        oldest = min(counted, key=lambda t: t.started_at)
+        log.warning(
+            "tunnel_limit_reached",
+            policy="stop_oldest",
+            max_concurrent=self._limits.max_concurrent,
+            stopping=oldest.key,
+        )
+        oldest.request_stop("evicted")
+        return None
+
+    async def open(self, request: TunnelRequest) -> Outcome:
+        """
+        Start a tunnel for a validated request, unless policy says otherwise.
+
+        Args:
+            request: From :func:`agent.notification.parse_notification`.
+
+        Returns:
+            What was done; every refusal is also logged.
+        """
+        if self._closing:
+            return Outcome.CLOSING
+        unknown = [s for s in request.services if s not in self._services]
+        if unknown:
+            log.warning("notification_rejected", reason="unknown_service", services=unknown)
+            return Outcome.REFUSED_SERVICE
+        digest = _digest(request.token)
+        if self._is_duplicate(digest):
+            log.info("notification_duplicate", services=list(request.services))
+            return Outcome.DUPLICATE
+        admitted = self._admit(request)
+        if isinstance(admitted, Outcome):
+            return admitted
+        key = secrets.token_hex(4)
+        now = time.time()
+        tunnel = _Tunnel(
+            key=key,
+            services=request.services,
+            region=request.region,
+            token=request.token,
+            client_token=new_client_token(),
+            digest=digest,
+            started_at=now,
+            deadline=asyncio.get_running_loop().time() + self._limits.max_lifetime,
+        )
+        if admitted is not None:
+            admitted.superseded = True
+            log.info("tunnel_superseded", tunnel_key=admitted.key, by=key)
+        # From here on every log line masks both tokens, whatever the key name.
+        register_secret(request.token.get_secret_value())
+        register_secret(tunnel.client_token)
+        self._tunnels[key] = tunnel
+        task = asyncio.create_task(self._run(tunnel), name=f"tunnel-{key}")
+        self._tasks[key] = task
+        task.add_done_callback(lambda _task: self._tasks.pop(key, None))
+        self._changed()
+        return Outcome.STARTED
+
+    def _spec(self, tunnel: _Tunnel, services: Mapping[str, str]) -> ProxySpec:
+        opts = self._options
+        argv = build_argv(
+            opts.command,
+            services=services,
+            region=tunnel.region,
+            endpoint=opts.endpoint,
+            ca=opts.ca,
+            no_verify=opts.no_verify,
+            extra_args=opts.extra_args,
+        )
+        env = build_env(
+            token=tunnel.token.get_secret_value(),
+            client_token=tunnel.client_token,
+            extra_env=opts.extra_env,
+            http_proxy=opts.http_proxy,
+        )
+        return ProxySpec(argv=tuple(argv), env=env, stop_grace=opts.stop_grace)
+
+    def _delays(self) -> Iterator[float]:
+        return backoff(initial=self._options.backoff_initial, maximum=self._options.backoff_max)
+
+    async def _sleep_or_stop(self, tunnel: _Tunnel, delay: float) -> bool:
+        """
+        Sleep ``delay`` seconds (bounded by the deadline); return True if told to stop.
+        """
+        loop = asyncio.get_running_loop()
+        remaining = tunnel.deadline - loop.time()
+        if remaining <= 0:
+            tunnel.request_stop("lifetime")
+            return True
+        try:
+            async with asyncio.timeout(min(delay, remaining)):
+                await tunnel.stop_event.wait()
+        except TimeoutError:
+            if loop.time() >= tunnel.deadline:
+                tunnel.request_stop("lifetime")
+                return True
+            return False
+        return True
+
+    async def _supervise(self, tunnel: _Tunnel, handle: ProxyHandle) -> int | None:
+        """
+        Wait for the proxy to exit, or stop it on request or at the deadline.
+
+        Returns:
+            The exit status if the proxy exited by itself, ``None`` if we stopped it.
+        """
+        loop = asyncio.get_running_loop()
+        exited = asyncio.ensure_future(handle.wait())
+        stopped = asyncio.ensure_future(tunnel.stop_event.wait())
+        try:
+            await asyncio.wait(
+                {exited, stopped},
+                timeout=max(0.0, tunnel.deadline - loop.time()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            stopped.cancel()
+            exited.cancel()  # handle.wait() is shielded: the process is unaffected.
+        if handle.returncode is not None and not tunnel.stop_event.is_set():
+            return handle.returncode
+        if not tunnel.stop_event.is_set():
+            tunnel.request_stop("lifetime")
+            log.info("tunnel_lifetime_exceeded", max_lifetime=self._limits.max_lifetime)
+        returncode = await handle.stop()
+        log.info("proxy_exited", pid=handle.pid, returncode=returncode, stopped=True)
+        return None
+
+    async def _run(self, tunnel: _Tunnel) -> None:
+        with structlog.contextvars.bound_contextvars(
+            tunnel_key=tunnel.key, services=list(tunnel.services)
+        ):
+            started = asyncio.get_running_loop().time()
+            reason = "error"
+            try:
+                reason = await self._run_proxies(tunnel)
+            except Exception:
+                log.exception("tunnel_failed")
+            finally:
+                self._tunnels.pop(tunnel.key, None)
+                unregister_secret(tunnel.token.get_secret_value())
+                unregister_secret(tunnel.client_token)
+                self._changed()
+                log.info(
+                    "tunnel_ended",
+                    reason=reason,
+                    restarts=tunnel.restarts,
+                    duration=round(asyncio.get_running_loop().time() - started, 3),
+                )
+
+    async def _run_once(self, tunnel: _Tunnel, spec: ProxySpec, *, first: bool) -> int | None:
+        """
+        Run one proxy to its end: its exit status, or ``None`` if we stopped it.
+        """
+        try:
+            handle = await self._launcher.launch(spec, log=log.bind())
+        except ProxyStartError as exc:
+            # A configuration problem, not our bug: no traceback (STYLE §7 levels).
+            log.error("proxy_start_failed", error=str(exc))  # noqa: TRY400
+            return 127
+        tunnel.pid, tunnel.state = handle.pid, "running"
+        self._changed()
+        if first:
+            log.info(
+                "tunnel_started",
+                pid=handle.pid,
+                region=tunnel.region,
+                endpoint=self._options.endpoint,
+            )
+        else:
+            log.info("proxy_restarted", pid=handle.pid, attempt=tunnel.restarts)
+        try:
+            returncode = await self._supervise(tunnel, handle)
+        except asyncio.CancelledError:
+            # Only close() cancels, after its grace: still reap the child.
+            await asyncio.shield(handle.stop())
+            raise
+        if returncode is not None:
+            log.info("proxy_exited", pid=handle.pid, returncode=returncode)
+        return returncode
+
+    async def _run_proxies(self, tunnel: _Tunnel) -> str:
+        loop = asyncio.get_running_loop()
+        delays = self._delays()
+        failures = 0
+        while True:
+            # Deny by default, also across a reload: only services still mapped are passed.
+            mapped = {s: self._services[s] for s in tunnel.services if s in self._services}
+            if not mapped:
+                return "services_removed"
+            run_started = loop.time()
+            returncode = await self._run_once(
+                tunnel, self._spec(tunnel, mapped), first=tunnel.state == "starting"
+            )
+            tunnel.pid = None
+            if returncode is None or tunnel.stop_event.is_set():
+                return tunnel.stop_reason or "stopped"
+            if returncode == 0:
+                return "ended"
+            if loop.time() - run_started >= self._options.restart_reset_after:
+                failures, delays = 0, self._delays()
+            if failures >= self._options.max_restarts:
+                log.error("proxy_restart_limit", max_restarts=self._options.max_restarts)
+                return "restart_limit"
+            failures += 1
+            delay = next(delays)
+            tunnel.state = "restarting"
+            self._changed()
+            log.info("proxy_restart_scheduled", delay=round(delay, 3), attempt=failures)
+            if await self._sleep_or_stop(tunnel, delay):
+                return tunnel.stop_reason or "stopped"
+            tunnel.restarts += 1
+
+    def stop_all(self, reason: str = "shutdown") -> None:
+        """
+        Refuse new tunnels and ask every running tunnel to stop its proxy.
+
+        Args:
+            reason: Logged as each tunnel's end reason.
+        """
+        self._closing = True
+        for tunnel in list(self._tunnels.values()):
+            tunnel.request_stop(reason)
+
+    async def close(self, *, grace: float = 4.0) -> None:
+        """
+        Stop every tunnel and wait; cancel what is left after ``grace`` seconds.
+
+        Args:
+            grace: Graceful budget; each proxy gets SIGTERM, then SIGKILL after its own grace.
+        """
+        self.stop_all()
+        tasks: Sequence[asyncio.Task[None]] = list(self._tasks.values())
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=grace)
+        for task in pending:
+            task.cancel("tunnel manager closing: grace period expired")
+        if pending:
+            log.warning("tunnels_cancelled", count=len(pending))
+            await asyncio.wait(pending)
