@@ -1,0 +1,364 @@
+"""
+The Secure Tunneling control plane over HTTP, compatible with botocore and the AWS CLI.
+
+Wire protocol (control-plane §1): ``POST`` on any path, awsJson 1.1 bodies, dispatch on
+``X-Amz-Target: IoTSecuredTunneling.<Operation>``, timestamps as epoch-second numbers, errors
+as ``{"__type", "message"}`` (§2). The handlers only translate between JSON and the
+:class:`~agent.emulator.store.TunnelStore`; shapes are checked in :mod:`.validation`,
+signatures in :mod:`.sigv4`. Notifications are not sent here: the store emits events and the
+notifier publishes them.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import structlog
+from aiohttp import web
+
+from agent.emulator.sigv4 import SignatureVerifier, region_from_authorization
+from agent.emulator.store import StoreError, ValidationFailed
+from agent.emulator.validation import (
+    DESCRIPTION,
+    MAX_PAGE_SIZE,
+    THING_NAME,
+    TUNNEL_ID,
+    SerializationFailed,
+    Shape,
+    check_tag_key,
+    decode_next_token,
+    encode_next_token,
+)
+
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from agent.emulator.store import Endpoint, Tunnel, TunnelStore
+
+
+__all__ = ["TARGET_PREFIX", "ControlPlaneApi"]
+
+log = structlog.get_logger(__name__)
+
+TARGET_PREFIX = "IoTSecuredTunneling."
+CONTENT_TYPE = "application/x-amz-json-1.1"
+# Caps the body before signature checks; the largest valid input (200 tags) is far smaller.
+MAX_BODY = 1024 * 1024
+_MODES = {"SOURCE": ("source",), "DESTINATION": ("destination",), "ALL": ("source", "destination")}
+
+
+class ApiError(StoreError):
+    """
+    A protocol-level refusal: unknown operation or method (control-plane §1 [choice]).
+    """
+
+    def __init__(self, code: str, status: int, message: str) -> None:
+        """
+        Record the AWS error code and HTTP status.
+        """
+        super().__init__(message)
+        self.code = code  # type: ignore[misc] # per instance, like SignatureRejected
+        self.status = status
+
+
+def _reject_constant(name: str) -> float:
+    raise SerializationFailed(f"Invalid JSON number {name}")
+
+
+def _connection(ep: Endpoint) -> dict[str, Any]:
+    return {
+        "status": "CONNECTED" if ep.connected else "DISCONNECTED",
+        "lastUpdatedAt": ep.last_updated_at,
+    }
+
+
+def _tag_list(tags: dict[str, str]) -> list[dict[str, str]]:
+    return [{"key": k, "value": v} for k, v in tags.items()]
+
+
+class ControlPlaneApi:
+    """
+    The aiohttp server of the control plane.
+
+    Attributes:
+        store: The tunnel store every operation reads and changes.
+        app: The aiohttp application (mountable elsewhere for tests).
+    """
+
+    def __init__(
+        self,
+        store: TunnelStore,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        credentials: dict[str, str] | None = None,
+        lazy_expiry: bool = True,
+    ) -> None:
+        """
+        Configure the server; nothing listens before :meth:`start`.
+
+        Args:
+            store: The tunnel store.
+            host: Address to listen on (loopback by default).
+            port: TCP port; 0 picks a free one, see :attr:`port` after :meth:`start`.
+            credentials: Access key id -> secret access key accepted by the SigV4 check;
+                None turns the check off (control-plane §1 "signature checks may be skipped").
+            lazy_expiry: Run ``store.expire_due()`` before each operation, so answers are
+                exact even between two ticks of the app's expiry timer (§5 "lazy checks").
+        """
+        self.store = store
+        self._host = host
+        self._port = port
+        self._verifier = None if credentials is None else SignatureVerifier(credentials)
+        self._lazy_expiry = lazy_expiry
+        self._runner: web.AppRunner | None = None
+        self._operations: dict[str, Callable[[Shape, str], dict[str, Any]]] = {
+            "OpenTunnel": self._open_tunnel,
+            "CloseTunnel": self._close_tunnel,
+            "DescribeTunnel": self._describe_tunnel,
+            "ListTunnels": self._list_tunnels,
+            "RotateTunnelAccessToken": self._rotate,
+            "TagResource": self._tag_resource,
+            "UntagResource": self._untag_resource,
+            "ListTagsForResource": self._list_tags,
+        }
+        self.app = web.Application(client_max_size=MAX_BODY)
+        self.app.router.add_route("*", "/{tail:.*}", self._handle)
+
+    @property
+    def port(self) -> int:
+        """
+        The bound TCP port (valid after :meth:`start`).
+        """
+        return self._port
+
+    @property
+    def url(self) -> str:
+        """
+        The endpoint URL for ``endpoint_url=`` / ``--endpoint-url``.
+        """
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self._port}"
+
+    async def start(self) -> None:
+        """
+        Start listening.
+        """
+        runner = web.AppRunner(self.app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self._host, self._port)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        self._port = int(runner.addresses[0][1])
+        log.info("control_plane_listening", url=self.url, signatures=self._verifier is not None)
+
+    async def close(self) -> None:
+        """
+        Stop listening and close open connections.
+        """
+        runner, self._runner = self._runner, None
+        if runner is not None:
+            await runner.cleanup()
+
+    # -- HTTP ----------------------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.Response:
+        request_id = str(uuid.uuid4())
+        try:
+            result = await self._dispatch(request)
+        except StoreError as exc:
+            log.debug("api_error", code=exc.code, status=exc.status)
+            return self._error(request_id, exc.status, exc.code, exc.message)
+        except Exception:
+            # Our bug: log it, but keep exception text out of the response (STYLE §7).
+            log.exception("api_failure", target=request.headers.get("X-Amz-Target"))
+            return self._error(request_id, 500, "InternalFailure", "Internal failure")
+        return web.Response(
+            status=200,
+            body=json.dumps(result).encode(),
+            headers={"Content-Type": CONTENT_TYPE, "x-amzn-RequestId": request_id},
+        )
+
+    async def _dispatch(self, request: web.Request) -> dict[str, Any]:
+        # Order: method, signature, target, body (authenticate before revealing anything).
+        if request.method != "POST":
+            raise ApiError("UnknownOperationException", 405, "Only POST is supported")
+        body = await request.read()
+        region = self._region(request, body)
+        target = request.headers.get("X-Amz-Target", "")
+        operation = target.removeprefix(TARGET_PREFIX)
+        handler = self._operations.get(operation) if target.startswith(TARGET_PREFIX) else None
+        if handler is None:
+            raise ApiError("UnknownOperationException", 400, f"Unknown operation {target!r}")
+        shape = Shape(self._decode(body))
+        if self._lazy_expiry:
+            self.store.expire_due()
+        log.debug("api_call", operation=operation)
+        return handler(shape, region)
+
+    def _region(self, request: web.Request, body: bytes) -> str:
+        if self._verifier is None:
+            region = region_from_authorization(request.headers.get("Authorization"))
+            return region or self.store.region
+        return self._verifier.verify(
+            method=request.method,
+            host=request.host,
+            raw_path=request.raw_path,
+            headers=request.headers.items(),
+            body=body,
+        )
+
+    @staticmethod
+    def _decode(body: bytes) -> dict[str, Any]:
+        if not body.strip():
+            return {}
+        try:
+            data = json.loads(body, parse_constant=_reject_constant)
+        except (ValueError, RecursionError) as exc:
+            raise SerializationFailed("Request body is not valid JSON") from exc
+        if not isinstance(data, dict):
+            raise SerializationFailed("Request body must be a JSON object")
+        return data
+
+    @staticmethod
+    def _error(request_id: str, status: int, code: str, message: str) -> web.Response:
+        return web.Response(
+            status=status,
+            body=json.dumps({"__type": code, "message": message}).encode(),
+            headers={
+                "Content-Type": CONTENT_TYPE,
+                "x-amzn-RequestId": request_id,
+                "x-amzn-ErrorType": code,
+            },
+        )
+
+    # -- operations (control-plane §4) ---------------------------------------------------------
+
+    def _open_tunnel(self, shape: Shape, region: str) -> dict[str, Any]:
+        description = shape.string("description", pattern=DESCRIPTION, max_len=2048)
+        tags = shape.tags()
+        thing_name, services = shape.destination_config() or (None, None)
+        lifetime = None
+        timeout = shape.structure("timeoutConfig")
+        if timeout is not None:
+            lifetime = timeout.integer(
+                "maxLifetimeTimeoutMinutes",
+                low=1,
+                high=720,
+                where="timeoutConfig.maxLifetimeTimeoutMinutes",
+            )
+        tunnel = self.store.open_tunnel(
+            description=description,
+            tags=tags,
+            thing_name=thing_name,
+            services=services,
+            max_lifetime_minutes=lifetime,
+            region=region,
+        )
+        return {
+            "tunnelId": tunnel.tunnel_id,
+            "tunnelArn": tunnel.arn,
+            "sourceAccessToken": tunnel.source.token,
+            "destinationAccessToken": tunnel.destination.token,
+        }
+
+    def _tunnel(self, shape: Shape) -> Tunnel:
+        tunnel_id = shape.string("tunnelId", required=True, pattern=TUNNEL_ID, max_len=128)
+        return self.store.get(str(tunnel_id))
+
+    def _resource(self, shape: Shape) -> Tunnel:
+        arn = shape.string("resourceArn", required=True, max_len=1011)
+        return self.store.get_by_arn(str(arn))
+
+    def _close_tunnel(self, shape: Shape, _region: str) -> dict[str, Any]:
+        delete = shape.boolean("delete")  # check every member before touching the store
+        self.store.close_tunnel(self._tunnel(shape).tunnel_id, delete=delete)
+        return {}
+
+    def _describe_tunnel(self, shape: Shape, _region: str) -> dict[str, Any]:
+        t = self._tunnel(shape)
+        out: dict[str, Any] = {
+            "tunnelId": t.tunnel_id,
+            "tunnelArn": t.arn,
+            "status": t.status,
+            "sourceConnectionState": _connection(t.source),
+            "destinationConnectionState": _connection(t.destination),
+        }
+        if t.description is not None:
+            out["description"] = t.description
+        if t.has_destination_config:
+            config: dict[str, Any] = {"services": list(t.services)}
+            if t.thing_name is not None:
+                config["thingName"] = t.thing_name
+            out["destinationConfig"] = config
+        # Always present, 720 filled in when none was given (§4 DescribeTunnel [choice]).
+        out["timeoutConfig"] = {"maxLifetimeTimeoutMinutes": t.max_lifetime_minutes}
+        if t.tags:
+            out["tags"] = _tag_list(t.tags)
+        out["createdAt"] = t.created_at
+        out["lastUpdatedAt"] = t.last_updated_at
+        return {"tunnel": out}
+
+    def _list_tunnels(self, shape: Shape, _region: str) -> dict[str, Any]:
+        thing_name = shape.string("thingName", pattern=THING_NAME, max_len=128)
+        page_size = shape.integer("maxResults", low=1, high=MAX_PAGE_SIZE) or MAX_PAGE_SIZE
+        token = shape.string("nextToken", max_len=4096)
+        tunnels = self.store.list_tunnels(thing_name=thing_name)
+        start = 0
+        if token is not None:
+            after = decode_next_token(token)
+            ids = [t.tunnel_id for t in tunnels]
+            if after not in ids:
+                # The tunnel the token points after is gone, or the token is foreign (§4).
+                raise ValidationFailed("Invalid nextToken")
+            start = ids.index(after) + 1
+        page = tunnels[start : start + page_size]
+        out: dict[str, Any] = {"tunnelSummaries": [self._summary(t) for t in page]}
+        if start + page_size < len(tunnels):
+            out["nextToken"] = encode_next_token(page[-1].tunnel_id)
+        return out
+
+    @staticmethod
+    def _summary(t: Tunnel) -> dict[str, Any]:
+        out: dict[str, Any] = {"tunnelId": t.tunnel_id, "tunnelArn": t.arn, "status": t.status}
+        if t.description is not None:
+            out["description"] = t.description
+        out["createdAt"] = t.created_at
+        out["lastUpdatedAt"] = t.last_updated_at
+        return out
+
+    def _rotate(self, shape: Shape, _region: str) -> dict[str, Any]:
+        tunnel_id = shape.string("tunnelId", required=True, pattern=TUNNEL_ID, max_len=128)
+        mode = shape.client_mode()
+        thing_name, services = shape.destination_config() or (None, None)
+        tunnel = self.store.rotate(
+            str(tunnel_id), _MODES[mode], thing_name=thing_name, services=services
+        )
+        out: dict[str, Any] = {"tunnelArn": tunnel.arn}
+        # Only the rotated side's token is returned (§4 RotateTunnelAccessToken).
+        if mode in ("SOURCE", "ALL"):
+            out["sourceAccessToken"] = tunnel.source.token
+        if mode in ("DESTINATION", "ALL"):
+            out["destinationAccessToken"] = tunnel.destination.token
+        return out
+
+    def _tag_resource(self, shape: Shape, _region: str) -> dict[str, Any]:
+        arn = shape.string("resourceArn", required=True, max_len=1011)
+        self.store.tag(str(arn), shape.tags(required=True) or {})
+        return {}
+
+    def _untag_resource(self, shape: Shape, _region: str) -> dict[str, Any]:
+        arn = shape.string("resourceArn", required=True, max_len=1011)
+        raw = shape.items("tagKeys", required=True, min_items=0, max_items=200) or []
+        self.store.untag(str(arn), [check_tag_key(k) for k in raw])
+        return {}
+
+    def _list_tags(self, shape: Shape, _region: str) -> dict[str, Any]:
+        return {"tags": _tag_list(self._resource(shape).tags)}
