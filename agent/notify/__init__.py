@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Literal
 
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping
+    from collections.abc import Callable, Mapping
+
+    from agent.notify.base import NotificationSource
 
 
 __all__ = ["NOTIFICATION_SOURCES", "NotifyKind", "load_source_class", "resolve_kind"]
@@ -46,7 +48,9 @@ def resolve_kind(kind: NotifyKind, environ: Mapping[str, str] | None = None) -> 
     return "greengrass" if all(env.get(name) for name in _GREENGRASS_ENV) else "mqtt"
 
 
-def load_source_class(kind: NotifyKind, environ: Mapping[str, str] | None = None) -> type:
+def load_source_class(
+    kind: NotifyKind, environ: Mapping[str, str] | None = None
+) -> Callable[..., NotificationSource]:
     """
     Import and return the class implementing the chosen notification source.
 
@@ -61,5 +65,5 @@ def load_source_class(kind: NotifyKind, environ: Mapping[str, str] | None = None
         ImportError: The implementation's module or attribute does not exist.
     """
     module_name, _, attr = NOTIFICATION_SOURCES[resolve_kind(kind, environ)].partition(":")
-    cls: type = getattr(importlib.import_module(module_name), attr)
+    cls: Callable[..., NotificationSource] = getattr(importlib.import_module(module_name), attr)
     return cls

@@ -1,0 +1,396 @@
+"""
+The agent's lifecycle: start, receive notifications, supervise tunnels, stop.
+
+Signals only set flags (STYLE §4): SIGTERM/SIGINT set the stop event and the
+main coroutine runs the shutdown; SIGHUP reloads the services map and limits.
+Shutdown order: stop taking notifications, then stop every proxy (SIGTERM,
+grace, SIGKILL) while the notification source disconnects, all within
+``shutdown_timeout`` (5 s by default); exit status 0.
+
+Under systemd (``NOTIFY_SOCKET`` set) the daemon reports ``READY=1`` once the
+source is subscribed, ``STATUS=`` on every tunnel change, ``STOPPING=1`` and
+``WATCHDOG=1`` at half of ``WATCHDOG_USEC``. Idle means idle: no timer runs
+except that watchdog.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from agent.exceptions import ConfigError, InvalidNotification
+from agent.notification import parse_notification
+from agent.notify import load_source_class, resolve_kind
+from agent.sdnotify import SdNotifier, watchdog_interval
+from agent.state import StatusFile
+from agent.supervisor import SubprocessLauncher, proxy_command
+from agent.tunnels import Limits, ProxyOptions, TunnelManager
+
+
+if TYPE_CHECKING:
+    from collections.abc import Callable, Mapping
+
+    from agent.notify.base import NotificationSource, RawNotification
+    from agent.settings import AgentSettings
+    from agent.supervisor import ProxyLauncher
+
+
+__all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "Daemon",
+    "build_daemon",
+    "build_source",
+    "limits_from",
+    "proxy_options_from",
+]
+
+log = structlog.get_logger("agent.daemon")
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus stops a restart loop.
+
+
+class Daemon:
+    """
+    Runs one notification source and one tunnel manager until told to stop.
+    """
+
+    def __init__(  # noqa: PLR0913 - keyword-only, documented defaults (STYLE §6)
+        self,
+        *,
+        source: NotificationSource,
+        manager: TunnelManager,
+        status: StatusFile | None = None,
+        reload: Callable[[], tuple[Mapping[str, str], Limits]] | None = None,
+        notifier: SdNotifier | None = None,
+        watchdog: float | None = None,
+        shutdown_timeout: float = 5.0,
+    ) -> None:
+        """
+        Assemble a daemon from its parts; nothing starts before :meth:`run`.
+
+        Args:
+            source: Where notifications come from (entered in :meth:`run`).
+            manager: Supervises the tunnels; its ``on_change`` should call :meth:`changed`.
+            status: The status file, or ``None`` for none.
+            reload: Returns a fresh services map and limits on SIGHUP.
+            notifier: systemd notifier, or ``None`` outside systemd.
+            watchdog: Seconds between ``WATCHDOG=1`` pings, or ``None``.
+            shutdown_timeout: Budget for the whole graceful stop, in seconds.
+        """
+        self._source = source
+        self._manager = manager
+        self._status = status
+        self._reload = reload
+        self._notifier = notifier
+        self._watchdog = watchdog
+        self._shutdown_timeout = shutdown_timeout
+        self._stop = asyncio.Event()
+        self._state = "starting"
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    def request_stop(self) -> None:
+        """
+        Ask the daemon to shut down (what SIGTERM and SIGINT do).
+        """
+        if not self._stop.is_set():
+            log.info("agent_stop_requested")
+        self._stop.set()
+
+    def request_reload(self) -> None:
+        """
+        Reload the services map and limits (what SIGHUP does); running tunnels stay.
+        """
+        if self._reload is None:
+            log.warning("config_reload_unavailable")
+            return
+        try:
+            services, limits = self._reload()
+        except ConfigError as exc:
+            log.error("config_reload_failed", error=str(exc))  # noqa: TRY400 - no traceback
+            return
+        except Exception:
+            log.exception("config_reload_failed")
+            return
+        self._manager.reconfigure(services=services, limits=limits)
+        self.changed()
+
+    def changed(self) -> None:
+        """
+        Publish the tunnels' state: status file and systemd ``STATUS=``.
+        """
+        tunnels = self._manager.tunnels()
+        if self._status is not None:
+            try:
+                self._status.write(tunnels, state=self._state)
+            except OSError as exc:
+                log.warning("status_write_failed", path=str(self._status.path), error=exc.strerror)
+        if self._notifier is not None:
+            self._notifier.notify(f"STATUS={self._state}: {len(tunnels)} active tunnel(s)")
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        # Strong reference until done (STYLE §4).
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    async def _handle(self, raw: RawNotification) -> None:
+        # Never the payload: it carries the token (STYLE §7).
+        log.info("notification_received", topic=raw.topic, size=len(raw.payload))
+        try:
+            request = parse_notification(raw.payload, allowed_services=self._manager.services)
+        except InvalidNotification as exc:
+            log.warning("notification_rejected", reason=str(exc))
+            return
+        outcome = await self._manager.open(request)
+        log.info("notification_handled", outcome=str(outcome), services=list(request.services))
+
+    async def _consume(self) -> None:
+        async for raw in self._source:
+            try:
+                await self._handle(raw)
+            except Exception:
+                # Input must never bring the daemon down (issue 4 §3).
+                log.exception("notification_handling_failed")
+
+    async def _ping_watchdog(self, interval: float) -> None:
+        while True:
+            if self._notifier is not None:
+                self._notifier.notify("WATCHDOG=1")
+            await asyncio.sleep(interval)
+
+    async def _enter_source(self) -> bool:
+        """
+        Connect the source, unless a stop request comes first; return True if connected.
+        """
+        entering = self._spawn(self._source.__aenter__(), "source-enter")
+        stopping = self._spawn(self._stop.wait(), "stop-wait")
+        await asyncio.wait({entering, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if entering.done():
+            entering.result()  # re-raise a connection failure
+            return True
+        entering.cancel("agent stopping before the notification source connected")
+        with contextlib.suppress(asyncio.CancelledError):
+            await entering
+        return False
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
+        loop.add_signal_handler(signal.SIGINT, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+
+    @staticmethod
+    def _remove_signals(loop: asyncio.AbstractEventLoop) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            loop.remove_signal_handler(sig)
+
+    async def run(self) -> int:
+        """
+        Run until SIGTERM/SIGINT (or :meth:`request_stop`), then shut down gracefully.
+
+        Returns:
+            :data:`EXIT_OK` after a requested stop, :data:`EXIT_FAILURE` if the
+            notification source failed or ended by itself.
+        """
+        loop = asyncio.get_running_loop()
+        self._install_signals(loop)
+        exit_code = EXIT_OK
+        entered = False
+        try:
+            self.changed()
+            if self._watchdog is not None:
+                self._spawn(self._ping_watchdog(self._watchdog), "watchdog")
+            try:
+                entered = await self._enter_source()
+            except Exception as exc:
+                log.error("notification_source_failed", error=repr(exc))  # noqa: TRY400
+                return EXIT_FAILURE
+            if entered:
+                exit_code = await self._serve()
+        finally:
+            await self._shutdown(entered=entered)
+            self._remove_signals(loop)
+        return exit_code
+
+    async def _serve(self) -> int:
+        self._state = "running"
+        self.changed()
+        if self._notifier is not None:
+            self._notifier.notify("READY=1")
+        log.info("agent_started")
+        consumer = self._spawn(self._consume(), "notifications")
+        stopping = self._spawn(self._stop.wait(), "stop-wait")
+        await asyncio.wait({consumer, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if consumer.done():
+            if consumer.cancelled() or consumer.exception() is None:
+                log.error("notification_source_closed")
+            else:
+                log.error("notification_source_failed", error=repr(consumer.exception()))
+            return EXIT_FAILURE
+        # 1. Stop taking notifications (STYLE §4).
+        consumer.cancel("agent stopping")
+        with contextlib.suppress(asyncio.CancelledError):
+            await consumer
+        return EXIT_OK
+
+    async def _close_source(self) -> None:
+        try:
+            await self._source.__aexit__(None, None, None)
+        except Exception as exc:
+            log.warning("notification_source_close_failed", error=repr(exc))
+
+    async def _shutdown(self, *, entered: bool) -> None:
+        self._state = "stopping"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        if self._notifier is not None:
+            self._notifier.notify("STOPPING=1", "STATUS=stopping")
+        log.info("agent_stopping", tunnels=len(self._manager.tunnels()))
+        # 2-5. Stop the proxies while the source disconnects, within the budget.
+        grace = max(0.5, self._shutdown_timeout - 1.0)
+        steps = [self._manager.close(grace=grace)]
+        if entered:
+            steps.append(self._close_source())
+        try:
+            async with asyncio.timeout(self._shutdown_timeout):
+                await asyncio.gather(*steps)
+        except TimeoutError:
+            log.warning("shutdown_timeout", timeout=self._shutdown_timeout)
+        for task in list(self._tasks):
+            task.cancel("agent stopped")
+        if self._tasks:
+            await asyncio.wait(list(self._tasks))
+        if self._status is not None:
+            self._status.remove()
+        if self._notifier is not None:
+            self._notifier.close()
+        log.info("agent_stopped", duration=round(loop.time() - started, 3))
+
+
+def limits_from(settings: AgentSettings) -> Limits:
+    """
+    Extract the tunnel limits from the settings.
+
+    Args:
+        settings: Validated settings.
+
+    Returns:
+        Plain values for :class:`TunnelManager`.
+    """
+    return Limits(
+        max_concurrent=settings.limits.max_concurrent_tunnels,
+        max_lifetime=settings.limits.max_tunnel_lifetime.total_seconds(),
+        on_limit=settings.limits.on_limit,
+    )
+
+
+def proxy_options_from(settings: AgentSettings) -> ProxyOptions:
+    """
+    Extract how proxies are started from the settings.
+
+    Args:
+        settings: Validated settings.
+
+    Returns:
+        Plain values for :class:`TunnelManager`.
+    """
+    proxy = settings.proxy
+    http_proxy = settings.mqtt.http_proxy
+    return ProxyOptions(
+        command=tuple(proxy_command(proxy.binary)),
+        endpoint=proxy.endpoint,
+        ca=proxy.ca,
+        no_verify=proxy.no_verify,
+        extra_args=proxy.extra_args,
+        extra_env={k: v.get_secret_value() for k, v in proxy.extra_env.items()},
+        http_proxy=None if http_proxy is None else http_proxy.get_secret_value(),
+        stop_grace=proxy.stop_grace,
+        max_restarts=proxy.max_restarts,
+        backoff_initial=proxy.restart_backoff_initial,
+        backoff_max=proxy.restart_backoff_max,
+    )
+
+
+def build_source(settings: AgentSettings) -> NotificationSource:
+    """
+    Instantiate the configured notification source (resolved lazily, SEAM 1).
+
+    Args:
+        settings: Validated settings.
+
+    Returns:
+        An unentered source.
+    """
+    kind = resolve_kind(settings.notify)
+    cls = load_source_class(settings.notify)
+    if kind == "greengrass":
+        return cls(thing_name=settings.thing_name)
+    mqtt = settings.mqtt
+    return cls(
+        thing_name=settings.thing_name,
+        endpoint=mqtt.endpoint,
+        port=mqtt.port,
+        client_id=settings.client_id,
+        cert=mqtt.cert,
+        key=mqtt.key,
+        ca=mqtt.ca,
+        http_proxy=None if mqtt.http_proxy is None else mqtt.http_proxy.get_secret_value(),
+    )
+
+
+def build_daemon(
+    settings: AgentSettings,
+    *,
+    reload: Callable[[], AgentSettings] | None = None,
+    source: NotificationSource | None = None,
+    launcher: ProxyLauncher | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Daemon:
+    """
+    Wire a daemon from settings: source, launcher, manager, status file, systemd.
+
+    Args:
+        settings: Validated settings.
+        reload: Re-reads the settings on SIGHUP (raising :class:`ConfigError` on error).
+        source: Notification source; :func:`build_source` by default.
+        launcher: Proxy launcher; :class:`SubprocessLauncher` by default.
+        environ: Environment for systemd's variables; :data:`os.environ` by default.
+
+    Returns:
+        A daemon ready to :meth:`Daemon.run`.
+    """
+    status = StatusFile(settings.state_dir, thing_name=settings.thing_name)
+    holder: list[Daemon] = []
+    manager = TunnelManager(
+        launcher=launcher or SubprocessLauncher(),
+        services=settings.services,
+        limits=limits_from(settings),
+        options=proxy_options_from(settings),
+        on_change=lambda: holder[0].changed() if holder else None,
+    )
+
+    def reload_limits() -> tuple[Mapping[str, str], Limits]:
+        assert reload is not None  # noqa: S101 - only passed down when set
+        fresh = reload()
+        return fresh.services, limits_from(fresh)
+
+    daemon = Daemon(
+        source=source if source is not None else build_source(settings),
+        manager=manager,
+        status=status,
+        reload=reload_limits if reload is not None else None,
+        notifier=SdNotifier.from_environ(environ),
+        watchdog=watchdog_interval(environ),
+    )
+    holder.append(daemon)
+    return daemon

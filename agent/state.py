@@ -1,0 +1,173 @@
+"""
+The status file: the daemon's active tunnels as JSON, for ``tunnel-agent status``.
+
+Written atomically (temporary file + rename) with mode 0600 in the runtime
+directory (``$RUNTIME_DIRECTORY`` under systemd, else ``/run/iot-tunnel-agent``),
+on every change and never on a timer: an idle agent does no I/O. It holds no
+secret, but who runs which tunnel is nobody else's business.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from agent.exceptions import AgentError
+
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+    from pathlib import Path
+
+    from agent.tunnels import TunnelInfo
+
+
+__all__ = ["STATUS_FILE", "StatusFile", "format_status", "read_status"]
+
+STATUS_FILE = "status.json"
+_FORMAT_VERSION = 1
+
+
+class StatusFile:
+    """
+    Keeps ``<runtime_dir>/status.json`` up to date for one daemon process.
+    """
+
+    def __init__(self, directory: Path, *, thing_name: str) -> None:
+        """
+        Remember where to write; nothing is written before :meth:`write`.
+
+        Args:
+            directory: The runtime directory; created 0700 if missing.
+            thing_name: Recorded in the file.
+        """
+        self.path = directory / STATUS_FILE
+        self._directory = directory
+        self._thing_name = thing_name
+        self._started_at = time.time()
+
+    def write(self, tunnels: Sequence[TunnelInfo], *, state: str = "running") -> None:
+        """
+        Replace the file with the current tunnels.
+
+        Args:
+            tunnels: The manager's snapshot.
+            state: The daemon's state (``starting``, ``running``, ``stopping``).
+
+        Raises:
+            OSError: The directory or file cannot be written.
+        """
+        document: dict[str, Any] = {
+            "version": _FORMAT_VERSION,
+            "pid": os.getpid(),
+            "thing_name": self._thing_name,
+            "state": state,
+            "started_at": self._started_at,
+            "updated_at": time.time(),
+            "tunnels": [
+                {
+                    "key": t.key,
+                    "services": list(t.services),
+                    "region": t.region,
+                    "state": t.state,
+                    "pid": t.pid,
+                    "started_at": t.started_at,
+                    "restarts": t.restarts,
+                    "superseded": t.superseded,
+                }
+                for t in tunnels
+            ],
+        }
+        self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        temporary = self.path.with_name(f".{STATUS_FILE}.{os.getpid()}")
+        # O_EXCL-free but created 0600 from the start: never a moment with a wider mode.
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as file:
+            json.dump(document, file, indent=1)
+        temporary.replace(self.path)
+
+    def remove(self) -> None:
+        """
+        Delete the file (clean shutdown).
+        """
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+def read_status(directory: Path) -> dict[str, Any]:
+    """
+    Read a daemon's status file and check that the daemon is alive.
+
+    Args:
+        directory: The runtime directory.
+
+    Returns:
+        The parsed document.
+
+    Raises:
+        AgentError: No file, unreadable, malformed, or its daemon is gone.
+    """
+    path = directory / STATUS_FILE
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise AgentError(f"no status file at {path}: is the agent running?") from None
+    except PermissionError:
+        raise AgentError(f"{path}: permission denied (run as the agent's user)") from None
+    except (OSError, ValueError) as exc:
+        raise AgentError(f"{path}: unreadable status file ({exc})") from None
+    if not isinstance(document, dict) or not isinstance(document.get("pid"), int):
+        raise AgentError(f"{path}: not a status file")
+    try:
+        os.kill(document["pid"], 0)
+    except ProcessLookupError:
+        raise AgentError(f"{path}: the agent (pid {document['pid']}) is not running") from None
+    except PermissionError:
+        pass  # alive, owned by another user
+    return document
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+def format_status(document: Mapping[str, Any], *, now: float | None = None) -> str:
+    """
+    Render a status document as a human-readable table.
+
+    Args:
+        document: From :func:`read_status`.
+        now: Current time (seconds since the epoch); :func:`time.time` by default.
+
+    Returns:
+        Lines of text, ending with a newline.
+    """
+    now = time.time() if now is None else now
+    tunnels = document.get("tunnels", [])
+    uptime = _duration(now - document.get("started_at", now))
+    thing, state = document.get("thing_name", "?"), document.get("state", "?")
+    lines = [
+        f"agent pid {document['pid']} thing {thing} state {state} up {uptime}",
+        f"{len(tunnels)} active tunnel(s)",
+    ]
+    if tunnels:
+        lines.append(
+            f"{'KEY':<10} {'SERVICES':<24} {'STATE':<11} {'PID':>7} {'UPTIME':>10} RESTARTS"
+        )
+        for t in tunnels:
+            services = ",".join(t.get("services", []))
+            if t.get("superseded"):
+                services += " (rotated)"
+            pid = "-" if t.get("pid") is None else str(t["pid"])
+            uptime = _duration(now - t.get("started_at", now))
+            lines.append(
+                f"{t.get('key', '?'):<10} {services:<24} {t.get('state', '?'):<11} "
+                f"{pid:>7} {uptime:>10} {t.get('restarts', 0)}"
+            )
+    return "\n".join(lines) + "\n"

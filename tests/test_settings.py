@@ -1,0 +1,394 @@
+"""Tests for agent.settings: sources, validation messages and file checks."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from agent.exceptions import ConfigError
+from agent.settings import (
+    AgentSettings,
+    check_files,
+    load_settings,
+    parse_duration,
+    parse_service_target,
+)
+
+
+MINIMAL = """\
+thing_name = "dev-1"
+notify = "mqtt"
+[mqtt]
+endpoint = "iot.example.test"
+cert = "{d}/cert.pem"
+key = "{d}/key.pem"
+ca = "{d}/ca.pem"
+"""
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch):
+    for name in list(os.environ):
+        if name.startswith("TUNNEL_AGENT_") or name in ("RUNTIME_DIRECTORY", "SVCUID"):
+            monkeypatch.delenv(name)
+    monkeypatch.delenv("AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT", raising=False)
+
+
+@pytest.fixture
+def files(tmp_path):
+    for name in ("cert.pem", "ca.pem"):
+        (tmp_path / name).write_text("pem\n")
+    key = tmp_path / "key.pem"
+    key.write_text("key\n")
+    key.chmod(0o600)
+    return tmp_path
+
+
+def write_config(directory: Path, extra: str = "") -> Path:
+    path = directory / "config.toml"
+    path.write_text(MINIMAL.format(d=directory) + extra)
+    return path
+
+
+def error_of(path: Path | None, overrides=None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, overrides)
+    return str(info.value)
+
+
+class TestDefaults:
+    def test_minimal_file(self, files):
+        """A minimal file yields the documented defaults."""
+        settings = load_settings(write_config(files))
+
+        assert settings.thing_name == "dev-1"
+        assert settings.mqtt.port == 8883
+        assert settings.client_id == "dev-1"
+        assert settings.services == {}
+        assert settings.limits.max_concurrent_tunnels == 10
+        assert settings.limits.max_tunnel_lifetime == timedelta(hours=12)
+        assert settings.limits.on_limit == "refuse_new"
+        assert settings.proxy.binary == "bundled"
+        assert settings.proxy.no_verify is False
+        assert settings.logging.level == "info"
+        assert settings.logging.format == "auto"
+        assert settings.notify == "mqtt"
+
+    def test_frozen(self, files):
+        """Settings cannot be changed after validation."""
+        settings = load_settings(write_config(files))
+
+        with pytest.raises(ValidationError):
+            settings.thing_name = "other"  # type: ignore[misc]
+
+    def test_state_dir_precedence(self, files, monkeypatch):
+        """The runtime dir is the setting, else $RUNTIME_DIRECTORY's first entry, else /run."""
+        path = write_config(files)
+        default = load_settings(path).state_dir
+        monkeypatch.setenv("RUNTIME_DIRECTORY", "/run/a:/run/b")
+        from_systemd = load_settings(path).state_dir
+        configured = load_settings(path, {"runtime_dir": "/tmp/x"}).state_dir
+
+        assert default == Path("/run/iot-tunnel-agent")
+        assert from_systemd == Path("/run/a")
+        assert configured == Path("/tmp/x")
+
+    def test_example_config_valid(self):
+        """config/config.example.toml parses (its placeholder paths aside)."""
+        example = Path(__file__).parent.parent / "config" / "config.example.toml"
+
+        settings = load_settings(example)
+
+        assert settings.thing_name == "my-device"
+        assert settings.services == {"SSH": "22", "HTTP": "127.0.0.1:8080"}
+        assert settings.mqtt.port == 8883
+
+
+class TestSources:
+    def test_env_overrides_file(self, files, monkeypatch):
+        """TUNNEL_AGENT_* variables (nested with __) override the TOML file."""
+        monkeypatch.setenv("TUNNEL_AGENT_MQTT__PORT", "1883")
+        monkeypatch.setenv("TUNNEL_AGENT_LIMITS__MAX_TUNNEL_LIFETIME", "90m")
+
+        settings = load_settings(write_config(files))
+
+        assert settings.mqtt.port == 1883
+        assert settings.mqtt.endpoint == "iot.example.test"
+        assert settings.limits.max_tunnel_lifetime == timedelta(minutes=90)
+
+    def test_flags_override_env(self, files, monkeypatch):
+        """Flag overrides win over the environment."""
+        monkeypatch.setenv("TUNNEL_AGENT_MQTT__PORT", "1883")
+
+        settings = load_settings(write_config(files), {"mqtt": {"port": "8884"}})
+
+        assert settings.mqtt.port == 8884
+
+    def test_services_merge(self, files, monkeypatch):
+        """Services from env (JSON) and flags add to the file's map, names keep their case."""
+        monkeypatch.setenv("TUNNEL_AGENT_SERVICES", '{"Web": 9000}')
+        path = write_config(files, '[services]\nSSH = 22\nDB = "/run/db.sock"\n')
+
+        settings = load_settings(path, {"services": {"HTTP": "10.0.0.2:80"}})
+
+        assert settings.services == {
+            "SSH": "22",
+            "DB": "/run/db.sock",
+            "Web": "9000",
+            "HTTP": "10.0.0.2:80",
+        }
+
+    def test_greengrass_needs_no_mqtt(self, tmp_path):
+        """Under Greengrass the MQTT endpoint and certificates are not required."""
+        path = tmp_path / "c.toml"
+        path.write_text('thing_name = "dev-1"\nnotify = "greengrass"\n')
+
+        settings = load_settings(path)
+
+        assert settings.mqtt.endpoint is None
+
+    def test_auto_uses_greengrass_env(self, tmp_path, monkeypatch):
+        """notify=auto needs no MQTT settings when the nucleus IPC variables are set."""
+        monkeypatch.setenv("AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT", "/x")
+        monkeypatch.setenv("SVCUID", "abc")
+        path = tmp_path / "c.toml"
+        path.write_text('thing_name = "dev-1"\n')
+
+        assert load_settings(path).notify == "auto"
+
+
+class TestErrors:
+    def test_missing_file(self, tmp_path):
+        """A named file that does not exist is a config error naming it."""
+        assert error_of(tmp_path / "nope.toml") == f"config file {tmp_path}/nope.toml: not found"
+
+    def test_bad_toml(self, tmp_path):
+        """A TOML syntax error names the file and the position."""
+        path = tmp_path / "c.toml"
+        path.write_text("thing_name = \n")
+
+        message = error_of(path)
+
+        assert message.startswith(f"config file {path}: invalid TOML: ")
+        assert "line 1" in message
+
+    def test_field_value_why(self, files):
+        """Each problem is one line: field = value: why."""
+        path = write_config(
+            files, "[limits]\nmax_concurrent_tunnels = 0\n[services]\nSSH = 70000\n"
+        )
+
+        message = error_of(path, {"mqtt": {"port": "99999"}})
+
+        assert f"invalid configuration in {path}:" in message
+        assert "  mqtt.port = '99999': Input should be less than or equal to 65535" in message
+        assert (
+            "  limits.max_concurrent_tunnels = 0: Input should be greater than or equal to 1"
+            in message
+        )
+        assert "  services.SSH = 70000: port must be an integer between 1 and 65535" in message
+
+    def test_missing_thing_name(self, tmp_path):
+        """A missing thing name is reported as required."""
+        path = tmp_path / "c.toml"
+        path.write_text('notify = "mqtt"\n')
+
+        assert (
+            error_of(path) == f"invalid configuration in {path}:\n  thing_name: required, not set"
+        )
+
+    def test_missing_mqtt(self, tmp_path):
+        """With the MQTT source, a missing endpoint, cert and key are reported together."""
+        path = tmp_path / "c.toml"
+        path.write_text('thing_name = "dev-1"\nnotify = "mqtt"\n')
+
+        message = error_of(path)
+
+        assert (
+            "mqtt.endpoint, mqtt.cert, mqtt.key required for the MQTT notification source"
+            in message
+        )
+
+    def test_unknown_key(self, files):
+        """A misspelt key is refused rather than silently ignored."""
+        path = files / "c.toml"
+        path.write_text(
+            'max_tunnels = 3\nthing_name = "d"\nnotify = "greengrass"\n[mqtt]\nprot = 1\n'
+        )
+
+        message = error_of(path)
+
+        assert "  max_tunnels = 3: Extra inputs are not permitted" in message
+        assert "  mqtt.prot = 1: Extra inputs are not permitted" in message
+
+    def test_service_name_with_colon(self, files):
+        """A service name with ':' is refused: localproxy map ids cannot hold it."""
+        message = error_of(write_config(files, '[services]\n"a:b" = 22\n'))
+
+        assert (
+            "services.a:b (name) = 'a:b': a service name must match [a-zA-Z0-9_-]{1,128}" in message
+        )
+
+    def test_secret_value_not_echoed(self, files):
+        """A bad http_proxy (may hold a password) is reported without its value."""
+        message = error_of(write_config(files), {"mqtt": {"http_proxy": "ftp://user:hunter2@x"}})
+
+        assert "mqtt.http_proxy: must look like http://[user:password@]host:port" in message
+        assert "hunter2" not in message
+
+    def test_no_verify_needs_endpoint(self, files):
+        """-k is only allowed together with an endpoint override (the emulator)."""
+        message = error_of(write_config(files, "[proxy]\nno_verify = true\n"))
+
+        assert "no_verify is only allowed with an endpoint override" in message
+
+    @pytest.mark.parametrize(
+        ("proxy", "expected"),
+        [
+            ('binary = "localproxy"', "must be 'bundled' or an absolute path"),
+            ('endpoint = "https://relay:443"', "must be host[:port] without scheme"),
+            ('extra_args = ["-t", "x"]', "'-t' is set by the agent itself"),
+            ('extra_args = ["--region=us-east-1"]', "'--region' is set by the agent itself"),
+            ('extra_env = {AWSIOT_TUNNEL_ACCESS_TOKEN = "x"}', "set by the agent for each tunnel"),
+            (
+                'extra_env = {"BAD NAME" = "x"}',
+                "'BAD NAME' is not a valid environment variable name",
+            ),
+            (
+                "restart_backoff_initial = 10\nrestart_backoff_max = 5",
+                "restart_backoff_max must be >=",
+            ),
+        ],
+    )
+    def test_proxy_section(self, files, proxy, expected):
+        """Proxy settings that would change the tunnel's shape or leak a token are refused."""
+        assert expected in error_of(write_config(files, f"[proxy]\n{proxy}\n"))
+
+    @pytest.mark.parametrize("value", ['"0s"', '"8d"', '"soon"', "-1"])
+    def test_lifetime_bounds(self, files, value):
+        """The tunnel lifetime must be a duration between 1 s and 7 days."""
+        assert "limits.max_tunnel_lifetime" in error_of(
+            write_config(files, f"[limits]\nmax_tunnel_lifetime = {value}\n")
+        )
+
+
+class TestServiceTarget:
+    @pytest.mark.parametrize(
+        ("value", "expected"),
+        [
+            (22, "22"),
+            ("22", "22"),
+            ("127.0.0.1:8080", "127.0.0.1:8080"),
+            ("db.local:5432", "db.local:5432"),
+            ("[::1]:22", "[::1]:22"),
+            ("/run/app.sock", "/run/app.sock"),
+        ],
+    )
+    def test_accepted(self, value, expected):
+        """Ports, host:port and absolute socket paths become localproxy -d targets."""
+        assert parse_service_target(value) == expected
+
+    @pytest.mark.parametrize(
+        "value",
+        [
+            0,
+            65536,
+            True,
+            1.5,
+            "",
+            "ssh",
+            "a:b:c",
+            "host:",
+            "run/app.sock",
+            "22,EVIL=23",
+            "a=b",
+            "x y:1",
+        ],
+    )
+    def test_refused(self, value):
+        """Anything else, notably values that would inject a map entry, is refused."""
+        with pytest.raises(ValueError):
+            parse_service_target(value)
+
+
+class TestDuration:
+    @pytest.mark.parametrize(
+        ("value", "seconds"),
+        [("12h", 43200), ("90m", 5400), ("1h30m", 5400), ("45s", 45), ("1d", 86400)],
+    )
+    def test_compact(self, value, seconds):
+        """Compact durations become timedeltas."""
+        assert parse_duration(value) == timedelta(seconds=seconds)
+
+    def test_passthrough(self):
+        """Other values are left for pydantic (seconds, ISO 8601)."""
+        assert parse_duration("PT12H") == "PT12H"
+        assert parse_duration(30) == 30
+
+
+class TestCheckFiles:
+    def test_all_good(self, files):
+        """Readable certificate files and a 0600 key raise no problem."""
+        assert check_files(load_settings(write_config(files))) == []
+
+    def test_missing_files(self, tmp_path):
+        """Missing certificate, key and CA files are each reported."""
+        problems = check_files(load_settings(write_config(tmp_path)))
+
+        assert problems == [
+            f"mqtt.cert = '{tmp_path}/cert.pem': file does not exist",
+            f"mqtt.ca = '{tmp_path}/ca.pem': file does not exist",
+            f"mqtt.key = '{tmp_path}/key.pem': file does not exist",
+        ]
+
+    @pytest.mark.parametrize("mode", [0o640, 0o604, 0o644])
+    def test_exposed_key(self, files, mode):
+        """A private key readable by group or others is reported with its mode."""
+        (files / "key.pem").chmod(mode)
+
+        problems = check_files(load_settings(write_config(files)))
+
+        assert problems == [
+            (
+                f"mqtt.key = '{files}/key.pem': mode {mode:04o} lets group/others read the "
+                "private key; chmod 600 it"
+            )
+        ]
+
+    @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
+    def test_unreadable_key(self, files):
+        """A key the agent's user cannot read is reported."""
+        (files / "key.pem").chmod(0o000)
+
+        problems = check_files(load_settings(write_config(files)))
+
+        assert problems == [
+            f"mqtt.key = '{files}/key.pem': not readable by this user (Permission denied)"
+        ]
+
+    def test_proxy_binary(self, files):
+        """A proxy binary path must exist and be executable."""
+        binary = files / "localproxy"
+        missing = check_files(
+            load_settings(write_config(files), {"proxy": {"binary": str(binary)}})
+        )
+        binary.write_text("#!/bin/sh\n")
+        binary.chmod(0o644)
+        not_exec = check_files(
+            load_settings(write_config(files), {"proxy": {"binary": str(binary)}})
+        )
+
+        assert missing == [f"proxy.binary = '{binary}': file does not exist"]
+        if os.geteuid() != 0:
+            assert not_exec == [f"proxy.binary = '{binary}': not executable by this user"]
+
+    def test_settings_model_direct(self, monkeypatch):
+        """AgentSettings reads the environment by itself (no file)."""
+        monkeypatch.setenv("TUNNEL_AGENT_THING_NAME", "dev-9")
+        monkeypatch.setenv("TUNNEL_AGENT_NOTIFY", "greengrass")
+
+        assert AgentSettings().thing_name == "dev-9"  # type: ignore[call-arg]
