@@ -190,7 +190,10 @@ class ControlPlaneApi:
         # Order: method, signature, target, body (authenticate before revealing anything).
         if request.method != "POST":
             raise ApiError("UnknownOperationException", 405, "Only POST is supported")
-        body = await request.read()
+        try:
+            body = await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise ApiError("SerializationException", 413, "Request body too large") from exc
         region = self._region(request, body)
         target = request.headers.get("X-Amz-Target", "")
         operation = target.removeprefix(TARGET_PREFIX)

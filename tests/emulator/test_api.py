@@ -657,6 +657,14 @@ class TestWireProtocol:
         assert h1["Content-Type"] == "application/x-amz-json-1.1"
         assert len(h1["x-amzn-RequestId"]) == 36
 
+    def test_oversized_body(self, api_server):
+        """A body over the 1 MiB cap is refused with 413 before any parsing."""
+        body = b'{"description": "' + b"x" * (1024 * 1024) + b'"}'
+
+        status, _, raw = raw_call(api_server.url, "IoTSecuredTunneling.OpenTunnel", body)
+
+        assert (status, json.loads(raw)["__type"]) == (413, "SerializationException")
+
     def test_request_id_reaches_boto(self, client):
         """x-amzn-RequestId becomes ResponseMetadata.RequestId."""
         meta = client.list_tunnels()["ResponseMetadata"]
