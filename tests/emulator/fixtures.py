@@ -91,13 +91,13 @@ def make_pki(directory: Path) -> MqttPki:
 
 @pytest.fixture
 def mqtt_pki(tmp_path: Path) -> MqttPki:
-    """A fresh emulator CA with broker and privileged certificates."""
+    """Create a fresh emulator CA with broker and privileged certificates."""
     return make_pki(tmp_path / "pki")
 
 
 @pytest.fixture
 async def broker(mqtt_pki: MqttPki, tmp_path: Path) -> AsyncIterator[Broker]:
-    """A running mosquitto that lets ``thing1`` and ``thing2`` subscribe."""
+    """Run a mosquitto that lets ``thing1`` and ``thing2`` subscribe."""
     instance = Broker(
         tmp_path / "broker",
         ca_file=mqtt_pki.ca_file,
@@ -116,7 +116,7 @@ async def broker(mqtt_pki: MqttPki, tmp_path: Path) -> AsyncIterator[Broker]:
 def mqtt_client(
     pki: MqttPki, port: int, pair: KeyPair, client_id: str, **options: Any
 ) -> AsyncMqttClient:
-    """An unconnected MQTT5 client for ``127.0.0.1:port`` with ``pair`` as identity."""
+    """Return an unconnected MQTT5 client for ``127.0.0.1:port`` with ``pair`` as identity."""
     options.setdefault("connect_timeout", 5 * SCALE)
     return AsyncMqttClient(
         endpoint="127.0.0.1",
@@ -131,7 +131,7 @@ def mqtt_client(
 
 @pytest.fixture
 async def emulator(tmp_path: Path) -> AsyncIterator[Emulator]:
-    """A running emulator in ``tmp_path/emulator`` with things ``thing1`` and ``thing2``."""
+    """Run an emulator in ``tmp_path/emulator`` with things ``thing1`` and ``thing2``."""
     instance = Emulator(tmp_path / "emulator")
     instance.add_thing("thing1")
     instance.add_thing("thing2")
@@ -170,7 +170,7 @@ class EmulatorThread:
 
 @pytest.fixture
 def emulator_thread(tmp_path: Path) -> Iterator[EmulatorThread]:
-    """A running emulator on a background loop, with ``thing1`` and ``thing2``."""
+    """Run an emulator on a background loop, with things ``thing1`` and ``thing2``."""
     thread = EmulatorThread(tmp_path / "emulator")
     thread.emulator.add_thing("thing1")
     thread.emulator.add_thing("thing2")
