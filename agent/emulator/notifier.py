@@ -1,0 +1,209 @@
+"""
+The emulator's tunnel-notification publisher: AWS IoT's side of control-plane §6.
+
+It listens to the :class:`TunnelStore` and, when a destination access token is
+minted for a thing, publishes to ``$aws/things/<thing>/tunnels/notify``:
+
+* on "opened" when the tunnel has ``destinationConfig.thingName``;
+* on "rotated" when the rotated modes include "destination" and the request
+  carried a ``destinationConfig`` with a thing name (control-plane §4 Rotate).
+
+QoS 1, retain false [choice, §6], through one awscrt MQTT5 client holding the
+privileged certificate. Store listeners run synchronously inside the API call, so
+the publish is only queued there; the PUBACK is logged later. The token travels
+in the payload only: it is never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import TYPE_CHECKING, Self
+
+import structlog
+
+from agent.emulator.broker import notify_topic
+from agent.emulator.pki import PRIVILEGED_IDENTITY
+from agent.mqtt_common import AsyncMqttClient, call_in_loop
+
+
+if TYPE_CHECKING:
+    import concurrent.futures
+    from pathlib import Path
+
+    from awscrt import mqtt5
+
+    from agent.emulator.pki import KeyPair
+    from agent.emulator.store import StoreEvent, Tunnel, TunnelStore
+
+
+__all__ = ["Notifier", "notification_payload"]
+
+log = structlog.get_logger(__name__)
+
+
+def notification_payload(tunnel: Tunnel) -> bytes:
+    """
+    Build the notify payload of control-plane §6 for a tunnel's current destination token.
+
+    Args:
+        tunnel: The tunnel; its destination token, region and services are used.
+
+    Returns:
+        Compact UTF-8 JSON, members in the documented order, ``clientMode`` lowercase.
+    """
+    body = {
+        "clientAccessToken": tunnel.destination.token,
+        "clientMode": "destination",
+        "region": tunnel.region,
+        "services": list(tunnel.services),
+    }
+    return json.dumps(body, separators=(",", ":")).encode()
+
+
+class Notifier:
+    """
+    Publish tunnel notifications for store events.
+
+    Args:
+        store: The tunnel store to listen to.
+        host: Broker host.
+        port: Broker port.
+        identity: The privileged client certificate and key.
+        ca_file: The emulator CA (the broker's trust anchor).
+        client_id: MQTT client id.
+    """
+
+    def __init__(  # noqa: PLR0913 - keyword-only connection settings
+        self,
+        store: TunnelStore,
+        *,
+        host: str,
+        port: int,
+        identity: KeyPair,
+        ca_file: Path,
+        client_id: str = PRIVILEGED_IDENTITY,
+    ) -> None:
+        """
+        Remember the settings; nothing connects before :meth:`start`.
+        """
+        self.store = store
+        self._client = AsyncMqttClient(
+            endpoint=host,
+            port=port,
+            cert=identity.cert,
+            key=identity.key,
+            ca=ca_file,
+            client_id=client_id,
+            # The emulator is the service side: AWS IoT's client-side limits do not apply.
+            validation="none",
+        )
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pending: set[concurrent.futures.Future[mqtt5.PublishCompletionData]] = set()
+        self.published = 0
+        self.failed = 0
+
+    async def __aenter__(self) -> Self:
+        """
+        Start; see :meth:`start`.
+        """
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        """
+        Stop; see :meth:`stop`.
+        """
+        await self.stop()
+
+    async def start(self) -> None:
+        """
+        Connect to the broker and start listening to the store.
+
+        Raises:
+            MqttConnectError: The broker refused or did not answer.
+        """
+        self._loop = asyncio.get_running_loop()
+        await self._client.connect()
+        self.store.listeners.append(self._on_store_event)
+        log.info("notifier_started", client_id=self._client.client_id)
+
+    async def stop(self) -> None:
+        """
+        Stop listening, wait briefly for outstanding PUBACKs, and disconnect.
+        """
+        if self._on_store_event in self.store.listeners:
+            self.store.listeners.remove(self._on_store_event)
+        if self._pending:
+            try:
+                async with asyncio.timeout(2.0):
+                    await self.flush()
+            except TimeoutError:
+                log.warning("notifier_unacknowledged", count=len(self._pending))
+        await self._client.disconnect()
+
+    async def flush(self) -> None:
+        """
+        Wait until every queued notification is acknowledged or has failed.
+        """
+        while self._pending:
+            futures = [asyncio.wrap_future(f) for f in list(self._pending)]
+            await asyncio.gather(*futures, return_exceptions=True)
+            # Done callbacks reach the loop through call_soon: let them run.
+            await asyncio.sleep(0)
+
+    def notify(self, tunnel: Tunnel) -> None:
+        """
+        Queue the notification of ``tunnel`` for its thing (any thread).
+
+        Args:
+            tunnel: A tunnel with a thing name.
+        """
+        if tunnel.thing_name is None or self._loop is None:
+            return
+        loop = self._loop
+        topic = notify_topic(tunnel.thing_name)
+        future = self._client.publish_nowait(topic, notification_payload(tunnel))
+        self._pending.add(future)
+        context = (tunnel.tunnel_id, tunnel.thing_name)
+        future.add_done_callback(lambda f: call_in_loop(loop, self._on_done, f, context))
+
+    def _on_store_event(self, event: StoreEvent) -> None:
+        tunnel = event.tunnel
+        if tunnel.thing_name is None or tunnel.status != "OPEN":
+            return
+        due = event.kind == "opened" or (
+            event.kind == "rotated" and "destination" in event.modes and event.destination_config
+        )
+        if due:
+            self.notify(tunnel)
+
+    def _on_done(
+        self,
+        future: concurrent.futures.Future[mqtt5.PublishCompletionData],
+        context: tuple[str, str],
+    ) -> None:
+        self._pending.discard(future)
+        tunnel_id, thing_name = context
+        exc = future.exception()
+        puback = None if exc is not None else future.result().puback
+        code = None if puback is None or puback.reason_code is None else int(puback.reason_code)
+        # 0 = delivered to a subscriber, 16 = accepted with no subscriber (queued sessions
+        # count as subscribers); anything else is a failure.
+        if exc is None and code in (0, 16):
+            self.published += 1
+            log.info(
+                "notification_published",
+                tunnel_id=tunnel_id,
+                thing_name=thing_name,
+                subscribers=code == 0,
+            )
+            return
+        self.failed += 1
+        log.warning(
+            "notification_failed",
+            tunnel_id=tunnel_id,
+            thing_name=thing_name,
+            reason_code=code,
+            error=None if exc is None else type(exc).__name__,
+        )
