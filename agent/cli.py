@@ -260,7 +260,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments and arguments[0] in _LAZY:
-        module = importlib.import_module(_LAZY[arguments[0]][0])
+        try:
+            module = importlib.import_module(_LAZY[arguments[0]][0])
+        except ImportError as exc:
+            # e.g. a device install without the emulator/operator extras.
+            _err(f"tunnel-agent: '{arguments[0]}' is not available in this installation: {exc}")
+            return EXIT_FAILURE
         result: int = module.main(arguments[1:])
         return result
     args = _parser().parse_args(arguments)

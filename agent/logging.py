@@ -244,3 +244,5 @@ def configure_logging(
             root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric)
+    # asyncio's debug mode reports every subprocess and pipe at INFO: noise, not events.
+    logging.getLogger("asyncio").setLevel(max(numeric, logging.WARNING))

@@ -306,6 +306,7 @@ def reset_logging() -> None:
         if handler.get_name() == "tunnel-agent":
             root.removeHandler(handler)
     root.setLevel(logging.WARNING)
+    logging.getLogger("asyncio").setLevel(logging.NOTSET)
 
 
 def _agent_main(argv: list[str]) -> int:

@@ -1,0 +1,119 @@
+"""Tests for agent.state: the 0600 status file and its rendering."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from agent.exceptions import AgentError
+from agent.state import StatusFile, format_status, read_status
+from agent.tunnels import TunnelInfo
+
+
+INFO = TunnelInfo(
+    key="ab12cd34",
+    services=("SSH", "HTTP"),
+    region="us-east-1",
+    state="running",
+    pid=4242,
+    started_at=1_000_000.0,
+    restarts=2,
+    superseded=False,
+)
+
+
+class TestStatusFile:
+    def test_write_read(self, tmp_path):
+        """The file is JSON with the tunnels, mode 0600, in a 0700 directory."""
+        directory = tmp_path / "run"
+        status = StatusFile(directory, thing_name="dev-1")
+
+        status.write([INFO])
+        document = read_status(directory)
+
+        assert document["pid"] == os.getpid()
+        assert document["thing_name"] == "dev-1"
+        assert document["tunnels"] == [
+            {
+                "key": "ab12cd34",
+                "services": ["SSH", "HTTP"],
+                "region": "us-east-1",
+                "state": "running",
+                "pid": 4242,
+                "started_at": 1_000_000.0,
+                "restarts": 2,
+                "superseded": False,
+            }
+        ]
+        assert (directory / "status.json").stat().st_mode & 0o777 == 0o600
+        assert directory.stat().st_mode & 0o777 == 0o700
+        assert [p.name for p in directory.iterdir()] == ["status.json"]
+
+    def test_remove(self, tmp_path):
+        """remove() deletes the file and tolerates its absence."""
+        status = StatusFile(tmp_path, thing_name="dev-1")
+        status.write([])
+
+        status.remove()
+        status.remove()
+
+        assert not status.path.exists()
+
+    def test_missing(self, tmp_path):
+        """No file means no agent."""
+        with pytest.raises(AgentError, match="is the agent running"):
+            read_status(tmp_path)
+
+    def test_dead_agent(self, tmp_path):
+        """A file left by a dead agent is reported as such."""
+        dead = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        (tmp_path / "status.json").write_text(json.dumps({"pid": int(dead.stdout), "tunnels": []}))
+
+        with pytest.raises(AgentError, match=r"the agent \(pid \d+\) is not running"):
+            read_status(tmp_path)
+
+    def test_garbage(self, tmp_path):
+        """A malformed file is reported, not a traceback."""
+        (tmp_path / "status.json").write_text("[1, 2")
+
+        with pytest.raises(AgentError, match="unreadable status file"):
+            read_status(tmp_path)
+
+
+class TestFormat:
+    def test_table(self):
+        """The table shows services, state, pid, uptime and restarts per tunnel."""
+        tunnel = {
+            "key": "ab12cd34",
+            "services": ["SSH", "HTTP"],
+            "state": "running",
+            "pid": 4242,
+            "started_at": 1_000_000.0,
+            "restarts": 2,
+            "superseded": True,
+        }
+        document = {
+            "pid": 7,
+            "thing_name": "dev-1",
+            "state": "running",
+            "started_at": 999_000.0,
+            "tunnels": [tunnel],
+        }
+
+        text = format_status(document, now=1_003_725.0)
+
+        assert text.splitlines() == [
+            "agent pid 7 thing dev-1 state running up 1h18m45s",
+            "1 active tunnel(s)",
+            "KEY        SERVICES                 STATE           PID     UPTIME RESTARTS",
+            "ab12cd34   SSH,HTTP (rotated)       running        4242   1h02m05s 2",
+        ]
