@@ -6,6 +6,7 @@ import hashlib
 import os
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 from agent.protocol import (
     CLIENT,
@@ -40,6 +41,7 @@ from agent.protocol import (
     StreamTable,
     TunnelProtocol,
 )
+from agent.protocol.streams import IDLE
 
 from .helpers import TunnelPair, assert_events_received, assert_frames_sent, decode_frames, frame
 
@@ -756,3 +758,696 @@ class TestClientFailures:
 
         with pytest.raises(LocalProtocolError):
             protocol.messages_to_forward()
+
+
+def started_relay(**kwargs) -> tuple[TunnelProtocol, TunnelProtocol]:
+    """The relay's two ends after the source started stream 1 of SSH (events drained)."""
+    relay_source, relay_destination = relay_pair(**kwargs)
+    relay_source.receive_message(
+        frame(STREAM_START, stream_id=1, service_id="SSH", connection_id=1)
+    )
+    relay_source.events_received()
+    relay_source.messages_to_forward()
+    return relay_source, relay_destination
+
+
+DATA_1 = frame(DATA, stream_id=1, service_id="SSH", connection_id=1, payload=b"hello")
+
+
+class TestServiceForwarding:
+    def test_zero_copy_single_frame(self):
+        """A message that is one valid frame is forwarded as the very same object."""
+        relay_source, _ = started_relay()
+        message = bytes(DATA_1)
+
+        relay_source.receive_message(message)
+        forwarded = relay_source.messages_to_forward()
+
+        assert len(forwarded) == 1
+        assert forwarded[0] is message
+        assert relay_source.events_received() == []
+
+    def test_zero_copy_several_frames(self):
+        """A message of several whole valid frames is forwarded as the same object."""
+        _, relay_destination = started_relay()
+        message = DATA_1 + frame(CONNECTION_RESET, stream_id=1, service_id="SSH", connection_id=1)
+
+        relay_destination.receive_message(message)
+        forwarded = relay_destination.messages_to_forward()
+
+        assert len(forwarded) == 1
+        assert forwarded[0] is message
+
+    def test_split_frames(self):
+        """Frames split across messages are forwarded whole, byte for byte, in order."""
+        relay_source, _ = started_relay()
+        stream = DATA_1 + DATA_1 + frame(STREAM_RESET, stream_id=1, service_id="SSH")
+        forwarded = []
+
+        for piece in (stream[:3], stream[3:25], stream[25:26], stream[26:]):
+            relay_source.receive_message(piece)
+            forwarded += relay_source.messages_to_forward()
+
+        assert forwarded == [DATA_1, DATA_1, frame(STREAM_RESET, stream_id=1, service_id="SSH")]
+        assert relay_source.events_received() == [StreamReset("SSH", 1)]
+
+    def test_whole_frame_then_partial(self):
+        """A whole frame followed by part of the next is forwarded at once, the rest later."""
+        relay_source, _ = started_relay()
+
+        relay_source.receive_message(DATA_1 + DATA_1[:4])
+        first = relay_source.messages_to_forward()
+        relay_source.receive_message(DATA_1[4:])
+        second = relay_source.messages_to_forward()
+
+        assert (first, second) == ([DATA_1], [DATA_1])
+
+    def test_bytearray_message(self):
+        """A bytearray message is forwarded as equal bytes."""
+        relay_source, _ = started_relay()
+
+        relay_source.receive_message(bytearray(DATA_1 + DATA_1))
+        forwarded = relay_source.messages_to_forward()
+
+        assert forwarded == [DATA_1, DATA_1]
+        assert all(type(f) is bytes for f in forwarded)
+
+    def test_ignorable_unknown_forwarded(self):
+        """An unknown type with ignorable set is forwarded untouched."""
+        relay_source, _ = started_relay()
+        message = frame(99, ignorable=True, stream_id=-4, service_id="nope")
+
+        relay_source.receive_message(message)
+
+        assert relay_source.messages_to_forward() == [message]
+        assert relay_source.failure is None
+
+    def test_stale_ids_forwarded(self):
+        """Stale stream ids are not violations: the receiver drops them."""
+        relay_source, relay_destination = started_relay()
+        stale = [
+            frame(DATA, stream_id=7, service_id="SSH", connection_id=1, payload=b"x"),
+            frame(STREAM_RESET, stream_id=7, service_id="SSH"),
+            frame(CONNECTION_RESET, stream_id=7, service_id="SSH", connection_id=3),
+        ]
+
+        receive(relay_destination, *stale)
+
+        assert relay_destination.messages_to_forward() == stale
+        assert relay_destination.events_received() == [ConnectionReset("SSH", 7, 3)]
+        assert relay_source.active_stream("SSH") == 1
+
+    def test_nothing_after_violation(self):
+        """Valid frames before a violation are forwarded; nothing after it, ever."""
+        relay_source, _ = started_relay()
+
+        relay_source.receive_message(DATA_1 + frame(SESSION_RESET) + DATA_1)
+        forwarded = relay_source.messages_to_forward()
+        relay_source.receive_message(DATA_1)
+
+        assert forwarded == [DATA_1]
+        assert relay_source.messages_to_forward() == []
+        assert failure_of(relay_source).code == 1008
+        assert relay_source.events_received() == []
+
+
+class TestServiceValidation:
+    @pytest.mark.parametrize(
+        ("end", "data", "code", "reason"),
+        [
+            ("source", frame(0), 1008, "message type 0"),
+            ("source", frame(9), 1008, "unknown message type"),
+            ("source", frame(-3), 1008, "unknown message type"),
+            (
+                "source",
+                frame(SESSION_RESET),
+                1008,
+                "clients never send SESSION_RESET or SERVICE_IDS",
+            ),
+            (
+                "destination",
+                frame(SERVICE_IDS),
+                1008,
+                "clients never send SESSION_RESET or SERVICE_IDS",
+            ),
+            (
+                "destination",
+                frame(STREAM_START, stream_id=2, service_id="SSH", connection_id=1),
+                1008,
+                "only the source sends STREAM_START",
+            ),
+            (
+                "source",
+                frame(DATA, stream_id=0, service_id="SSH"),
+                1008,
+                "stream id must be positive",
+            ),
+            (
+                "source",
+                frame(DATA, stream_id=-1, service_id="SSH"),
+                1008,
+                "stream id must be positive",
+            ),
+            (
+                "source",
+                frame(STREAM_START, stream_id=0, service_id="SSH"),
+                1008,
+                "stream id must be positive",
+            ),
+            (
+                "source",
+                frame(STREAM_RESET, stream_id=-1, service_id="SSH"),
+                1008,
+                "stream id must be positive",
+            ),
+            (
+                "destination",
+                frame(CONNECTION_RESET, service_id="SSH"),
+                1008,
+                "stream id must be positive",
+            ),
+            (
+                "source",
+                frame(CONNECTION_START, stream_id=-9, service_id="SSH"),
+                1008,
+                "stream id must be positive",
+            ),
+            (
+                "source",
+                frame(DATA, stream_id=1, service_id="SSH", payload=bytes(11)),
+                1008,
+                "payload too large",
+            ),
+            ("source", frame(SERVICE_IDS, payload=bytes(11)), 1008, "payload too large"),
+            (
+                "source",
+                frame(STREAM_START, stream_id=2, service_id="BAD"),
+                1008,
+                "unknown service id",
+            ),
+            (
+                "destination",
+                frame(DATA, stream_id=1, service_id="RDP", payload=b"x"),
+                1008,
+                "no STREAM_START for this service",
+            ),
+            (
+                "destination",
+                frame(STREAM_RESET, stream_id=1, service_id="RDP"),
+                1008,
+                "no STREAM_START for this service",
+            ),
+            (
+                "source",
+                frame(CONNECTION_START, stream_id=1, service_id="RDP", connection_id=2),
+                1008,
+                "no STREAM_START for this service",
+            ),
+            (
+                "source",
+                frame(DATA, stream_id=1, payload=b"x"),
+                1008,
+                "no STREAM_START for this service",
+            ),
+            (
+                "source",
+                frame(CONNECTION_RESET, stream_id=1, service_id="BAD"),
+                1008,
+                "unknown service id",
+            ),
+            ("source", bytes.fromhex("0003 0801 10"), 1008, "invalid protobuf: bad varint"),
+            (
+                "source",
+                bytes.fromhex("0004 0801 4001"),
+                1008,
+                "invalid protobuf: field outside the schema",
+            ),
+            ("source", b"\x00\x1a" + bytes(26), 1009, "frame of 26 bytes exceeds 25"),
+            ("destination", bytes(41), 1009, "message of 41 bytes exceeds 40"),
+        ],
+    )
+    def test_violations(self, end, data, code, reason):
+        """Each broken data-plane §5 rule gives ProtocolFailed with its code; nothing forwarded."""
+        relay_source, relay_destination = started_relay(
+            max_frame_size=25, max_payload_size=10, max_message_size=40
+        )
+        protocol = relay_source if end == "source" else relay_destination
+
+        protocol.receive_message(data)
+        failed = failure_of(protocol)
+
+        assert (failed.code, failed.reason) == (code, reason)
+        assert protocol.messages_to_forward() == []
+
+    @pytest.mark.parametrize(
+        "data",
+        [
+            frame(STREAM_START, stream_id=2, service_id="SSH"),
+            frame(DATA, stream_id=1, service_id="SSH", payload=b"x"),
+            frame(STREAM_RESET, stream_id=1, service_id="SSH"),
+        ],
+    )
+    def test_service_id_after_v1_stream(self, data):
+        """A serviceId after a stream started without one (V1) is a violation."""
+        relay_source, _ = relay_pair()
+        relay_source.receive_message(frame(STREAM_START, stream_id=1))
+        started = relay_source.events_received()
+
+        relay_source.receive_message(data)
+
+        assert started == [StreamStarted("", 1, 1)]
+        assert failure_of(relay_source).reason == "service id on a stream started without one"
+
+    def test_stream_table_tracking(self):
+        """STREAM_START and matching STREAM_RESET from either end update the shared table."""
+        relay_source, relay_destination = relay_pair()
+
+        receive(
+            relay_source,
+            frame(STREAM_START, stream_id=1, service_id="SSH", connection_id=1),
+            frame(STREAM_START, stream_id=1, service_id="RDP", connection_id=1),
+            frame(STREAM_START, stream_id=2, service_id="SSH", connection_id=1),
+            frame(CONNECTION_START, stream_id=2, service_id="SSH", connection_id=2),
+        )
+        receive(
+            relay_destination,
+            frame(CONNECTION_RESET, stream_id=2, service_id="SSH", connection_id=2),
+            frame(STREAM_RESET, stream_id=1, service_id="RDP"),
+        )
+
+        assert relay_source.events_received() == [
+            StreamStarted("SSH", 1, 1),
+            StreamStarted("RDP", 1, 1),
+            StreamStarted("SSH", 2, 1),
+            ConnectionStarted("SSH", 2, 2),
+        ]
+        assert relay_destination.events_received() == [
+            ConnectionReset("SSH", 2, 2),
+            StreamReset("RDP", 1),
+        ]
+        assert relay_destination.active_stream("SSH") == 2
+        assert relay_source.active_stream("RDP") is None
+        assert relay_source._table.started == {"SSH", "RDP"}
+        assert relay_source.connection_ids("SSH") == frozenset()
+
+    def test_v1_stream_with_tunnel_services(self):
+        """A V1 STREAM_START (no serviceId) is valid even when the tunnel has services."""
+        relay_source, relay_destination = relay_pair()
+
+        relay_source.receive_message(frame(STREAM_START, stream_id=1))
+        relay_destination.receive_message(frame(DATA, stream_id=1, payload=b"x"))
+
+        assert relay_source.failure is None
+        assert relay_destination.failure is None
+        assert relay_destination.active_stream("") == 1
+
+    @pytest.mark.parametrize(
+        ("version", "services", "expected"),
+        [
+            (V3, ("SSH", "RDP"), [bytes.fromhex("000c 0805 3203 535348 3203 524450")]),
+            (V2, (), [bytes.fromhex("0002 0805")]),
+            (V1, ("SSH",), []),
+        ],
+    )
+    def test_send_service_ids(self, version, services, expected):
+        """SERVICE_IDS lists the services (even none); V1 sends nothing."""
+        protocol = TunnelProtocol(SERVICE, DESTINATION, services=services, version=version)
+
+        protocol.send_service_ids()
+
+        assert protocol.messages_to_send() == expected
+
+    def test_send_session_reset(self):
+        """The relay can send SESSION_RESET."""
+        protocol = TunnelProtocol(SERVICE, SOURCE)
+
+        protocol.send_session_reset()
+
+        assert protocol.messages_to_send() == [bytes.fromhex("0002 0804")]
+
+    def test_send_stream_reset(self):
+        """A relay-originated STREAM_RESET clears the table; with no stream it is a no-op."""
+        relay_source, relay_destination = started_relay()
+
+        relay_destination.send_stream_reset("SSH")
+        relay_destination.send_stream_reset("SSH")
+        relay_destination.send_stream_reset("RDP")
+        relay_destination.send_stream_reset("RDP", 4)
+
+        assert_frames_sent(
+            relay_destination,
+            [
+                Message(STREAM_RESET, 1, service_id="SSH"),
+                Message(STREAM_RESET, 4, service_id="RDP"),
+            ],
+        )
+        assert relay_source.active_stream("SSH") is None
+
+    def test_send_connection_reset(self):
+        """The relay can answer CONNECTION_START with CONNECTION_RESET on the active stream."""
+        relay_source, _ = started_relay()
+
+        relay_source.send_connection_reset("SSH", 2)
+        relay_source.send_connection_reset("RDP", 2)
+
+        assert_frames_sent(
+            relay_source, [Message(CONNECTION_RESET, 1, service_id="SSH", connection_id=2)]
+        )
+
+    @pytest.mark.parametrize(
+        ("method", "args"),
+        [
+            ("send_stream_start", ("SSH",)),
+            ("send_connection_start", ("SSH",)),
+            ("send_data", ("SSH", 1, b"x")),
+        ],
+    )
+    def test_client_only_calls(self, method, args):
+        """Calls only a local proxy makes are local misuse on the SERVICE side."""
+        relay_source, _ = started_relay()
+
+        with pytest.raises(LocalProtocolError, match="CLIENT"):
+            getattr(relay_source, method)(*args)
+
+
+def sha256(data: bytes) -> str:
+    """Hex digest, for readable comparisons of large payloads."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def one_byte_pieces(data: bytes) -> list[bytes]:
+    """Cut a WebSocket message into 1-byte messages."""
+    return [data[i : i + 1] for i in range(len(data))]
+
+
+class TestTunnelPair:
+    @pytest.mark.parametrize("version", [V1, V2, V3])
+    def test_data_both_ways(self, version):
+        """A stream carries data both ways intact through the relay, in every version."""
+        pair = TunnelPair(source_version=version)
+        pair.connect()
+        service = "" if version is V1 else "SSH"
+        up = os.urandom(300_000)
+        down = os.urandom(200_001)
+
+        stream_id, connection_id = pair.source.send_stream_start(service)
+        pair.source.send_data(service, connection_id, up)
+        pair.pump()
+        pair.destination.send_data(service, connection_id, down)
+        pair.pump()
+
+        assert sha256(pair.received("destination")) == sha256(up)
+        assert sha256(pair.received("source")) == sha256(down)
+        assert pair.take("source") == [ServiceIdsReceived(("SSH",))]
+        assert pair.take("destination") == [
+            ServiceIdsReceived(("SSH",)),
+            StreamStarted(service, stream_id, 1),
+        ]
+        assert pair.destination.version is version
+        assert pair.take("relay_source") == [StreamStarted(service, 1, 1)]
+        assert pair.relay_source.failure is pair.relay_destination.failure is None
+
+    def test_forwarded_bytes_identical(self):
+        """The relay forwards the very messages the clients sent (zero copy, one frame each)."""
+        pair = TunnelPair()
+        pair.connect()
+        pair.source.send_stream_start("SSH")
+        pair.source.send_data("SSH", 1, os.urandom(100_000))
+        sent = pair.source.messages_to_send()
+
+        for message in sent:
+            pair.relay_source.receive_message(message)
+        forwarded = pair.relay_source.messages_to_forward()
+
+        assert len(forwarded) == len(sent) == 3
+        assert all(f is s for f, s in zip(forwarded, sent, strict=True))
+
+    def test_v3_connections(self):
+        """Several V3 connections carry separate data; resets close them one by one."""
+        pair = TunnelPair()
+        pair.connect()
+        pair.source.send_stream_start("SSH")
+        second = pair.source.send_connection_start("SSH")
+        pair.pump()
+        pair.take("destination")
+        pair.take("relay_source")
+
+        pair.source.send_data("SSH", 1, b"one")
+        pair.source.send_data("SSH", second, b"two")
+        pair.source.send_connection_reset("SSH", 1)
+        pair.pump()
+        pair.destination.send_data("SSH", second, b"back")
+        pair.destination.send_connection_reset("SSH", second)
+        pair.pump()
+
+        assert pair.take("destination") == [
+            DataReceived("SSH", 1, 1, b"one"),
+            DataReceived("SSH", 1, 2, b"two"),
+            ConnectionReset("SSH", 1, 1),
+        ]
+        assert pair.take("source")[-2:] == [
+            DataReceived("SSH", 1, 2, b"back"),
+            ConnectionReset("SSH", 1, 2),
+        ]
+        assert (
+            pair.source.connection_ids("SSH")
+            == pair.destination.connection_ids("SSH")
+            == frozenset()
+        )
+        assert pair.source.active_stream("SSH") == pair.destination.active_stream("SSH") == 1
+
+    def test_two_services(self):
+        """Streams of two services run side by side."""
+        pair = TunnelPair(services=("SSH", "RDP"))
+        pair.connect()
+
+        pair.source.send_stream_start("SSH")
+        pair.source.send_stream_start("RDP")
+        pair.source.send_data("RDP", 1, b"rdp")
+        pair.source.send_data("SSH", 1, b"ssh")
+        pair.pump()
+
+        assert pair.take("destination")[-4:] == [
+            StreamStarted("SSH", 1, 1),
+            StreamStarted("RDP", 1, 1),
+            DataReceived("RDP", 1, 1, b"rdp"),
+            DataReceived("SSH", 1, 1, b"ssh"),
+        ]
+
+    def test_one_byte_messages(self):
+        """Every WebSocket message cut into 1-byte messages still delivers the same data."""
+        pair = TunnelPair(split=one_byte_pieces)
+        pair.connect()
+        data = os.urandom(5_000)
+
+        pair.source.send_stream_start("SSH")
+        pair.source.send_data("SSH", 1, data)
+        pair.pump()
+
+        assert pair.received("destination") == data
+        assert [m.type for f in pair.forwarded for m in decode_frames(f)] == [STREAM_START, DATA]
+
+    def test_destination_refuses_stream(self):
+        """A destination that cannot connect resets the stream; the source sees StreamReset."""
+        pair = TunnelPair()
+        pair.connect()
+        pair.source.send_stream_start("SSH")
+        pair.pump()
+
+        pair.destination.send_stream_reset("SSH")
+        pair.pump()
+
+        assert pair.take("source")[-1] == StreamReset("SSH", 1)
+        assert pair.table.active == {}
+        assert pair.source.send_stream_start("SSH") == (2, 1)
+
+    def test_relay_resets_on_reconnect(self):
+        """On a peer reconnect the relay resets the other peer's streams (data-plane §6)."""
+        pair = TunnelPair()
+        pair.connect()
+        pair.source.send_stream_start("SSH")
+        pair.pump()
+
+        for service_id, stream_id in list(pair.table.active.items()):
+            pair.relay_source.send_stream_reset(service_id, stream_id)
+        pair.pump()
+
+        assert pair.take("source")[-1] == StreamReset("SSH", 1)
+        assert pair.source.active_stream("SSH") is None
+        assert pair.table.active == {}
+
+    def test_session_reset(self):
+        """A relay SESSION_RESET clears the client's streams."""
+        pair = TunnelPair()
+        pair.connect()
+        pair.source.send_stream_start("SSH")
+        pair.pump()
+
+        pair.relay_destination.send_session_reset()
+        pair.pump()
+
+        assert pair.take("destination")[-1] == SessionReset()
+        assert pair.destination.active_stream("SSH") is None
+
+
+# Fuzzing. One cheap binary draw per argument keeps 2000 examples within a few seconds:
+# the blob is decoded into hostile-but-valid messages (5 bytes each) and cut into messages.
+ROLES = st.sampled_from(
+    [(CLIENT, SOURCE), (CLIENT, DESTINATION), (SERVICE, SOURCE), (SERVICE, DESTINATION)]
+)
+FUZZ_LIMITS = {
+    "max_frame_size": 40,
+    "max_payload_size": 12,
+    "max_connections": 2,
+    "max_message_size": 60,
+}
+TYPES = [0, 1, 1, 1, 2, 3, 4, 5, 6, 7, 9, -1]
+STREAM_IDS = [1, 1, 2, 0, -1, 3, INT32_MAX, -(2**31)]
+SERVICES = ["SSH", "SSH", "", "RDP", "bad"]
+CONNECTIONS = [0, 1, 1, 2, 3]
+REASONS = {
+    "unknown message type",
+    "message type 0",
+    "payload too large",
+    "stream id must be positive",
+    "a source received STREAM_START",
+    "a source received CONNECTION_START",
+    "message format changed within the session",
+    "CONNECTION_START in a V1/V2 session",
+    "clients never send SESSION_RESET or SERVICE_IDS",
+    "only the source sends STREAM_START",
+    "unknown service id",
+    "service id on a stream started without one",
+    "no STREAM_START for this service",
+}
+
+
+def hostile_frames(blob: bytes) -> bytes:
+    """Decode a blob into a stream of valid frames with hostile field values."""
+    out = []
+    for i in range(0, len(blob) - 4, 5):
+        b0, b1, b2, b3 = blob[i : i + 4]
+        mtype = TYPES[b0 % len(TYPES)]
+        out.append(
+            frame(
+                mtype,
+                stream_id=STREAM_IDS[b1 % len(STREAM_IDS)],
+                ignorable=bool(b0 & 0x80),
+                payload=bytes(b3 % 14),
+                service_id=SERVICES[b2 % len(SERVICES)],
+                available_service_ids=("SSH",) if b3 & 0x80 else (),
+                connection_id=CONNECTIONS[(b2 >> 4) % len(CONNECTIONS)],
+            )
+        )
+    return b"".join(out)
+
+
+def cut_points(data: bytes, cuts: bytes) -> list[bytes]:
+    """Cut data into messages at the positions the bytes of ``cuts`` pick."""
+    points = sorted(c * len(data) // 255 for c in cuts)
+    return [data[a:b] for a, b in zip([0, *points], [*points, len(data)], strict=True)]
+
+
+def fuzz_target(side: Side, mode: Mode, setup: int) -> TunnelProtocol:
+    """A protocol in an interesting state: streams started on the source or in the table."""
+    if side is SERVICE:
+        relay_source, relay_destination = relay_pair(**FUZZ_LIMITS)
+        if setup & 1:
+            relay_source.receive_message(frame(STREAM_START, stream_id=1, service_id="SSH"))
+        if setup & 2:
+            relay_source.receive_message(frame(STREAM_START, stream_id=1))
+        protocol = relay_source if mode is SOURCE else relay_destination
+    else:
+        protocol = TunnelProtocol(
+            side, mode, services=("SSH",), version=[V1, V2, V3][setup % 3], **FUZZ_LIMITS
+        )
+        if mode is SOURCE and setup & 4:
+            service = "" if protocol.version is V1 else "SSH"
+            protocol.send_stream_start(service)
+            if protocol.version is V3:
+                protocol.send_connection_start(service)
+    protocol.events_received()
+    protocol.messages_to_send()
+    if side is SERVICE:
+        protocol.messages_to_forward()
+    return protocol
+
+
+def run_and_check(protocol: TunnelProtocol, messages: list[bytes]) -> None:
+    """Feed messages (never raising) and check the invariants after each one."""
+    failures = 0
+    forwarded = []
+    fed = 0
+    for message in messages:
+        failed_before = protocol.failure is not None
+        protocol.receive_message(message)
+        fed += len(message)
+        events = protocol.events_received()
+        for sent in protocol.messages_to_send():
+            assert len(decode_frames(sent)) == 1
+        for event in events:
+            if isinstance(event, ProtocolFailed):
+                failures += 1
+                assert event is events[-1]
+                assert event.code in {1008, 1009}
+                assert event.reason.isascii()
+                assert len(event.reason) <= 123
+                assert (
+                    event.reason in REASONS
+                    or event.code == 1009
+                    or event.reason.startswith("invalid protobuf")
+                )
+            elif isinstance(event, DataReceived):
+                assert protocol.side is CLIENT
+                assert event.stream_id > 0
+                assert event.connection_id >= 1
+                assert len(event.data) <= FUZZ_LIMITS["max_payload_size"]
+        if failed_before:
+            assert events == []
+        if protocol.side is SERVICE:
+            new = protocol.messages_to_forward()
+            assert not (failed_before and new)
+            forwarded += new
+            table = protocol._table
+            assert all(sid > 0 for sid in table.active.values())
+            assert set(table.active) <= table.started <= {"", "SSH", "RDP"}
+        else:
+            for stream in protocol._streams.values():
+                assert (stream.state is IDLE) == (stream.stream_id == 0)
+                assert len(stream.connections) <= FUZZ_LIMITS["max_connections"]
+                if stream.state is IDLE:
+                    assert not stream.connections
+    assert failures <= 1
+    assert (failures == 1) == (protocol.failure is not None)
+    if protocol.side is SERVICE:
+        stream = b"".join(messages)
+        out = b"".join(forwarded)
+        decode_frames(out)
+        assert stream.startswith(out)
+        if protocol.failure is None:
+            assert len(out) + len(protocol._frames) == fed
+
+
+class TestFuzz:
+    @settings(max_examples=2000, deadline=None)
+    @given(
+        data=st.binary(max_size=100),
+        cuts=st.binary(max_size=4),
+        role=ROLES,
+        setup=st.integers(0, 7),
+    )
+    def test_arbitrary_bytes(self, data, cuts, role, setup):
+        """Arbitrary bytes on every side and mode never raise and keep the invariants."""
+        protocol = fuzz_target(*role, setup)
+
+        run_and_check(protocol, cut_points(data, cuts))
+
+    @settings(max_examples=2000, deadline=None)
+    @given(
+        blob=st.binary(max_size=80), cuts=st.binary(max_size=4), role=ROLES, setup=st.integers(0, 7)
+    )
+    def test_hostile_messages(self, blob, cuts, role, setup):
+        """Valid frames with hostile values, grouped anyhow, never raise and keep the invariants."""
+        protocol = fuzz_target(*role, setup)
+
+        run_and_check(protocol, cut_points(hostile_frames(blob), cuts))
