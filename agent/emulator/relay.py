@@ -1,0 +1,444 @@
+"""
+The emulator's data plane: the WebSocket relay between a tunnel's source and destination.
+
+Per tunnel, at most one live WebSocket per mode. Every valid tunnel frame goes to the other mode
+byte for byte (data-plane spec §6); the relay checks fields with ``TunnelProtocol`` in the SERVICE
+role and never rewrites them. Backpressure crosses the relay: when one peer's socket is full, the
+relay stops reading the other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import re
+import secrets
+from typing import TYPE_CHECKING, cast
+from urllib.parse import parse_qs, urlsplit
+
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+
+from agent.emulator.store import HandshakeRejected, StoreEvent, TunnelStore
+from agent.protocol import (
+    MAX_WS_MESSAGE_SIZE,
+    Mode,
+    ProtocolFailed,
+    ProtocolVersion,
+    Side,
+    StreamTable,
+    TunnelProtocol,
+)
+
+
+if TYPE_CHECKING:
+    import ssl
+    from collections.abc import Sequence
+
+
+__all__ = ["Relay"]
+
+log = logging.getLogger("agent.emulator.relay")
+_ws_log = logging.getLogger("agent.emulator.relay.websocket")
+_ws_log.setLevel(logging.INFO)  # websockets logs request headers (tokens) at DEBUG
+
+CLIENT_TOKEN = re.compile(r"[a-zA-Z0-9-]{32,128}")
+MAX_REQUEST_SIZE = 4096
+WRITE_HIGH_WATER = 512 * 1024
+CLOSE_TIMEOUT = 2.0
+_SUPPORTED = {version.subprotocol: version for version in ProtocolVersion}
+
+
+def _select_subprotocol(
+    protocol: ServerProtocol, subprotocols: Sequence[Subprotocol]
+) -> Subprotocol | None:
+    """
+    Pick the highest version both sides support (data-plane §2 [choice]).
+    """
+    offered = [
+        _SUPPORTED[name]
+        for name in subprotocols
+        if name in _SUPPORTED and name in (protocol.available_subprotocols or ())
+    ]
+    return Subprotocol(max(offered).subprotocol) if offered else None
+
+
+class _Session:
+    """
+    One tunnel's two WebSockets and the stream table they share.
+    """
+
+    def __init__(self, tunnel_id: str) -> None:
+        self.tunnel_id = tunnel_id
+        self.peers: dict[Mode, _Peer] = {}
+        self.streams = StreamTable()
+
+    def other(self, peer: _Peer) -> _Peer | None:
+        assert peer.mode is not None  # noqa: S101 - only attached peers ask
+        return self.peers.get(Mode.DESTINATION if peer.mode is Mode.SOURCE else Mode.SOURCE)
+
+
+class _Peer(asyncio.Protocol):
+    """
+    The relay's end of one client WebSocket.
+    """
+
+    def __init__(self, relay: Relay) -> None:
+        self.relay = relay
+        self.id = next(relay.ids)
+        self.ws = ServerProtocol(
+            subprotocols=[Subprotocol(v.subprotocol) for v in relay.versions],
+            select_subprotocol=_select_subprotocol,
+            max_size=MAX_WS_MESSAGE_SIZE,
+            logger=_ws_log,
+        )
+        self.transport: asyncio.Transport | None = None
+        self.session: _Session | None = None
+        self.mode: Mode | None = None
+        self.tunnel: TunnelProtocol | None = None
+        self._blocked: _Peer | None = None
+        self._close_handle: asyncio.TimerHandle | None = None
+
+    # asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports are not asyncio.Transport subclasses: cast, don't check.
+        self.transport = cast("asyncio.Transport", transport)
+        transport = self.transport
+        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        self.relay.peers.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        ws = self.ws
+        ws.receive_data(data)
+        tunnel = self.tunnel
+        for event in ws.events_received():
+            if isinstance(event, Frame):
+                if event.opcode is Opcode.BINARY and tunnel is not None:
+                    tunnel.receive_message(event.data)
+                elif event.opcode is Opcode.TEXT:
+                    ws.fail(1003, "binary frames only")
+            elif isinstance(event, Request):
+                self._handshake(event)
+                tunnel = self.tunnel
+        if tunnel is not None:
+            self._after_messages(tunnel)
+        self.flush()
+
+    def _after_messages(self, tunnel: TunnelProtocol) -> None:
+        """
+        Close on a protocol violation (data-plane §5), and forward the valid frames.
+        """
+        for event in tunnel.events_received():
+            if isinstance(event, ProtocolFailed):
+                log.warning(
+                    "peer violated the protocol tunnel=%s mode=%s code=%d reason=%s",
+                    self.session.tunnel_id if self.session else "-",
+                    tunnel.mode.query,
+                    event.code,
+                    event.reason,
+                )
+                if self.ws.state is State.OPEN:
+                    self.ws.fail(event.code, event.reason)
+        messages = tunnel.messages_to_forward()
+        if messages:
+            self._forward(messages)
+
+    def eof_received(self) -> bool:
+        self.ws.receive_eof()
+        self.flush()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002
+        if self._close_handle is not None:
+            self._close_handle.cancel()
+        self.relay.peer_gone(self)
+        if self._blocked is not None:
+            self._blocked.resume_reading()
+            self._blocked = None
+        session = self.session
+        if session is not None and self.mode is not None and session.peers.get(self.mode) is self:
+            del session.peers[self.mode]
+            # The other side is not told (data-plane §6 [choice]); only the state changes.
+            self.relay.store.set_connected(session.tunnel_id, self.mode.query, connected=False)
+            log.info("peer disconnected tunnel=%s mode=%s", session.tunnel_id, self.mode.query)
+
+    def pause_writing(self) -> None:
+        # Our client is slow: stop reading the peer that feeds it.
+        if self.session is not None:
+            other = self.session.other(self)
+            if other is not None and other.transport is not None:
+                other.transport.pause_reading()
+                self._blocked = other
+
+    def resume_writing(self) -> None:
+        if self._blocked is not None:
+            self._blocked.resume_reading()
+            self._blocked = None
+
+    # helpers
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
+
+    def flush(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        chunks = self.ws.data_to_send()
+        if chunks:
+            if chunks[-1] == b"":
+                transport.writelines(chunks[:-1])
+                transport.close()
+            else:
+                transport.writelines(chunks)
+        if self.ws.close_expected() and self._close_handle is None:
+            self._close_handle = asyncio.get_running_loop().call_later(
+                CLOSE_TIMEOUT, transport.abort
+            )
+
+    def send_tunnel_messages(self) -> None:
+        """
+        Send what this peer's tunnel core queued (SERVICE_IDS, resets).
+        """
+        if self.tunnel is None or self.ws.state is not State.OPEN:
+            return
+        for message in self.tunnel.messages_to_send():
+            self.ws.send_binary(message)
+        self.flush()
+
+    def close(self, code: int, reason: str) -> None:
+        if self.ws.state is State.OPEN:
+            self.ws.send_close(code, reason)
+        elif self.transport is not None and self.ws.state is State.CONNECTING:
+            self.transport.close()
+        self.flush()
+
+    def _forward(self, messages: list[bytes]) -> None:
+        assert self.session is not None  # noqa: S101 - tunnel exists only after attaching
+        other = self.session.other(self)
+        if other is None or other.ws.state is not State.OPEN:
+            # Peer absent: the frame is dropped (data-plane §6 [choice]).
+            return
+        send = other.ws.send_binary
+        for message in messages:
+            send(message)
+        other.flush()
+
+    def _reject(self, request: Request, status: int, reason: str) -> None:
+        del request
+        response = self.ws.reject(status, reason)
+        self.ws.send_response(response)
+        log.info("handshake rejected status=%d reason=%s", status, reason)
+        self.flush()
+
+    def _handshake(self, request: Request) -> None:
+        """
+        Check the upgrade request (data-plane §2) and attach to the tunnel's session.
+        """
+        checked = _check_request(request)
+        if isinstance(checked, str):
+            self._reject(request, 400, checked)
+            return
+        mode, token, client_token = checked
+        response = self.ws.accept(request)
+        subprotocol = self.ws.subprotocol
+        if response.status_code != 101 or subprotocol is None:
+            # Checked before the token so that a wrong subprotocol does not spend the CAT.
+            self._reject(request, 400, "No supported sec-websocket-protocol")
+            return
+        try:
+            tunnel = self.relay.store.authenticate(
+                mode=mode.query, token=token, client_token=client_token
+            )
+        except HandshakeRejected as exc:
+            self._reject(request, exc.status, exc.message)
+            return
+        response.headers["channel-id"] = secrets.token_hex(8)
+        self.ws.send_response(response)
+        self.flush()
+        session = self.relay.session(tunnel.tunnel_id)
+        self.session = session
+        self.mode = mode
+        self.tunnel = TunnelProtocol(
+            Side.SERVICE,
+            mode,
+            services=tunnel.services,
+            version=_SUPPORTED[subprotocol],
+            streams=session.streams,
+        )
+        self.relay.attach(self)
+
+
+def _check_request(request: Request) -> tuple[Mode, str, str | None] | str:
+    """
+    Check path, mode, token headers and client-token shape, in that order (data-plane §2).
+
+    Returns:
+        (mode, access token, client token), or the plain-text reason of a 400.
+    """
+    headers = request.headers
+    size = len(request.path) + sum(len(k) + len(v) + 4 for k, v in headers.raw_items())
+    if size > MAX_REQUEST_SIZE:
+        return "Request header fields too large"
+    url = urlsplit(request.path)
+    if url.path != "/tunnel":
+        return "Invalid path"
+    modes = parse_qs(url.query).get("local-proxy-mode", [])
+    if len(modes) != 1 or modes[0] not in {"source", "destination"}:
+        return "Invalid local-proxy-mode"
+    cookies = [
+        value.strip().removeprefix("awsiot-tunnel-token=")
+        for header in headers.get_all("cookie")
+        for value in header.split(";")
+        if value.strip().startswith("awsiot-tunnel-token=")
+    ]
+    tokens = headers.get_all("access-token") + cookies
+    if len(tokens) != 1 or not tokens[0]:
+        return "Invalid access token: exactly one access token is required"
+    client_tokens = headers.get_all("client-token")
+    if len(client_tokens) > 1 or (client_tokens and not CLIENT_TOKEN.fullmatch(client_tokens[0])):
+        return "Invalid client token: malformed client-token header"
+    return Mode.parse(modes[0]), tokens[0], client_tokens[0] if client_tokens else None
+
+
+class Relay:
+    """
+    The ``wss://HOST:PORT/tunnel`` endpoint of the emulator.
+    """
+
+    def __init__(
+        self,
+        store: TunnelStore,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        ssl_context: ssl.SSLContext | None = None,
+        versions: Sequence[ProtocolVersion] = tuple(ProtocolVersion),
+    ) -> None:
+        """
+        Prepare the relay; ``start`` listens.
+
+        Args:
+            store: The tunnel store that authenticates handshakes and records connection states.
+            host: Listen address (loopback by default).
+            port: Listen port; 0 picks a free one (see ``port`` after ``start``).
+            ssl_context: Server TLS context; None serves plain ``ws://`` (tests only).
+            versions: Subprotocol versions accepted (all by default).
+        """
+        self.store = store
+        self.versions = tuple(versions)
+        self.host = host
+        self.port = port
+        self._ssl = ssl_context
+        self._server: asyncio.Server | None = None
+        self.sessions: dict[str, _Session] = {}
+        self.peers: set[_Peer] = set()
+        self._all_gone = asyncio.Event()
+        self.ids = itertools.count(1)
+        store.listeners.append(self._store_changed)
+
+    async def start(self) -> None:
+        """
+        Listen for WebSocket clients.
+        """
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Peer(self), self.host, self.port, ssl=self._ssl, reuse_address=True
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self, *, abort: bool = False) -> None:
+        """
+        Close every tunnel socket with 1001 and stop listening.
+
+        Args:
+            abort: Drop the TCP connections without a close frame instead, as a network loss
+                would (data-plane §6): clients with a client token reconnect.
+        """
+        if self._server is not None:
+            self._server.close()
+        for peer in list(self.peers):
+            if abort and peer.transport is not None:
+                peer.transport.abort()
+            else:
+                peer.close(1001, "relay shutting down")
+        if self.peers:
+            self._all_gone.clear()
+            try:
+                async with asyncio.timeout(CLOSE_TIMEOUT + 0.5):
+                    await self._all_gone.wait()
+            except TimeoutError:
+                pass
+        for peer in list(self.peers):
+            if peer.transport is not None:
+                peer.transport.abort()
+        if self._server is not None:
+            await self._server.wait_closed()
+        if self._store_changed in self.store.listeners:
+            self.store.listeners.remove(self._store_changed)
+
+    def peer_gone(self, peer: _Peer) -> None:
+        """
+        Forget a closed connection.
+        """
+        self.peers.discard(peer)
+        if not self.peers:
+            self._all_gone.set()
+
+    def session(self, tunnel_id: str) -> _Session:
+        """
+        The tunnel's session, created on first use.
+        """
+        session = self.sessions.get(tunnel_id)
+        if session is None:
+            session = self.sessions[tunnel_id] = _Session(tunnel_id)
+        return session
+
+    def attach(self, peer: _Peer) -> None:
+        """
+        Make ``peer`` the live WebSocket of its mode (data-plane §6 "peer (re)connects").
+        """
+        session, mode, tunnel = peer.session, peer.mode, peer.tunnel
+        assert session is not None  # noqa: S101 - set by the handshake
+        assert mode is not None  # noqa: S101
+        assert tunnel is not None  # noqa: S101
+        old = session.peers.get(mode)
+        session.peers[mode] = peer
+        if old is not None:
+            old.close(1000, "replaced by a new connection")
+        other = session.other(peer)
+        if session.streams.active and other is not None and other.tunnel is not None:
+            for service_id, stream_id in list(session.streams.active.items()):
+                other.tunnel.send_stream_reset(service_id, stream_id)
+            other.send_tunnel_messages()
+        session.streams.clear()
+        tunnel.send_service_ids()
+        peer.send_tunnel_messages()
+        self.store.set_connected(session.tunnel_id, mode.query, connected=True)
+        log.info(
+            "peer connected tunnel=%s mode=%s subprotocol=%s replaced=%s",
+            session.tunnel_id,
+            mode.query,
+            peer.ws.subprotocol,
+            old is not None,
+        )
+
+    def _store_changed(self, event: StoreEvent) -> None:
+        session = self.sessions.get(event.tunnel.tunnel_id)
+        if session is None:
+            return
+        if event.kind == "closed":
+            del self.sessions[event.tunnel.tunnel_id]
+            for peer in list(session.peers.values()):
+                peer.close(1000, "tunnel closed")
+        elif event.kind == "rotated" and not self.store.replace_on_rotate:
+            for mode_name in event.modes:
+                rotated = session.peers.get(Mode.parse(mode_name))
+                if rotated is not None:
+                    rotated.close(1000, "access token rotated")

@@ -1,0 +1,285 @@
+"""
+``tunnel-localproxy``: command line compatible with the AWS IoT Secure Tunneling localproxy.
+
+Flags and environment variables follow the AWS binary (data-plane spec §8) so the agent can spawn
+either. The access token should come from ``AWSIOT_TUNNEL_ACCESS_TOKEN``: argv is public in ``ps``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+from agent import __version__
+from agent.loop import run
+from agent.protocol import DESTINATION, SOURCE, Mode, ProtocolVersion
+from agent.proxy.mapping import MappingError, Target, parse_destination_map, parse_source_map
+from agent.proxy.options import (
+    CLIENT_TOKEN,
+    MAX_TOKEN_LENGTH,
+    ProxyOptions,
+    endpoint_for_region,
+    parse_endpoint,
+)
+
+
+__all__ = ["build_parser", "main", "options_from_args"]
+
+EXIT_USAGE = 2
+# -v levels of the AWS localproxy: 0 off ... 4 info (default) ... 6 trace.
+_LEVELS = {
+    0: logging.CRITICAL + 10,
+    1: logging.CRITICAL,
+    2: logging.ERROR,
+    3: logging.WARNING,
+    4: logging.INFO,
+    5: logging.DEBUG,
+    6: logging.DEBUG,
+}
+
+log = logging.getLogger("agent.proxy")
+
+
+class UsageError(Exception):
+    """
+    The command line or environment is invalid.
+    """
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """
+    The argument parser, with the AWS localproxy's flag names.
+    """
+    parser = argparse.ArgumentParser(
+        prog="tunnel-localproxy",
+        description=(
+            "Local proxy for AWS IoT Secure Tunneling. A source listens on local ports and carries "
+            "each connection through the tunnel; a destination connects the tunnel's streams to "
+            "local services. Set the access token in AWSIOT_TUNNEL_ACCESS_TOKEN."
+        ),
+        epilog=(
+            "Environment: AWSIOT_TUNNEL_ACCESS_TOKEN (token), AWSIOT_TUNNEL_CLIENT_TOKEN, "
+            "AWSIOT_TUNNEL_ENDPOINT, AWSIOT_TUNNEL_REGION, https_proxy/HTTPS_PROXY, no_proxy. "
+            "Exit status 0 when the tunnel ends (closed, or the token is refused)."
+        ),
+    )
+    where = parser.add_argument_group("service endpoint (one of)")
+    where.add_argument("-r", "--region", help="AWS region of the tunnel, e.g. us-east-1")
+    where.add_argument(
+        "-e", "--proxy-endpoint", metavar="HOST[:PORT]", help="data-plane endpoint (port 443)"
+    )
+    mode = parser.add_argument_group("mode (one of)")
+    mode.add_argument(
+        "-s",
+        "--source-listen-port",
+        metavar="MAP",
+        help="source: 5555 or SSH1=5555,SSH2=6666 (0 picks a free port)",
+    )
+    mode.add_argument(
+        "-d",
+        "--destination-app",
+        metavar="MAP",
+        help="destination: 22, host:22, SSH1=22,HTTP=10.0.0.1:80 or a Unix socket path",
+    )
+    mode.add_argument("-m", "--mode", choices=["src", "source", "dst", "destination"])
+    parser.add_argument(
+        "-t", "--access-token", help="access token (visible in ps: prefer the environment)"
+    )
+    parser.add_argument(
+        "-i", "--client-token", help="client token [a-zA-Z0-9-]{32,128}: allows reconnecting"
+    )
+    parser.add_argument("-b", "--bind-address", default=None, help="source listen address")
+    parser.add_argument("-c", "--capath", help="CA certificate file or hashed directory")
+    parser.add_argument(
+        "-k", "--no-ssl-host-verify", action="store_true", help="do not verify the TLS peer"
+    )
+    parser.add_argument(
+        "-y",
+        "--destination-client-type",
+        choices=["V1", "V2", "V3"],
+        type=str.upper,
+        help="message format of a source facing an older destination",
+    )
+    parser.add_argument(
+        "-v", "--verbose", type=int, default=4, choices=range(7), help="0 (off) to 6, default 4"
+    )
+    parser.add_argument("--config", type=Path, help="file of 'name = value' lines (long flags)")
+    parser.add_argument(
+        "--config-dir", type=Path, help="directory of files with SERVICE=port lines (mappings)"
+    )
+    parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
+    extra = parser.add_argument_group("iot-tunnel-agent extensions")
+    extra.add_argument("--no-tls", action="store_true", help="plain ws:// (emulator tests only)")
+    extra.add_argument("--ping-interval", type=float, default=20.0, help="seconds (default 20)")
+    extra.add_argument(
+        "--connect-retries", type=int, default=5, help="local connect attempts (destination)"
+    )
+    extra.add_argument(
+        "--connect-retry-delay", type=float, default=2.5, help="seconds between local attempts"
+    )
+    return parser
+
+
+def _config_file(path: Path) -> dict[str, str]:
+    """
+    Read ``name = value`` lines (``#`` comments), the AWS localproxy's ``--config`` format.
+    """
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        stripped = line.split("#", 1)[0].strip()
+        if stripped:
+            name, sep, value = stripped.partition("=")
+            if not sep:
+                raise UsageError(f"{path}: expected name = value, got {stripped!r}")
+            values[name.strip().replace("_", "-")] = value.strip()
+    return values
+
+
+def _config_dir(path: Path) -> str:
+    entries: list[str] = []
+    for file in sorted(path.iterdir()):
+        if file.is_file():
+            entries.extend(line.strip() for line in file.read_text().splitlines() if "=" in line)
+    return ",".join(entries)
+
+
+def _tokens(
+    args: argparse.Namespace, config: dict[str, str], env: dict[str, str]
+) -> tuple[str, str | None]:
+    token = args.access_token or config.get("access-token") or env.get("AWSIOT_TUNNEL_ACCESS_TOKEN")
+    if args.access_token:
+        log.warning("the access token was given on the command line; use the environment")
+    if not token:
+        raise UsageError("no access token: set AWSIOT_TUNNEL_ACCESS_TOKEN")
+    if len(token) > MAX_TOKEN_LENGTH or not token.isprintable():
+        raise UsageError("the access token is malformed")
+    client_token = (
+        args.client_token or config.get("client-token") or env.get("AWSIOT_TUNNEL_CLIENT_TOKEN")
+    )
+    if client_token and not CLIENT_TOKEN.fullmatch(client_token):
+        raise UsageError("the client token must match [a-zA-Z0-9-]{32,128}")
+    return token, client_token or None
+
+
+def _endpoint(
+    args: argparse.Namespace, config: dict[str, str], env: dict[str, str]
+) -> tuple[str, int]:
+    if args.region and args.proxy_endpoint:
+        raise UsageError("give either -r/--region or -e/--proxy-endpoint, not both")
+    region = args.region or config.get("region") or env.get("AWSIOT_TUNNEL_REGION")
+    endpoint = (
+        args.proxy_endpoint or config.get("proxy-endpoint") or env.get("AWSIOT_TUNNEL_ENDPOINT")
+    )
+    try:
+        if endpoint and not args.region:
+            return parse_endpoint(endpoint)
+        if region:
+            return endpoint_for_region(region)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from exc
+    raise UsageError("no endpoint: give -r REGION or -e HOST[:PORT]")
+
+
+def _maps(
+    args: argparse.Namespace, config: dict[str, str]
+) -> tuple[Mode, dict[str, int], dict[str, Target]]:
+    source = args.source_listen_port or config.get("source-listen-port")
+    destination = args.destination_app or config.get("destination-app")
+    mode_flag = args.mode or config.get("mode")
+    if args.config_dir and not (source or destination):
+        mapped = _config_dir(args.config_dir)
+        if mode_flag in {"src", "source"}:
+            source = mapped
+        else:
+            destination = mapped
+    if source and destination:
+        raise UsageError("-s and -d are exclusive")
+    try:
+        if source or mode_flag in {"src", "source"}:
+            return SOURCE, parse_source_map(source or "0"), {}
+        if destination:
+            return DESTINATION, {}, parse_destination_map(destination)
+    except MappingError as exc:
+        raise UsageError(str(exc)) from exc
+    if mode_flag in {"dst", "destination"}:
+        raise UsageError("a destination needs -d MAP")
+    raise UsageError("give -s MAP (source) or -d MAP (destination)")
+
+
+def options_from_args(args: argparse.Namespace, env: dict[str, str]) -> ProxyOptions:
+    """
+    Combine flags, ``--config`` and the environment (in that order of precedence).
+
+    Raises:
+        UsageError: If anything is missing, contradictory or malformed.
+    """
+    config = _config_file(args.config) if args.config else {}
+    token, client_token = _tokens(args, config, env)
+    host, port = _endpoint(args, config, env)
+    mode, ports, targets = _maps(args, config)
+    if len(ports or targets) > 3:
+        log.warning("more than 3 services mapped; a tunnel carries at most 3")
+    version_flag = args.destination_client_type or config.get("destination-client-type")
+    return ProxyOptions(
+        mode=mode,
+        host=host,
+        port=port,
+        token=token,
+        client_token=client_token,
+        source_ports=ports,
+        targets=targets,
+        bind_address=args.bind_address or config.get("bind-address") or "localhost",
+        version=ProtocolVersion[version_flag] if version_flag else ProtocolVersion.V3,
+        tls=not args.no_tls,
+        verify=not args.no_ssl_host_verify,
+        ca_path=args.capath or config.get("capath"),
+        ping_interval=args.ping_interval,
+        tcp_connect_retries=args.connect_retries,
+        tcp_connect_delay=args.connect_retry_delay,
+    )
+
+
+def _setup_logging(verbosity: int) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
+    )
+    root = logging.getLogger("agent.proxy")
+    root.handlers[:] = [handler]
+    root.setLevel(_LEVELS[verbosity])
+    root.propagate = False
+
+
+async def _run(options: ProxyOptions) -> int:
+    from agent.proxy.session import run_proxy  # noqa: PLC0415 - keeps --help fast
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    return await run_proxy(options, stop)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """
+    Run the local proxy; returns the exit status.
+    """
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    try:
+        options = options_from_args(args, dict(os.environ))
+    except (UsageError, OSError) as exc:
+        print(f"tunnel-localproxy: {exc}", file=sys.stderr)  # noqa: T201 - CLI error output
+        return EXIT_USAGE
+    # Children we might start must not inherit the token.
+    os.environ.pop("AWSIOT_TUNNEL_ACCESS_TOKEN", None)
+    return run(_run(options))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

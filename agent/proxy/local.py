@@ -1,0 +1,327 @@
+"""
+Local TCP (or Unix socket) connections and the bridge that joins them to the tunnel session.
+
+Flow control runs both ways without unbounded buffers:
+- a congested local socket (its application stops reading) pauses reading the WebSocket, so the
+  service and then the far proxy stop sending, and TCP pushes back to the far application;
+- a congested WebSocket pauses reading every local socket.
+Head-of-line blocking across streams is the price: one stalled reader holds the whole tunnel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, cast
+
+from agent.protocol import (
+    ConnectionReset,
+    DataReceived,
+    Event,
+    ProtocolVersion,
+    ServiceIdsReceived,
+    SessionReset,
+    StreamReset,
+)
+
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from agent.proxy.connection import TunnelConnection
+    from agent.proxy.options import ProxyOptions
+
+
+__all__ = ["Bridge", "LocalConnection"]
+
+log = logging.getLogger("agent.proxy")
+
+# Bytes queued towards a local application before the WebSocket stops being read.
+LOCAL_WRITE_HIGH_WATER = 256 * 1024
+
+
+class LocalConnection(asyncio.Protocol):
+    """
+    One local TCP connection carried by the tunnel as (service id, connection id).
+    """
+
+    def __init__(self, bridge: Bridge, service_id: str, connection_id: int) -> None:
+        """
+        Create a connection that is not yet attached to a transport.
+        """
+        self.bridge = bridge
+        self.service_id = service_id
+        self.connection_id = connection_id
+        self.transport: asyncio.Transport | None = None
+        self.closed_by_peer = False
+        self.closed = False
+        self._pending: list[bytes] = []
+        self._pending_size = 0
+
+    @property
+    def key(self) -> tuple[str, int]:
+        """
+        The bridge's key for this connection.
+        """
+        return (self.service_id, self.connection_id)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        """
+        Attach the transport and deliver what arrived while connecting.
+        """
+        if self.closed:
+            transport.close()
+            return
+        # uvloop's transports are not asyncio.Transport subclasses: cast, don't check.
+        self.transport = cast("asyncio.Transport", transport)
+        transport = self.transport
+        transport.set_write_buffer_limits(high=LOCAL_WRITE_HIGH_WATER)
+        if self.bridge.locals_paused:
+            transport.pause_reading()
+        if self._pending:
+            transport.writelines(self._pending)
+            self._pending.clear()
+            if self._pending_size > LOCAL_WRITE_HIGH_WATER:
+                self.bridge.local_congested(self, congested=False)
+            self._pending_size = 0
+
+    def data_received(self, data: bytes) -> None:
+        """
+        Bytes from the local application go into the tunnel.
+        """
+        bridge = self.bridge
+        if bridge.locals_paused and self.transport is not None:
+            # uvloop starts reading after connection_made returns, undoing a pause made there.
+            self.transport.pause_reading()
+        bridge.local_data(self, data)
+
+    def eof_received(self) -> bool:
+        """
+        The tunnel carries no half-close: a local EOF ends the connection.
+        """
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002 - reason is not needed
+        """
+        Tell the bridge, which resets the connection in the tunnel unless the peer did.
+        """
+        self.closed = True
+        self.bridge.local_closed(self)
+
+    def pause_writing(self) -> None:
+        """
+        The local application is not reading: hold the tunnel.
+        """
+        self.bridge.local_congested(self, congested=True)
+
+    def resume_writing(self) -> None:
+        """
+        The local application reads again.
+        """
+        self.bridge.local_congested(self, congested=False)
+
+    def write(self, data: bytes) -> None:
+        """
+        Send tunnel bytes to the local application (buffered while still connecting).
+        """
+        if self.transport is not None:
+            self.transport.write(data)
+            return
+        self._pending.append(data)
+        before = self._pending_size
+        self._pending_size += len(data)
+        if before <= LOCAL_WRITE_HIGH_WATER < self._pending_size:
+            self.bridge.local_congested(self, congested=True)
+
+    def close_by_peer(self) -> None:
+        """
+        The far side reset this connection: close locally without answering.
+        """
+        self.closed_by_peer = True
+        self.close()
+
+    def close(self) -> None:
+        """
+        Close after flushing what is queued for the application.
+        """
+        if self.transport is not None:
+            self.transport.close()
+        elif not self.closed:
+            self.closed = True
+            self.bridge.local_closed(self)
+
+
+class Bridge:
+    """
+    Joins local connections to the current tunnel session; the source and destination extend it.
+    """
+
+    def __init__(self, options: ProxyOptions) -> None:
+        """
+        Start with no session and no local connection.
+        """
+        self.options = options
+        self.conn: TunnelConnection | None = None
+        self.locals: dict[tuple[str, int], LocalConnection] = {}
+        self.locals_paused = False
+        self.fatal: str | None = None
+        self.fatal_event = asyncio.Event()
+        self._congested: set[tuple[str, int]] = set()
+        self._handlers: dict[type, Callable[[Event], None]] = {
+            DataReceived: self._on_data,  # type: ignore[dict-item]
+            ConnectionReset: self._on_connection_reset,  # type: ignore[dict-item]
+            StreamReset: self._on_stream_reset,  # type: ignore[dict-item]
+            SessionReset: self._on_session_reset,
+            ServiceIdsReceived: self._on_service_ids,  # type: ignore[dict-item]
+        }
+
+    # TunnelApp
+
+    def session_started(self, conn: TunnelConnection) -> None:
+        """
+        Use this session for every new local connection.
+        """
+        self.conn = conn
+
+    def session_ended(self) -> None:
+        """
+        Close every local connection: streams do not survive a WebSocket session (data-plane §7).
+        """
+        self.conn = None
+        self._close_all(lambda _key: True)
+
+    def handle_event(self, event: Event) -> None:
+        """
+        Dispatch a tunnel event.
+        """
+        handler = self._handlers.get(type(event))
+        if handler is not None:
+            handler(event)
+
+    def pause_locals(self) -> None:
+        """
+        Stop reading every local socket.
+        """
+        self.locals_paused = True
+        for local in self.locals.values():
+            if local.transport is not None:
+                local.transport.pause_reading()
+
+    def resume_locals(self) -> None:
+        """
+        Read every local socket again.
+        """
+        self.locals_paused = False
+        for local in self.locals.values():
+            if local.transport is not None and not local.transport.is_closing():
+                local.transport.resume_reading()
+
+    # Called by local connections
+
+    def local_data(self, local: LocalConnection, data: bytes) -> None:
+        """
+        Carry local bytes into the tunnel.
+        """
+        conn = self.conn
+        if conn is None or local.closed_by_peer:
+            return
+        conn.tunnel.send_data(local.service_id, local.connection_id, data)
+        conn.flush()
+
+    def local_closed(self, local: LocalConnection) -> None:
+        """
+        Forget a closed local connection; reset it in the tunnel unless the peer closed it.
+        """
+        key = local.key
+        if self.locals.get(key) is local:
+            del self.locals[key]
+        if key in self._congested:
+            self.local_congested(local, congested=False)
+        conn = self.conn
+        if conn is None or local.closed_by_peer:
+            return
+        tunnel = conn.tunnel
+        if tunnel.active_stream(local.service_id) is None:
+            return
+        if tunnel.version is ProtocolVersion.V3:
+            tunnel.send_connection_reset(local.service_id, local.connection_id)
+        else:
+            # V1/V2: one connection per stream, so closing it ends the stream (data-plane §5).
+            tunnel.send_stream_reset(local.service_id)
+        log.info(
+            "connection closed service=%s connection=%d", local.service_id, local.connection_id
+        )
+        conn.flush()
+
+    def local_congested(self, local: LocalConnection, *, congested: bool) -> None:
+        """
+        Pause the WebSocket while any local application is not reading.
+        """
+        key = local.key
+        if congested:
+            if not self._congested:
+                self._pause_tunnel()
+            self._congested.add(key)
+        elif key in self._congested:
+            self._congested.discard(key)
+            if not self._congested and self.conn is not None:
+                self.conn.resume_reading()
+
+    def add_local(self, local: LocalConnection) -> None:
+        """
+        Register a local connection, replacing (and closing) any stale one with the same key.
+        """
+        old = self.locals.get(local.key)
+        if old is not None:
+            old.close_by_peer()
+        self.locals[local.key] = local
+
+    async def close(self) -> None:
+        """
+        Release what the side holds (listeners, pending connects); extended by each side.
+        """
+
+    def fail(self, reason: str) -> None:
+        """
+        Stop the proxy: the tunnel cannot be used with this configuration.
+        """
+        self.fatal = reason
+        self.fatal_event.set()
+
+    # Event handlers
+
+    def _pause_tunnel(self) -> None:
+        if self.conn is not None:
+            self.conn.pause_reading()
+
+    def _on_data(self, event: DataReceived) -> None:
+        local = self.locals.get((event.service_id, event.connection_id))
+        if local is not None:
+            local.write(event.data)
+
+    def _on_connection_reset(self, event: ConnectionReset) -> None:
+        local = self.locals.get((event.service_id, event.connection_id))
+        if local is not None:
+            log.info(
+                "connection reset by peer service=%s connection=%d",
+                event.service_id,
+                event.connection_id,
+            )
+            local.close_by_peer()
+
+    def _on_stream_reset(self, event: StreamReset) -> None:
+        log.info("stream reset service=%s stream=%d", event.service_id, event.stream_id)
+        self._close_all(lambda key: key[0] == event.service_id)
+
+    def _on_session_reset(self, _event: Event) -> None:
+        log.info("session reset")
+        self._close_all(lambda _key: True)
+
+    def _on_service_ids(self, event: ServiceIdsReceived) -> None:
+        """
+        Overridden by each side to check its map against the tunnel's services.
+        """
+
+    def _close_all(self, match: Callable[[tuple[str, int]], bool]) -> None:
+        for key in [key for key in self.locals if match(key)]:
+            self.locals[key].close_by_peer()

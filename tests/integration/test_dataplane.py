@@ -1,0 +1,453 @@
+"""
+Bytes through a real tunnel: source proxy -> relay -> destination proxy -> local services, and back.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import subprocess
+import threading
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from agent.protocol import ProtocolVersion
+from tests.integration.conftest import PAGE
+from tests.integration.dataplane import (
+    SCALE,
+    ProxyProcess,
+    RelayThread,
+    ThreadedServer,
+    TunnelTokens,
+    connect,
+    pattern_bytes,
+    proxy_args,
+    recv_exactly,
+)
+
+
+if TYPE_CHECKING:
+    import socket
+    from collections.abc import Iterator
+
+    from tests.integration.conftest import Sshd
+
+pytestmark = pytest.mark.integration
+
+
+def client_token() -> str:
+    return secrets.token_hex(20)
+
+
+class Pair:
+    """A destination and a source proxy on one tunnel, destination first."""
+
+    def __init__(
+        self,
+        relay: RelayThread,
+        tmp_path: Path,
+        tokens: TunnelTokens,
+        destination_map: str,
+        source_map: str,
+        *,
+        source_flags: tuple[str, ...] = (),
+        client_tokens: bool = True,
+    ) -> None:
+        self.destination = ProxyProcess(
+            proxy_args(relay, "-d", destination_map),
+            token=tokens.destination,
+            client_token=client_token() if client_tokens else None,
+            log_file=tmp_path / "destination.log",
+        )
+        self.destination.wait_for("connected to the tunnel")
+        self.source = ProxyProcess(
+            [*proxy_args(relay, "-s", source_map), *source_flags],
+            token=tokens.source,
+            client_token=client_token() if client_tokens else None,
+            log_file=tmp_path / "source.log",
+        )
+
+    def stop(self) -> None:
+        self.source.stop()
+        self.destination.stop()
+
+
+@pytest.fixture
+def pairs() -> Iterator[list[Pair]]:
+    made: list[Pair] = []
+    yield made
+    for pair in made:
+        pair.stop()
+
+
+def echo_roundtrip(port: int, size: int, seed: int = 0) -> tuple[str, str]:
+    """Send ``size`` bytes to an echo service through ``port``; return (sent, received) sha256."""
+    sent = hashlib.sha256()
+    received = hashlib.sha256()
+    with connect(port) as sock:
+
+        def reader() -> None:
+            left = size
+            while left:
+                data = sock.recv(262144)
+                if not data:
+                    break
+                received.update(data)
+                left -= len(data)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        for chunk in pattern_bytes(size, seed):
+            sent.update(chunk)
+            sock.sendall(chunk)
+        thread.join(60 * SCALE)
+    return sent.hexdigest(), received.hexdigest()
+
+
+class Sink:
+    """A service that hashes what it receives; optionally waits before reading."""
+
+    def __init__(self, *, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.digests: list[str] = []
+        self.sizes: list[int] = []
+        self.done = threading.Event()
+        self.server = ThreadedServer(self._handle)
+        self.port = self.server.port
+
+    def _handle(self, conn: socket.socket) -> None:
+        time.sleep(self.delay)
+        digest = hashlib.sha256()
+        size = 0
+        while data := conn.recv(1 << 20):
+            digest.update(data)
+            size += len(data)
+        self.digests.append(digest.hexdigest())
+        self.sizes.append(size)
+        self.done.set()
+
+
+def send_stream(port: int, size: int) -> str:
+    digest = hashlib.sha256()
+    with connect(port, timeout=120) as sock:
+        for chunk in pattern_bytes(size, 7):
+            digest.update(chunk)
+            sock.sendall(chunk)
+    return digest.hexdigest()
+
+
+def vm_hwm_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+class TestServices:
+    def test_http_echo_and_ssh_share_one_tunnel(
+        self, relay, http_server, echo_server, sshd: Sshd, tmp_path, pairs
+    ):
+        """An HTTP page, echoed bytes and an SSH command with scp all cross one tunnel intact."""
+        tokens = relay.open_tunnel(("HTTP", "ECHO", "SSH"))
+        pair = Pair(
+            relay,
+            tmp_path,
+            tokens,
+            f"HTTP={http_server},ECHO={echo_server.port},SSH={sshd.port}",
+            "HTTP=0,ECHO=0,SSH=0",
+        )
+        pairs.append(pair)
+        http_port = pair.source.port("HTTP")
+        echo_port = pair.source.port("ECHO")
+        ssh_port = pair.source.port("SSH")
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/", timeout=10) as response:
+            body = response.read()
+        sent, received = echo_roundtrip(echo_port, 3 * 1024 * 1024)
+        ssh = subprocess.run(
+            ["ssh", *sshd.ssh_args(ssh_port), f"{sshd.user}@127.0.0.1", "echo tunnel-ok; uname -s"],
+            capture_output=True,
+            timeout=30 * SCALE,
+            check=False,
+        )
+        payload = tmp_path / "payload.bin"
+        payload.write_bytes(os.urandom(5 * 1024 * 1024))
+        copied = tmp_path / "copied.bin"
+        scp = subprocess.run(
+            ["scp", "-P", str(ssh_port), *sshd.ssh_args(ssh_port)[2:], str(payload),
+             f"{sshd.user}@127.0.0.1:{copied}"],
+            capture_output=True,
+            timeout=60 * SCALE,
+            check=False,
+        )  # fmt: skip
+
+        assert hashlib.sha256(body).digest() == hashlib.sha256(PAGE).digest()
+        assert sent == received
+        assert ssh.returncode == 0, ssh.stderr
+        assert ssh.stdout.decode().split() == ["tunnel-ok", "Linux"]
+        assert scp.returncode == 0, scp.stderr
+        assert (
+            hashlib.sha256(copied.read_bytes()).digest()
+            == hashlib.sha256(payload.read_bytes()).digest()
+        )
+
+    def test_twenty_simultaneous_connections_on_one_service(
+        self, relay, echo_server, tmp_path, pairs
+    ):
+        """Twenty concurrent V3 connections on one service each get their own bytes back."""
+        tokens = relay.open_tunnel(("ECHO",))
+        pair = Pair(relay, tmp_path, tokens, f"ECHO={echo_server.port}", "ECHO=0")
+        pairs.append(pair)
+        port = pair.source.port("ECHO")
+
+        with ThreadPoolExecutor(20) as pool:
+            results = list(pool.map(lambda i: echo_roundtrip(port, 1024 * 1024, i), range(20)))
+
+        assert len({sent for sent, _ in results}) == 20
+        assert all(sent == received for sent, received in results)
+        assert echo_server.accepted == 20
+
+    @pytest.mark.slow
+    def test_256_mib_one_way_arrives_intact(self, relay, tmp_path, pairs):
+        """256 MiB sent through the tunnel hash the same at the sink."""
+        sink = Sink()
+        tokens = relay.open_tunnel(("BULK",))
+        pair = Pair(relay, tmp_path, tokens, f"BULK={sink.port}", "BULK=0")
+        pairs.append(pair)
+        port = pair.source.port("BULK")
+
+        sent = send_stream(port, 256 * 1024 * 1024)
+        assert sink.done.wait(60 * SCALE)
+
+        assert sink.sizes == [256 * 1024 * 1024]
+        assert sink.digests == [sent]
+        sink.server.close()
+
+    @pytest.mark.slow
+    def test_reader_pausing_30_s_loses_nothing_and_memory_stays_bounded(
+        self, relay, tmp_path, pairs
+    ):
+        """A service that stops reading for 30 s gets every byte afterwards; proxies stay small."""
+        sink = Sink(delay=30 * SCALE)
+        tokens = relay.open_tunnel(("SLOW",))
+        pair = Pair(relay, tmp_path, tokens, f"SLOW={sink.port}", "SLOW=0")
+        pairs.append(pair)
+        port = pair.source.port("SLOW")
+        size = 64 * 1024 * 1024
+
+        sent = send_stream(port, size)
+        assert sink.done.wait(90 * SCALE)
+        hwm = [vm_hwm_kb(p.proc.pid) for p in (pair.source, pair.destination)]
+
+        assert sink.digests == [sent]
+        assert max(hwm) < 40 * 1024, hwm
+        sink.server.close()
+
+
+class TestVersions:
+    @pytest.mark.parametrize("version", [ProtocolVersion.V1, ProtocolVersion.V2])
+    def test_older_source_formats_reach_our_destination(
+        self, relay, echo_server, tmp_path, pairs, version
+    ):
+        """A source sending V1 or V2 messages (-y) talks to our V3 destination."""
+        tokens = relay.open_tunnel(("ECHO",))
+        pair = Pair(
+            relay,
+            tmp_path,
+            tokens,
+            f"ECHO={echo_server.port}",
+            "ECHO=0",
+            source_flags=("-y", version.name),
+        )
+        pairs.append(pair)
+        port = pair.source.port("ECHO")
+
+        first = echo_roundtrip(port, 512 * 1024, 1)
+        second = echo_roundtrip(port, 512 * 1024, 2)
+
+        assert first[0] == first[1]
+        assert second[0] == second[1]
+        assert echo_server.accepted == 2
+
+
+class TestLifecycle:
+    def test_relay_restart_reconnects_proxies_with_client_tokens(
+        self, relay, echo_server, tmp_path, pairs
+    ):
+        """After an abrupt relay restart both proxies reconnect and new connections work."""
+        tokens = relay.open_tunnel(("ECHO",))
+        pair = Pair(relay, tmp_path, tokens, f"ECHO={echo_server.port}", "ECHO=0")
+        pairs.append(pair)
+        port = pair.source.port("ECHO")
+        before = echo_roundtrip(port, 256 * 1024, 1)
+
+        relay.stop(abort=True)
+        relay.start(port=relay.port)
+        pair.destination.wait_for(r"connected to the tunnel[^\n]*\n(.|\n)*connected to the tunnel")
+        pair.source.wait_for(r"connected to the tunnel[^\n]*\n(.|\n)*connected to the tunnel")
+        after = echo_roundtrip(port, 256 * 1024, 2)
+
+        assert before[0] == before[1]
+        assert after[0] == after[1]
+        assert pair.source.proc.poll() is None
+        assert pair.destination.proc.poll() is None
+
+    def test_closing_the_tunnel_stops_both_proxies_with_status_0(
+        self, relay, echo_server, tmp_path, pairs
+    ):
+        """CloseTunnel ends both proxies with exit status 0 within 2 seconds."""
+        tokens = relay.open_tunnel(("ECHO",))
+        pair = Pair(relay, tmp_path, tokens, f"ECHO={echo_server.port}", "ECHO=0")
+        pairs.append(pair)
+        pair.source.port("ECHO")
+
+        started = time.monotonic()
+        relay.close_tunnel(tokens.tunnel_id)
+        codes = (pair.source.wait(5), pair.destination.wait(5))
+        elapsed = time.monotonic() - started
+
+        assert codes == (0, 0)
+        assert elapsed < 2 * SCALE
+        assert "tunnel closed by the service code=1000" in pair.source.log
+
+    def test_sigterm_closes_the_websocket_and_exits_0(self, relay, echo_server, tmp_path, pairs):
+        """SIGTERM makes a proxy send a close frame and exit 0; the relay marks it disconnected."""
+        tokens = relay.open_tunnel(("ECHO",))
+        pair = Pair(relay, tmp_path, tokens, f"ECHO={echo_server.port}", "ECHO=0")
+        pairs.append(pair)
+        pair.source.port("ECHO")
+
+        pair.destination.proc.terminate()
+        code = pair.destination.wait(5)
+        deadline = time.monotonic() + 5
+        while relay.tunnel(tokens.tunnel_id).destination.connected and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+        assert code == 0
+        assert relay.tunnel(tokens.tunnel_id).destination.connected is False
+
+
+class TestRefusals:
+    def _refused(self, relay, tmp_path, token, mode_flags, name="p") -> ProxyProcess:
+        proxy = ProxyProcess(
+            proxy_args(relay, *mode_flags), token=token, log_file=tmp_path / f"{name}.log"
+        )
+        proxy.wait(5)
+        return proxy
+
+    def test_unknown_token_exits_0_with_the_reason(self, relay, tmp_path):
+        """A token the service does not know ends the proxy at once with status 0."""
+        relay.open_tunnel(("ECHO",))
+
+        proxy = self._refused(relay, tmp_path, "not-a-real-token", ("-d", "ECHO=9"))
+
+        assert proxy.proc.returncode == 0
+        assert proxy.log.count("tunnel refused the connection: 400") == 1
+
+    def test_spent_token_without_client_token_is_refused(self, relay, echo_server, tmp_path):
+        """A destination token used once without a client token cannot be used again."""
+        tokens = relay.open_tunnel(("ECHO",))
+        first = ProxyProcess(
+            proxy_args(relay, "-d", f"ECHO={echo_server.port}"),
+            token=tokens.destination,
+            log_file=tmp_path / "first.log",
+        )
+        first.wait_for("connected to the tunnel")
+        first.stop()
+
+        second = self._refused(relay, tmp_path, tokens.destination, ("-d", "ECHO=9"), "second")
+
+        assert second.proc.returncode == 0
+        assert "previously used" in second.log
+
+    def test_token_of_the_other_mode_is_refused(self, relay, tmp_path):
+        """A source token presented by a destination is refused with status 0."""
+        tokens = relay.open_tunnel(("ECHO",))
+
+        proxy = self._refused(relay, tmp_path, tokens.source, ("-d", "ECHO=9"))
+
+        assert proxy.proc.returncode == 0
+        assert "tunnel refused the connection: 400" in proxy.log
+
+    def test_no_common_subprotocol_is_refused(self, tmp_path):
+        """A relay that only speaks 1.0 refuses our 3.0 proxy without spending the token."""
+        relay = RelayThread(tmp_path / "v1", versions=(ProtocolVersion.V1,)).start()
+        try:
+            tokens = relay.open_tunnel(("ECHO",))
+            proxy = self._refused(relay, tmp_path, tokens.destination, ("-d", "ECHO=9"))
+            used = relay.tunnel(tokens.tunnel_id).destination.used
+        finally:
+            relay.shutdown()
+
+        assert proxy.proc.returncode == 0
+        assert "sec-websocket-protocol" in proxy.log
+        assert used is False
+
+    def test_token_never_appears_in_argv(self, relay, echo_server, tmp_path):
+        """The proxy's command line does not contain the access or client token."""
+        tokens = relay.open_tunnel(("ECHO",))
+        ct = client_token()
+        proxy = ProxyProcess(
+            proxy_args(relay, "-d", f"ECHO={echo_server.port}"),
+            token=tokens.destination,
+            client_token=ct,
+            log_file=tmp_path / "d.log",
+        )
+        try:
+            proxy.wait_for("connected to the tunnel")
+            cmdline = Path(f"/proc/{proxy.proc.pid}/cmdline").read_bytes()
+        finally:
+            proxy.stop()
+
+        assert tokens.destination.encode() not in cmdline
+        assert ct.encode() not in cmdline
+        assert tokens.destination not in proxy.log
+        assert ct not in proxy.log
+
+
+def recv_all(sock: socket.socket, size: int) -> bytes:
+    return recv_exactly(sock, size)
+
+
+class TestOutboundProxy:
+    def test_destination_reaches_the_relay_through_https_proxy(
+        self, relay, echo_server, tmp_path, pairs
+    ):
+        """With https_proxy set, the proxy tunnels TLS through CONNECT with basic auth."""
+        from tests.integration.dataplane import ConnectProxy
+
+        connect_proxy = ConnectProxy()
+        try:
+            tokens = relay.open_tunnel(("ECHO",))
+            destination = ProxyProcess(
+                proxy_args(relay, "-d", f"ECHO={echo_server.port}"),
+                token=tokens.destination,
+                log_file=tmp_path / "d.log",
+                extra_env={"https_proxy": f"http://user:s%40cret@127.0.0.1:{connect_proxy.port}"},
+            )
+            try:
+                destination.wait_for("connected to the tunnel")
+                source = ProxyProcess(
+                    proxy_args(relay, "-s", "ECHO=0"),
+                    token=tokens.source,
+                    log_file=tmp_path / "s.log",
+                )
+                try:
+                    sent, received = echo_roundtrip(source.port("ECHO"), 256 * 1024)
+                finally:
+                    source.stop()
+            finally:
+                destination.stop()
+        finally:
+            connect_proxy.close()
+
+        assert sent == received
+        assert len(connect_proxy.heads) == 1
+        assert connect_proxy.heads[0].startswith(f"CONNECT 127.0.0.1:{relay.port} HTTP/1.1\r\n")
+        assert "Proxy-Authorization: Basic dXNlcjpzQGNyZXQ=" in connect_proxy.heads[0]
