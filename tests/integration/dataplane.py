@@ -16,7 +16,6 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent.emulator.pki import CertificateAuthority, KeyPair
@@ -26,6 +25,7 @@ from agent.emulator.store import Tunnel, TunnelStore
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Coroutine, Iterator
+    from pathlib import Path
 
 SCALE = float(os.environ.get("TEST_TIME_SCALE", "1"))
 PROXY = [sys.executable, "-m", "agent.proxy"]

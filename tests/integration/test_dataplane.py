@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import socket
     from collections.abc import Iterator
 
-    from tests.integration.conftest import Sshd
+    from agent.emulator.targets import Sshd
 
 pytestmark = pytest.mark.integration
 
@@ -171,7 +171,7 @@ class TestServices:
             body = response.read()
         sent, received = echo_roundtrip(echo_port, 3 * 1024 * 1024)
         ssh = subprocess.run(
-            ["ssh", *sshd.ssh_args(ssh_port), f"{sshd.user}@127.0.0.1", "echo tunnel-ok; uname -s"],
+            ["ssh", *sshd.ssh_options(ssh_port), f"{sshd.user}@127.0.0.1", "echo ok; uname -s"],
             capture_output=True,
             timeout=30 * SCALE,
             check=False,
@@ -180,8 +180,7 @@ class TestServices:
         payload.write_bytes(os.urandom(5 * 1024 * 1024))
         copied = tmp_path / "copied.bin"
         scp = subprocess.run(
-            ["scp", "-P", str(ssh_port), *sshd.ssh_args(ssh_port)[2:], str(payload),
-             f"{sshd.user}@127.0.0.1:{copied}"],
+            ["scp", *sshd.scp_options(ssh_port), str(payload), f"{sshd.user}@127.0.0.1:{copied}"],
             capture_output=True,
             timeout=60 * SCALE,
             check=False,
@@ -190,7 +189,7 @@ class TestServices:
         assert hashlib.sha256(body).digest() == hashlib.sha256(PAGE).digest()
         assert sent == received
         assert ssh.returncode == 0, ssh.stderr
-        assert ssh.stdout.decode().split() == ["tunnel-ok", "Linux"]
+        assert ssh.stdout.decode().split() == ["ok", "Linux"]
         assert scp.returncode == 0, scp.stderr
         assert (
             hashlib.sha256(copied.read_bytes()).digest()

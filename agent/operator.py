@@ -1,0 +1,266 @@
+"""
+``tunnel-agent connect``: the operator's side of a tunnel in one command.
+
+Opens a tunnel to a thing (OpenTunnel with ``destinationConfig``), starts a bundled source proxy on
+local ports, prints what to type, follows the destination's connection state, and closes the
+tunnel on Ctrl-C, SIGTERM, or when the proxy ends. The source token stays in this process and the
+proxy's environment only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+    from types import FrameType
+
+
+__all__ = ["ServiceRequest", "main", "parse_service"]
+
+_SERVICE = re.compile(r"([a-zA-Z0-9_-]{1,128})(?:=(\d{1,5}))?")
+_LISTENING = re.compile(r"Listening for new connection on port (\d+) service=(\S+)")
+POLL_INTERVAL = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRequest:
+    """
+    One ``--service NAME[=LOCALPORT]`` (port 0: any free port).
+    """
+
+    name: str
+    port: int = 0
+
+
+def parse_service(value: str) -> ServiceRequest:
+    """
+    Parse ``SSH`` or ``SSH=2222``.
+
+    Raises:
+        argparse.ArgumentTypeError: If the value is malformed.
+    """
+    match = _SERVICE.fullmatch(value.strip())
+    if not match or int(match.group(2) or 0) > 65535:
+        raise argparse.ArgumentTypeError(
+            f"invalid service {value!r}: expected NAME[=LOCALPORT], NAME of [a-zA-Z0-9_-]"
+        )
+    return ServiceRequest(match.group(1), int(match.group(2) or 0))
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tunnel-agent connect",
+        description=(
+            "Open a Secure Tunnel to THING, listen on local ports, and close the tunnel on Ctrl-C. "
+            "AWS credentials and region come from the usual AWS environment and config files."
+        ),
+    )
+    parser.add_argument("thing", help="the IoT thing whose agent should open the destination")
+    parser.add_argument(
+        "-s",
+        "--service",
+        action="append",
+        type=parse_service,
+        required=True,
+        metavar="NAME[=LOCALPORT]",
+        help="service to carry (repeat up to 3 times), e.g. SSH=2222 or HTTP",
+    )
+    parser.add_argument("--endpoint-url", help="Secure Tunneling API endpoint (e.g. the emulator)")
+    parser.add_argument("--region", help="AWS region (default: from the AWS configuration)")
+    parser.add_argument(
+        "--proxy-endpoint",
+        default=os.environ.get("AWSIOT_TUNNEL_ENDPOINT")
+        or os.environ.get("TUNNEL_EMULATOR_RELAY_ENDPOINT"),
+        help="data-plane HOST:PORT instead of the region's (emulator: from operator.env)",
+    )
+    parser.add_argument(
+        "--ca",
+        default=os.environ.get("TUNNEL_EMULATOR_CA_FILE"),
+        help="CA certificate for the data plane (emulator: from operator.env)",
+    )
+    parser.add_argument(
+        "--lifetime", type=int, default=60, help="tunnel lifetime in minutes, 1-720 (default 60)"
+    )
+    parser.add_argument("--user", default="USER", help="user name shown in the ssh hint")
+    parser.add_argument("--bind-address", default="localhost", help="where the local ports listen")
+    return parser
+
+
+def _hint(service: str, port: int, user: str) -> str:
+    upper = service.upper()
+    if upper.startswith("SSH"):
+        return f"ssh -p {port} {user}@localhost"
+    if upper.startswith(("HTTP", "WEB")):
+        return f"http://localhost:{port}/"
+    if upper.startswith("VNC"):
+        return f"vncviewer localhost::{port}"
+    return f"localhost:{port}"
+
+
+def _say(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def _on_signal(_signum: int, _frame: FrameType | None) -> None:
+    raise _Interrupted
+
+
+def _client(args: argparse.Namespace) -> Any:
+    import boto3  # noqa: PLC0415 - operator extra, only for this command
+
+    return boto3.client(
+        "iotsecuretunneling", endpoint_url=args.endpoint_url, region_name=args.region
+    )
+
+
+def _error_line(exc: BaseException) -> str:
+    """
+    One clear line for an AWS or network failure.
+    """
+    response = getattr(exc, "response", None)
+    if isinstance(response, dict) and "Error" in response:
+        error = response["Error"]
+        return f"{error.get('Code', 'Error')}: {error.get('Message', '')}".rstrip(": ")
+    name = type(exc).__name__
+    if name == "NoCredentialsError":
+        return "no AWS credentials: configure them (aws configure, AWS_PROFILE, or operator.env)"
+    if name == "NoRegionError":
+        return "no AWS region: pass --region or set AWS_DEFAULT_REGION"
+    return f"{name}: {exc}"
+
+
+class _Proxy:
+    """
+    The bundled source proxy, whose log we read for the listening ports.
+    """
+
+    def __init__(self, args: argparse.Namespace, token: str, region: str) -> None:
+        mapping = ",".join(f"{s.name}={s.port}" for s in args.service)
+        argv = [sys.executable, "-m", "agent.proxy", "-s", mapping, "-b", args.bind_address]
+        argv += ["-e", args.proxy_endpoint] if args.proxy_endpoint else ["-r", region]
+        if args.ca:
+            argv += ["-c", args.ca]
+        env = dict(os.environ)
+        env["AWSIOT_TUNNEL_ACCESS_TOKEN"] = token
+        env["AWSIOT_TUNNEL_CLIENT_TOKEN"] = secrets.token_hex(24)
+        self.ports: dict[str, int] = {}
+        self.lines: list[str] = []
+        self.ready = threading.Event()
+        self._expected = len(args.service)
+        self.proc = subprocess.Popen(
+            argv, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None  # noqa: S101 - piped above
+        for line in self.proc.stdout:
+            self.lines.append(line.rstrip())
+            match = _LISTENING.search(line)
+            if match:
+                self.ports[match.group(2)] = int(match.group(1))
+                if len(self.ports) >= self._expected:
+                    self.ready.set()
+        self.ready.set()
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self._reader.join(2)
+        return self.proc.wait()
+
+
+def _open(client: Any, args: argparse.Namespace) -> dict[str, Any]:
+    response: dict[str, Any] = client.open_tunnel(
+        description=f"tunnel-agent connect to {args.thing}",
+        destinationConfig={"thingName": args.thing, "services": [s.name for s in args.service]},
+        timeoutConfig={"maxLifetimeTimeoutMinutes": args.lifetime},
+    )
+    return response
+
+
+def _follow(client: Any, tunnel_id: str, proxy: _Proxy) -> None:
+    """
+    Print destination connection state changes until the proxy ends.
+    """
+    last = None
+    while proxy.proc.poll() is None:
+        tunnel = client.describe_tunnel(tunnelId=tunnel_id)["tunnel"]
+        state = tunnel.get("destinationConnectionState", {}).get("status")
+        if tunnel.get("status") == "CLOSED":
+            _say("tunnel closed by the service")
+            return
+        if state != last:
+            _say(f"destination {state}")
+            last = state
+        time.sleep(POLL_INTERVAL)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """
+    Run ``tunnel-agent connect``; returns the exit status.
+    """
+    args = _build_parser().parse_args(argv)
+    if len(args.service) > 3 or len({s.name for s in args.service}) != len(args.service):
+        _say("error: give 1 to 3 distinct services")
+        return 2
+    previous = signal.signal(signal.SIGTERM, _on_signal)
+    tunnel_id = None
+    client = None
+    proxy = None
+    try:
+        client = _client(args)
+        opened = _open(client, args)
+        tunnel_id = opened["tunnelId"]
+        _say(f"tunnel {tunnel_id} open to {args.thing}")
+        region = client.meta.region_name
+        proxy = _Proxy(args, opened["sourceAccessToken"], region)
+        proxy.ready.wait(30)
+        if len(proxy.ports) < len(args.service):
+            _say("error: the source proxy did not start:")
+            for line in proxy.lines[-5:]:
+                _say(f"  {line}")
+            return 1
+        for service in args.service:
+            port = proxy.ports[service.name]
+            _say(f"{service.name}: {_hint(service.name, port, args.user)}")
+        _follow(client, tunnel_id, proxy)
+    except (KeyboardInterrupt, _Interrupted):
+        _say("closing the tunnel")
+    except Exception as exc:
+        _say(f"error: {_error_line(exc)}")
+        return 1
+    finally:
+        if proxy is not None:
+            proxy.stop()
+        if tunnel_id is not None and client is not None:
+            try:
+                client.close_tunnel(tunnelId=tunnel_id)
+                _say(f"tunnel {tunnel_id} closed")
+            except Exception as exc:
+                _say(f"error: closing the tunnel: {_error_line(exc)}")
+        signal.signal(signal.SIGTERM, previous)
+    return 0
