@@ -42,7 +42,7 @@ pytest: venv deps
 test: deps venv lint typecheck pytest
 
 demo: deps venv
-	$(PY) -m agent.demo
+	$(PY) -m agent.emulator.demo
 
 bench: deps venv
 	$(PY) tests/bench/tunnel_bench.py
