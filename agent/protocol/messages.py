@@ -43,6 +43,7 @@ __all__ = [
     "V3",
     "Buffer",
     "Message",
+    "MessageScanner",
     "MessageType",
     "ProtocolVersion",
     "ScannedMessage",
@@ -291,6 +292,68 @@ def scan_message(buf: Buffer, start: int, end: int) -> ScannedMessage:  # noqa: 
         tuple(available),
         connection_id,
     )
+
+
+class MessageScanner:
+    """:func:`scan_message` with a one-entry cache of the last DATA frame's layout.
+
+    A bulk transfer sends runs of DATA frames that differ only in their payload bytes: same
+    stream, service, connection and payload size. When a frame has the size of the cached
+    one and the same bytes before and after the payload, its fields are the cached ones:
+    the scanner is deterministic and never reads inside the payload, whose length is fixed by
+    those same leading bytes. Two C-level comparisons then replace the field-by-field scan.
+    Any other frame is scanned in full (and, if it is DATA with a payload, cached).
+    """
+
+    __slots__ = ("_fields", "_head", "_head_size", "_size", "_tail", "_tail_size")
+
+    def __init__(self) -> None:
+        """Create a scanner with an empty cache."""
+        self._size = -1
+        self._head = self._tail = b""
+        self._head_size = self._tail_size = 0
+        self._fields: ScannedMessage = (0, 0, False, 0, 0, "", (), 0)
+
+    def scan(self, buf: bytes | bytearray, start: int, end: int) -> ScannedMessage:
+        """Decode the message in ``buf[start:end]`` like :func:`scan_message`.
+
+        Args:
+            buf: The buffer holding the message body (``bytes`` or ``bytearray``).
+            start: Offset of the body.
+            end: Offset just past the body.
+
+        Returns:
+            A :data:`ScannedMessage`.
+
+        Raises:
+            RemoteProtocolError: Truncated or invalid protobuf, or a field outside the schema.
+        """
+        if (
+            end - start == self._size
+            and buf.startswith(self._head, start)
+            and buf.endswith(self._tail, start, end)
+        ):
+            mtype, stream_id, ignorable, _, _, service_id, available, conn = self._fields
+            return (
+                mtype,
+                stream_id,
+                ignorable,
+                start + self._head_size,
+                end - self._tail_size,
+                service_id,
+                available,
+                conn,
+            )
+        fields = scan_message(buf, start, end)
+        payload_start, payload_end = fields[3], fields[4]
+        if fields[0] == MessageType.DATA and payload_end > payload_start:
+            self._size = end - start
+            self._head = bytes(buf[start:payload_start])
+            self._tail = bytes(buf[payload_end:end])
+            self._head_size = payload_start - start
+            self._tail_size = end - payload_end
+            self._fields = fields
+        return fields
 
 
 def decode_message(body: Buffer) -> Message:

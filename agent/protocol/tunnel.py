@@ -58,11 +58,11 @@ from agent.protocol.messages import (
     V3,
     Buffer,
     Message,
+    MessageScanner,
     MessageType,
     ProtocolVersion,
     encode_data_frame,
     encode_message,
-    scan_message,
 )
 from agent.protocol.streams import (
     CONNECTION_RESET_EVENT,
@@ -232,6 +232,7 @@ class TunnelProtocol:
         self.dropped = 0
         self.id = secrets.token_hex(4)
         self._frames = FrameBuffer(max_frame_size=max_frame_size)
+        self._scan = MessageScanner().scan
         self._events: list[Event] = []
         self._to_send: list[bytes] = []
         self._to_forward: list[bytes] = []
@@ -571,7 +572,7 @@ class TunnelProtocol:
         while (span := frames.next_span()) is not None:
             buf, start, end = span
             mtype, stream_id, ignorable, payload_start, payload_end, service_id, available, conn = (
-                scan_message(buf, start, end)
+                self._scan(buf, start, end)
             )
             if payload_end - payload_start > self.max_payload_size:
                 raise RemoteProtocolError("payload too large")
@@ -746,7 +747,7 @@ class TunnelProtocol:
             RemoteProtocolError: The frame breaks a rule.
 
         """
-        mtype, stream_id, ignorable, payload_start, payload_end, service_id, _, conn = scan_message(
+        mtype, stream_id, ignorable, payload_start, payload_end, service_id, _, conn = self._scan(
             buf, start, end
         )
         if payload_end - payload_start > self.max_payload_size:

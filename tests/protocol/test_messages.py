@@ -29,7 +29,12 @@ from agent.protocol import (
     encode_message,
 )
 from agent.protocol._pb import message_pb2
-from agent.protocol.messages import UINT32_MAX, encode_data_frame, scan_message
+from agent.protocol.messages import (
+    UINT32_MAX,
+    MessageScanner,
+    encode_data_frame,
+    scan_message,
+)
 
 from .helpers import load_vectors
 
@@ -239,6 +244,82 @@ class TestDecodeMessage:
         assert scan_decode(body) == upb_decode(body)
 
 
+def scanner_frames(blob: bytes) -> list[bytes]:
+    """Frames that often share a DATA layout: few stream ids, sizes and trailers."""
+    frames = []
+    for i in range(0, len(blob) - 2, 3):
+        b0, b1, b2 = blob[i : i + 3]
+        body = encode_message(
+            Message(
+                DATA if b0 % 5 else STREAM_START,
+                stream_id=1 + b0 % 2,
+                payload=bytes([b1]) * (b1 % 3),
+                service_id=["SSH", "RDP", ""][b2 % 3],
+                connection_id=b2 % 2,
+            )
+        )
+        if b0 & 0x80:
+            body += b"\x40\x01"  # an unknown trailing field: same size, different tail
+        frames.append(body)
+    return frames
+
+
+class TestMessageScanner:
+    def test_cache_hit(self):
+        """A DATA frame like the previous one but for its payload is decoded from the cache."""
+        scanner = MessageScanner()
+        first = encode_data_frame(1, b"SSH", 1, b"ab")
+        second = encode_data_frame(1, b"SSH", 1, b"cd")
+
+        scanner.scan(first, 2, len(first))
+        cached = scanner._fields
+        result = scanner.scan(second, 2, len(second))
+
+        assert result == scan_message(second, 2, len(second))
+        assert scanner._fields is cached
+
+    def test_same_size_other_fields(self):
+        """A same-size DATA frame with other ids is scanned in full, then cached."""
+        scanner = MessageScanner()
+        first = encode_data_frame(1, b"SSH", 1, b"ab")
+        second = encode_data_frame(2, b"RDP", 3, b"ab")
+
+        scanner.scan(first, 2, len(first))
+        result = scanner.scan(second, 2, len(second))
+
+        assert result == (1, 2, False, 8, 10, "RDP", (), 3)
+        assert scanner._fields == result
+
+    def test_invalid_after_cached(self):
+        """A frame that only looks like the cached one still fails when invalid."""
+        scanner = MessageScanner()
+        good = bytearray(encode_data_frame(1, b"SSH", 1, b"ab"))
+        bad = bytearray(good)
+        bad[-1] = 0x80  # the connectionId varint now runs off the end
+
+        scanner.scan(good, 2, len(good))
+
+        with pytest.raises(RemoteProtocolError):
+            scanner.scan(bad, 2, len(bad))
+
+    @settings(max_examples=500, deadline=None)
+    @given(blob=st.binary(max_size=60), as_bytearray=st.booleans())
+    def test_agrees_with_scan_message(self, blob, as_bytearray):
+        """Over any run of frames the cached scanner returns what scan_message returns."""
+        scanner = MessageScanner()
+        frames = scanner_frames(blob)
+
+        for body in frames:
+            data = bytearray(b"xx" + body) if as_bytearray else b"xx" + body
+            try:
+                expected = scan_message(data, 2, len(data))
+            except RemoteProtocolError:
+                with pytest.raises(RemoteProtocolError):
+                    scanner.scan(data, 2, len(data))
+            else:
+                assert scanner.scan(data, 2, len(data)) == expected
+
+
 class TestEncodeMessage:
     @pytest.mark.parametrize(
         "msg",
@@ -264,7 +345,7 @@ class TestEncodeMessage:
         available=st.lists(st.text(max_size=4), max_size=3).map(tuple),
         connection_id=st.integers(0, UINT32_MAX),
     )
-    def test_round_trip(  # noqa: PLR0917 - hypothesis passes one argument per field
+    def test_round_trip(
         self, mtype, stream_id, ignorable, payload, service_id, available, connection_id
     ):
         """decode_message(encode_message(m)) == m for every in-range message."""
@@ -307,6 +388,17 @@ class TestEncodeDataFrame:
             assert encode_data_frame(
                 stream_id, service_id.encode(), connection_id, payload
             ) == encode_frame(body)
+
+    def test_empty_payload(self):
+        """An empty payload is omitted, as protobuf omits empty fields."""
+        framed = encode_data_frame(1, b"", 0, b"")
+
+        assert framed == bytes.fromhex("00 04 08 01 10 01")
+
+    def test_too_large(self):
+        """A frame over the 2-byte prefix raises LocalProtocolError."""
+        with pytest.raises(LocalProtocolError, match="too large"):
+            encode_data_frame(1, b"SSH", 1, bytes(65530))
 
     def test_memoryview_payload(self):
         """A memoryview slice is encoded without conversion by the caller."""
