@@ -1,0 +1,134 @@
+"""
+Tests for ``tunnel-agent connect``, the operator's command, against a real emulator.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from typing import TYPE_CHECKING
+
+import pytest
+
+from agent.operator import ServiceRequest, parse_service
+from tests.emulator.fixtures import SCALE
+
+
+if TYPE_CHECKING:
+    from tests.emulator.fixtures import EmulatorThread
+
+
+def connect_env(emulator, **overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS", "TUNNEL"))}
+    env.update(
+        AWS_ENDPOINT_URL_IOTSECURETUNNELING=emulator.api_url,
+        AWS_ACCESS_KEY_ID=emulator.access_key,
+        AWS_SECRET_ACCESS_KEY=emulator.secret_key,
+        AWS_DEFAULT_REGION="us-east-1",
+        TUNNEL_EMULATOR_CA_FILE=str(emulator.ca_file),
+        TUNNEL_EMULATOR_RELAY_ENDPOINT=emulator.relay_endpoint,
+    )
+    env.update(overrides)
+    return env
+
+
+def run_connect(args, env, timeout=30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "agent", "connect", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout * SCALE,
+        check=False,
+    )
+
+
+class TestParseService:
+    @pytest.mark.parametrize(
+        ("value", "expected"),
+        [("SSH", ServiceRequest("SSH")), ("SSH=2222", ServiceRequest("SSH", 2222))],
+    )
+    def test_forms(self, value, expected):
+        """NAME and NAME=LOCALPORT parse."""
+        assert parse_service(value) == expected
+
+    @pytest.mark.parametrize("value", ["", "S:S", "SSH=99999", "SSH=x", "a b"])
+    def test_malformed(self, value):
+        """Bad names and ports are argparse errors."""
+        with pytest.raises(argparse.ArgumentTypeError):
+            parse_service(value)
+
+
+class TestConnect:
+    def test_opens_listens_reports_and_closes_on_ctrl_c(self, emulator_thread: EmulatorThread):
+        """Connect opens a tunnel, prints the ssh line, and closes the tunnel on SIGINT."""
+        emulator = emulator_thread.emulator
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "agent", "connect", "thing1", "-s", "SSH", "-s", "HTTP=0",
+             "--user", "pi"],
+            env=connect_env(emulator),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + 30 * SCALE
+        while time.monotonic() < deadline and not any("destination" in x for x in lines):
+            lines.append(proc.stdout.readline().rstrip())
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=20 * SCALE)
+        output = "\n".join(lines) + "\n" + rest
+        tunnel_id = re.search(r"tunnel (\S+) open to thing1", output)
+        assert tunnel_id, output
+        tunnel = emulator.store.get(tunnel_id.group(1))
+
+        assert proc.returncode == 0
+        assert re.search(r"^SSH: ssh -p \d+ pi@localhost$", output, re.MULTILINE)
+        assert re.search(r"^HTTP: http://localhost:\d+/$", output, re.MULTILINE)
+        assert "destination DISCONNECTED" in output
+        assert f"tunnel {tunnel.tunnel_id} closed" in output
+        assert tunnel.status == "CLOSED"
+        assert tunnel.thing_name == "thing1"
+        assert tunnel.services == ("SSH", "HTTP")
+        assert tunnel.source.token not in output
+
+    def test_bad_credentials_are_one_clear_line(self, emulator_thread: EmulatorThread):
+        """A request signed with an unknown key is reported in one line, exit 1."""
+        env = connect_env(emulator_thread.emulator, AWS_ACCESS_KEY_ID="AKIAUNKNOWN0000000")
+
+        result = run_connect(["thing1", "-s", "SSH"], env)
+
+        assert result.returncode == 1
+        assert result.stdout.strip().splitlines() == [
+            line for line in result.stdout.strip().splitlines() if line.startswith("error: ")
+        ]
+        assert result.stdout.startswith("error: UnrecognizedClientException")
+
+    def test_too_many_services_are_refused_before_any_call(self, emulator_thread):
+        """More than three services are refused locally with exit status 2."""
+        result = run_connect(
+            ["thing1", "-s", "A", "-s", "B", "-s", "C", "-s", "D"],
+            connect_env(emulator_thread.emulator),
+        )
+
+        assert result.returncode == 2
+        assert emulator_thread.emulator.store.list_tunnels() == []
+
+    def test_unreachable_endpoint_is_one_line(self, emulator_thread):
+        """A dead API endpoint gives one error line and exit 1, not a traceback."""
+        env = connect_env(
+            emulator_thread.emulator, AWS_ENDPOINT_URL_IOTSECURETUNNELING="http://127.0.0.1:9"
+        )
+
+        result = run_connect(["thing1", "-s", "SSH"], env, timeout=120)
+
+        assert result.returncode == 1
+        assert len(result.stdout.strip().splitlines()) == 1
+        assert result.stdout.startswith("error: EndpointConnectionError")
+        assert "Traceback" not in result.stdout + result.stderr
