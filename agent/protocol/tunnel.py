@@ -186,7 +186,7 @@ class TunnelProtocol:
     Attributes:
         side: As given.
         mode: As given.
-        version: The format in use (see ``version``).
+        version: The format in use (see the ``version`` argument).
         services: As given, as a tuple.
         available_service_ids: CLIENT: the services of the last SERVICE_IDS, or None.
         failure: The peer's violation, once one happened.
