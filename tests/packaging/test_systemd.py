@@ -232,6 +232,8 @@ MDWE_PROBE = textwrap.dedent(
     tls = io.ClientTlsContext(io.TlsContextOptions())
     client = mqtt5.Client(mqtt5.ClientOptions(
         host_name="127.0.0.1", port=1, bootstrap=bootstrap, tls_ctx=tls))
+    import agent.loop, asyncio
+    agent.loop.run(asyncio.sleep(0))  # uvloop where installed, as the daemon runs
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.prctl(66, 0, 0, 0, 0) == 1, "MDWE not inherited"
     try:

@@ -1,0 +1,473 @@
+"""
+The Debian package: build, lintian, then install / upgrade / purge in a fresh root.
+
+The .deb is built by packaging/debian/build.sh (``make deb``) into dist/ and reused
+while its inputs are unchanged (a digest stamp beside it). The fresh root is a
+``debootstrap --variant=minbase`` of the build machine's Debian release with
+python3 and adduser, made once and cached (``$IOT_TUNNEL_AGENT_CACHE``, default
+``~/.cache/iot-tunnel-agent``); every test gets its own overlay on it and works in it
+through chroot, so tests do not depend on each other. Measured here: build ~30 s,
+lintian ~6 s, debootstrap ~80 s (once), each install test ~5 s.
+
+Needs root (debootstrap, chroot), dpkg-dev, lintian and debootstrap; a missing piece
+fails the test with what to install rather than skipping it.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import agent
+
+
+pytestmark = pytest.mark.slow
+
+REPO = Path(__file__).resolve().parents[2]
+DEBIAN = REPO / "packaging" / "debian"
+DIST = REPO / "dist"
+PKG = "iot-tunnel-agent"
+USER = "iot-tunnel-agent"
+PREFIX = Path("/opt") / PKG
+CONFIG_EXAMPLE = Path(os.environ.get("CONFIG_EXAMPLE", REPO / "config" / "config.example.toml"))
+CACHE = Path(os.environ.get("IOT_TUNNEL_AGENT_CACHE", Path.home() / ".cache" / PKG))
+MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
+CHROOT_ENV = ["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", "HOME=/"]
+# Every distribution in the venv is pinned here (the build is repeatable).
+CONSTRAINTS = DEBIAN / "constraints.txt"
+# What must never ship: the extras (emulator, operator, test tooling).
+FORBIDDEN_DISTRIBUTIONS = {
+    "aiohttp",
+    "boto3",
+    "botocore",
+    "cryptography",
+    "regex",
+    "pytest",
+    "awscli",
+}
+
+
+def normalize(name: str) -> str:
+    return re.sub(r"[-_.]+", "_", name).lower()
+
+
+def pinned() -> dict[str, str]:
+    pins = {}
+    for line in CONSTRAINTS.read_text().splitlines():
+        name, sep, version = line.partition("==")
+        if sep and not line.startswith("#"):
+            pins[normalize(name)] = version.strip()
+    return pins
+
+
+def need(tool: str, package: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} not found: apt-get install {package} (Makefile APT_PACKAGES)")
+    return path
+
+
+def need_root() -> None:
+    if os.geteuid() != 0:
+        pytest.fail("the .deb install tests need root (debootstrap, chroot): run make test as root")
+
+
+def run(
+    *argv: str | Path, check: bool = True, timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run(
+        [str(a) for a in argv], capture_output=True, text=True, timeout=timeout, check=False
+    )
+    if check and result.returncode != 0:
+        pytest.fail(f"{' '.join(map(str, argv))} exited {result.returncode}:\n{result.stderr}")
+    return result
+
+
+def architecture() -> str:
+    return run(need("dpkg", "dpkg"), "--print-architecture").stdout.strip()
+
+
+def inputs_digest() -> str:
+    """Hash everything build.sh reads, so an unchanged tree reuses the built .deb."""
+    digest = hashlib.sha256()
+    files = [
+        *sorted(DEBIAN.iterdir()),
+        REPO / "systemd" / f"{PKG}.service",
+        REPO / "pyproject.toml",
+        REPO / "README.md",
+        CONFIG_EXAMPLE,
+        *sorted(
+            path
+            for path in (REPO / "agent").rglob("*")
+            if path.is_file()
+            and "__pycache__" not in path.parts
+            and "emulator" not in path.relative_to(REPO / "agent").parts[:1]
+        ),
+    ]
+    for path in files:
+        if path.is_file():
+            digest.update(
+                str(path.relative_to(REPO) if path.is_relative_to(REPO) else path).encode()
+            )
+            digest.update(b"\0" + hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def deb() -> Path:
+    need("dpkg-deb", "dpkg-dev")
+    path = DIST / f"{PKG}_{agent.__version__}_{architecture()}.deb"
+    stamp = path.with_name(path.name + ".inputs")
+    digest = inputs_digest()
+    if path.is_file() and stamp.is_file() and stamp.read_text() == digest:
+        return path
+    stamp.unlink(missing_ok=True)
+    env = {**os.environ, "DIST": str(DIST), "CONFIG_EXAMPLE": str(CONFIG_EXAMPLE)}
+    result = subprocess.run(
+        ["bash", str(DEBIAN / "build.sh")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        env=env,
+        cwd=REPO,
+    )
+    if result.returncode != 0:
+        pytest.fail(f"build.sh failed ({result.returncode}):\n{result.stderr[-4000:]}")
+    assert result.stdout.strip() == str(path)
+    stamp.write_text(digest)
+    return path
+
+
+@pytest.fixture(scope="module")
+def unpacked(deb: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    target = tmp_path_factory.mktemp("unpacked")
+    run("dpkg-deb", "--raw-extract", deb, target)
+    return target
+
+
+def codename() -> str:
+    for line in Path("/etc/os-release").read_text().splitlines():
+        if line.startswith("VERSION_CODENAME="):
+            return line.partition("=")[2].strip('"')
+    pytest.fail("/etc/os-release has no VERSION_CODENAME: cannot pick the release to bootstrap")
+
+
+@pytest.fixture(scope="session")
+def base_root() -> Path:
+    """Return a cached minbase root of this machine's release, bootstrapping it once."""
+    need_root()
+    base = CACHE / f"debootstrap-{codename()}-minbase-{architecture()}"
+    if (base / "usr/bin/python3").exists():
+        return base
+    debootstrap = need("debootstrap", "debootstrap")
+    CACHE.mkdir(parents=True, exist_ok=True)
+    partial = base.with_name(base.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    run(
+        debootstrap, "--variant=minbase", "--include=python3,adduser",
+        codename(), partial, MIRROR,
+        timeout=1200,
+    )  # fmt: skip
+    partial.rename(base)
+    return base
+
+
+class Root:
+    """A fresh Debian root and helpers to run commands inside it with chroot."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def run(self, *argv: str, user: str | None = None, check: bool = True):
+        spec = []
+        if user is not None:
+            uid, gid = self.ids(user)
+            spec = [f"--userspec={uid}:{gid}"]
+        return run("chroot", *spec, self.path, *CHROOT_ENV, *argv, check=check)
+
+    def install(self, deb: Path) -> subprocess.CompletedProcess[str]:
+        shutil.copy2(deb, self.path / "tmp" / deb.name)
+        return self.run("dpkg", "-i", f"/tmp/{deb.name}")
+
+    def ids(self, user: str) -> tuple[int, int]:
+        for line in (self.path / "etc/passwd").read_text().splitlines():
+            fields = line.split(":")
+            if fields[0] == user:
+                return int(fields[2]), int(fields[3])
+        raise KeyError(user)
+
+    def passwd(self, user: str) -> list[str] | None:
+        for line in (self.path / "etc/passwd").read_text().splitlines():
+            if line.split(":")[0] == user:
+                return line.split(":")
+        return None
+
+    def group(self, name: str) -> list[str] | None:
+        for line in (self.path / "etc/group").read_text().splitlines():
+            if line.split(":")[0] == name:
+                return line.split(":")
+        return None
+
+    def files(self) -> set[str]:
+        return {
+            "/" + str(path.relative_to(self.path))
+            for path in self.path.rglob("*")
+        }  # fmt: skip
+
+    def __truediv__(self, relative: str) -> Path:
+        return self.path / relative.lstrip("/")
+
+
+@pytest.fixture
+def root(base_root: Path, tmp_path: Path):
+    """Give each test a fresh root: an overlay on the cached one (a copy if overlayfs fails)."""
+    merged, upper, work = tmp_path / "root", tmp_path / "upper", tmp_path / "work"
+    for path in (merged, upper, work):
+        path.mkdir()
+    options = f"lowerdir={base_root},upperdir={upper},workdir={work}"
+    mounted = run("mount", "-t", "overlay", "overlay", "-o", options, merged, check=False)
+    if mounted.returncode != 0:
+        merged.rmdir()
+        run("cp", "-a", base_root, merged)
+    try:
+        yield Root(merged)
+    finally:
+        if mounted.returncode == 0:
+            run("umount", merged, check=False)
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def write_complete_config(root: Root) -> None:
+    """Give the installed agent a complete MQTT configuration and key files of its own."""
+    uid, gid = root.ids(USER)
+    conf = root / "etc/iot-tunnel-agent"
+    for name, mode in (("device.pem.crt", 0o644), ("private.pem.key", 0o600)):
+        (conf / name).write_text(f"{name} placeholder\n")
+        os.chown(conf / name, uid, gid)
+        (conf / name).chmod(mode)
+    (conf / "config.toml").write_text(
+        'thing_name = "pi-42"\n'
+        'notify = "mqtt"\n'
+        "[mqtt]\n"
+        'endpoint = "example-ats.iot.eu-west-1.amazonaws.com"\n'
+        'cert = "/etc/iot-tunnel-agent/device.pem.crt"\n'
+        'key = "/etc/iot-tunnel-agent/private.pem.key"\n'
+        "[services]\n"
+        "SSH = 22\n"
+    )
+
+
+class TestBuild:
+    def test_file_name_and_control_fields(self, deb):
+        """The .deb is named <pkg>_<version>_<arch> and depends on Python 3.11, not mosquitto."""
+        fields = dict(
+            line.split(": ", 1)
+            for line in run("dpkg-deb", "--field", deb).stdout.splitlines()
+            if ": " in line and not line.startswith(" ")
+        )
+        depends = [d.strip() for d in fields["Depends"].split(",")]
+
+        assert deb.name == f"{PKG}_{agent.__version__}_{architecture()}.deb"
+        assert (fields["Package"], fields["Version"], fields["Architecture"]) == (
+            PKG,
+            agent.__version__,
+            architecture(),
+        )
+        assert {"python3 (>= 3.11)", "python3.11", "adduser"} <= set(depends)
+        assert not [d for d in depends if "mosquitto" in d]
+
+    def test_layout(self, unpacked):
+        """Commands, unit and conffile are where Debian and systemd expect them."""
+        tunnel_agent = unpacked / "usr/bin/tunnel-agent"
+        localproxy = unpacked / "usr/bin/tunnel-localproxy"
+        conffiles = (unpacked / "DEBIAN/conffiles").read_text().split()
+
+        assert tunnel_agent.readlink() == PREFIX / "bin/tunnel-agent"
+        assert localproxy.readlink() == PREFIX / "bin/tunnel-localproxy"
+        assert conffiles == ["/etc/iot-tunnel-agent/config.toml"]
+        assert (unpacked / "lib/systemd/system/iot-tunnel-agent.service").read_bytes() == (
+            REPO / "systemd/iot-tunnel-agent.service"
+        ).read_bytes()
+        assert (unpacked / "etc/iot-tunnel-agent/config.toml").read_bytes() == (
+            CONFIG_EXAMPLE.read_bytes()
+        )
+        assert (unpacked / "opt/iot-tunnel-agent/bin/python").readlink() == Path(
+            "/usr/bin/python3.11"
+        )
+
+    def test_venv_holds_the_pinned_runtime_closure_only(self, unpacked):
+        """The venv has the project and pinned runtime deps: no extras, no emulator, no .pyc."""
+        site = next((unpacked / "opt/iot-tunnel-agent/lib").glob("python3.*/site-packages"))
+        installed = dict(
+            p.name.removesuffix(".dist-info").rsplit("-", 1) for p in site.glob("*.dist-info")
+        )
+        installed = {normalize(name): version for name, version in installed.items()}
+        ours = installed.pop("iot_tunnel_agent")
+        compiled = [p for p in unpacked.rglob("*") if p.suffix == ".pyc" or p.name == "__pycache__"]
+
+        assert ours == agent.__version__
+        assert installed == {name: pinned().get(name, "not pinned") for name in installed}
+        assert {"awsiotsdk", "awscrt", "pydantic", "structlog", "websockets"} <= set(installed)
+        assert not {normalize(n) for n in FORBIDDEN_DISTRIBUTIONS} & set(installed)
+        assert (site / "agent/cli.py").is_file()
+        assert not (site / "agent/emulator").exists()
+        assert compiled == []
+        assert sorted(p.name for p in (unpacked / "opt/iot-tunnel-agent/bin").iterdir()) == [
+            "activate", "python", "python3", "python3.11", "tunnel-agent", "tunnel-localproxy",
+        ]  # fmt: skip
+
+    def test_no_build_machine_paths(self, unpacked):
+        """No file refers to the staging directory the venv was built in."""
+        leaks = [
+            str(path.relative_to(unpacked))
+            for path in unpacked.rglob("*")
+            if path.is_file()
+            and not path.is_symlink()
+            and re.search(rb"iot-tunnel-agent-build\.\w+", path.read_bytes())
+        ]
+        shebang = (unpacked / "opt/iot-tunnel-agent/bin/tunnel-agent").read_text().splitlines()[0]
+
+        assert leaks == []
+        assert shebang == f"#!{PREFIX}/bin/python"
+
+    def test_records_match_the_files(self, unpacked):
+        """Every RECORD lists existing files with their true hashes (the build is repeatable)."""
+        site = next((unpacked / "opt/iot-tunnel-agent/lib").glob("python3.*/site-packages"))
+        wrong = []
+        for record in site.glob("*.dist-info/RECORD"):
+            for name, digest, _size in csv.reader(record.read_text().splitlines()):
+                if not digest:
+                    continue
+                path = (site / name).resolve()
+                actual = base64.urlsafe_b64encode(hashlib.sha256(path.read_bytes()).digest())
+                if digest != "sha256=" + actual.rstrip(b"=").decode():
+                    wrong.append(name)
+
+        assert wrong == []
+
+
+class TestLintian:
+    def test_no_errors(self, deb):
+        """Lintian reports no error-level tag (overrides are justified in lintian-overrides)."""
+        result = run(need("lintian", "lintian"), "--fail-on", "error", deb, check=False)
+        errors = [line for line in result.stdout.splitlines() if line.startswith("E:")]
+
+        assert errors == []
+        assert result.returncode == 0, result.stdout + result.stderr
+
+    def test_every_override_is_justified(self):
+        """Each lintian override line directly follows a comment saying why."""
+        lines = (DEBIAN / "lintian-overrides").read_text().splitlines()
+        unjustified = [
+            line
+            for index, line in enumerate(lines)
+            if line.strip()
+            and not line.startswith("#")
+            and (index == 0 or not lines[index - 1].startswith("#"))
+        ]
+
+        assert unjustified == []
+
+
+class TestInstall:
+    def test_install_and_run(self, deb, root):
+        """The package installs in a fresh root; tunnel-agent and tunnel-localproxy run there."""
+        root.install(deb)
+        version = root.run("tunnel-agent", "--version")
+        localproxy = root.run("tunnel-localproxy", "--help")
+        sources = list((root / "opt/iot-tunnel-agent/lib").rglob("*.py"))
+        compiled = list((root / "opt/iot-tunnel-agent/lib").rglob("__pycache__/*.pyc"))
+
+        assert version.stdout.strip() == f"tunnel-agent {agent.__version__}"
+        assert localproxy.returncode == 0
+        assert len(compiled) >= len(sources) * 0.9
+
+    def test_system_user_and_permissions(self, deb, root):
+        """Postinst adds a no-login system user; the config is root's, readable by its group."""
+        root.install(deb)
+        entry = root.passwd(USER)
+        uid, gid = root.ids(USER)
+        conf_dir = (root / "etc/iot-tunnel-agent").stat()
+        conf = (root / "etc/iot-tunnel-agent/config.toml").stat()
+
+        assert entry is not None
+        assert uid < 1000
+        assert entry[5:] == ["/var/lib/iot-tunnel-agent", "/usr/sbin/nologin"]
+        assert root.group(USER) is not None
+        assert (conf_dir.st_uid, conf_dir.st_gid, conf_dir.st_mode & 0o7777) == (0, gid, 0o750)
+        assert (conf.st_uid, conf.st_gid, conf.st_mode & 0o7777) == (0, gid, 0o640)
+
+    def test_check_config_as_the_service_user(self, deb, root):
+        """check-config passes as iot-tunnel-agent with its own 0600 key, fails for others."""
+        root.install(deb)
+        write_complete_config(root)
+        # --config as in the unit's ExecStart=.
+        check = ("tunnel-agent", "check-config", "--config", "/etc/iot-tunnel-agent/config.toml")
+        as_agent = root.run(*check, user=USER, check=False)
+        as_nobody = root.run(*check, user="nobody", check=False)
+
+        assert as_agent.returncode == 0, as_agent.stderr
+        assert as_nobody.returncode == 78
+        assert "not readable" in as_nobody.stderr
+
+    def test_check_config_on_the_shipped_example(self, deb, root):
+        """check-config on the untouched conffile exits 0 or 78 with one line per problem."""
+        root.install(deb)
+        result = root.run("tunnel-agent", "check-config", check=False)
+
+        assert result.returncode in {0, 78}, result.stderr
+        assert "Traceback" not in result.stderr
+
+    def test_upgrade_keeps_the_administrators_edits(self, deb, root):
+        """Re-installing over an edited config.toml keeps the edit (it is a conffile)."""
+        root.install(deb)
+        write_complete_config(root)
+        edited = (root / "etc/iot-tunnel-agent/config.toml").read_text()
+        root.install(deb)
+        version = root.run("tunnel-agent", "--version")
+
+        assert (root / "etc/iot-tunnel-agent/config.toml").read_text() == edited
+        assert version.returncode == 0
+
+    def test_purge_removes_what_install_added(self, deb, root):
+        """After purge nothing of the package, its user or its directories is left."""
+        before = root.files()
+        root.install(deb)
+        state = root / "var/lib/iot-tunnel-agent"
+        state.mkdir()
+        (state / "status.json").write_text("{}")
+        root.run("dpkg", "--purge", PKG)
+        added = {
+            path
+            for path in root.files() - before
+            if not path.startswith(("/var/lib/dpkg/", "/var/log/", "/tmp/"))
+            # Backups adduser/deluser keep of the account files, and adduser's lock
+            # (on a running system /run is a tmpfs).
+            and path not in {"/etc/passwd-", "/etc/group-", "/etc/shadow-", "/etc/gshadow-"}
+            and path != "/run/adduser"
+        }
+
+        assert added == set()
+        assert root.passwd(USER) is None
+        assert root.group(USER) is None
+
+    def test_purge_keeps_files_the_administrator_added(self, deb, root):
+        """A device key left in /etc/iot-tunnel-agent survives purge, with its owner account."""
+        root.install(deb)
+        write_complete_config(root)
+        result = root.run("dpkg", "--purge", PKG)
+
+        assert (root / "etc/iot-tunnel-agent/private.pem.key").is_file()
+        assert not (root / "etc/iot-tunnel-agent/config.toml").exists()
+        assert not (root / "opt/iot-tunnel-agent").exists()
+        assert root.passwd(USER) is not None
+        assert "keeping /etc/iot-tunnel-agent" in result.stderr
