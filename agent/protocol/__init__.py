@@ -1,4 +1,5 @@
-"""Sans-I/O core of the Secure Tunneling data plane: framing, messages and the tunnel protocol.
+"""
+Sans-I/O core of the Secure Tunneling data plane: framing, messages and the tunnel protocol.
 
 No asyncio, sockets, clocks, subprocesses or AWS SDK here (STYLE §1). Callers import from
 this package::

@@ -1,4 +1,5 @@
-"""Tunnel framing: a 2-byte big-endian length prefix, then the message body (data-plane §4).
+"""
+Tunnel framing: a 2-byte big-endian length prefix, then the message body (data-plane §4).
 
 Frames do not line up with WebSocket messages: one message may carry several frames or part
 of one, so the receiver reassembles them in a :class:`FrameBuffer`.
@@ -32,7 +33,8 @@ PREFIX_SIZE: Final = 2
 
 
 def encode_frame(body: bytes) -> bytes:
-    """Prefix a message body with its 2-byte big-endian length.
+    """
+    Prefix a message body with its 2-byte big-endian length.
 
     Args:
         body: The encoded message.
@@ -42,7 +44,6 @@ def encode_frame(body: bytes) -> bytes:
 
     Raises:
         LocalProtocolError: The body is longer than :data:`MAX_FRAME_SIZE`.
-
     """
     size = len(body)
     if size > MAX_FRAME_SIZE:
@@ -51,7 +52,8 @@ def encode_frame(body: bytes) -> bytes:
 
 
 class FrameBuffer:
-    """Reassembly buffer for length-prefixed frames.
+    """
+    Reassembly buffer for length-prefixed frames.
 
     Bounded: once :meth:`next_frame` returns ``None`` it holds at most one partial frame, and
     every announced frame length is checked against ``max_frame_size`` before waiting for
@@ -65,13 +67,14 @@ class FrameBuffer:
 
     Args:
         max_frame_size: Largest body length a prefix may announce.
-
     """
 
     __slots__ = ("_data", "_owned", "_pos", "max_frame_size")
 
     def __init__(self, *, max_frame_size: int = MAX_FRAME_SIZE) -> None:
-        """Create an empty buffer."""
+        """
+        Create an empty buffer.
+        """
         self.max_frame_size = max_frame_size
         self._data: bytes | bytearray = b""
         self._pos = 0
@@ -79,16 +82,18 @@ class FrameBuffer:
         self._owned = False
 
     def __len__(self) -> int:
-        """Return the number of buffered bytes not yet returned as frames."""
+        """
+        Return the number of buffered bytes not yet returned as frames.
+        """
         return len(self._data) - self._pos
 
     def feed(self, data: Buffer) -> None:
-        """Append bytes received from the peer.
+        """
+        Append bytes received from the peer.
 
         Args:
             data: Any bytes-like object; ``bytes`` and ``bytearray`` are not copied when
                 nothing is pending.
-
         """
         if not data:
             return
@@ -113,7 +118,8 @@ class FrameBuffer:
             self._owned = True
 
     def next_span(self) -> tuple[bytes | bytearray, int, int] | None:
-        """Return the next complete frame as ``(buffer, body_start, body_end)``, without a copy.
+        """
+        Return the next complete frame as ``(buffer, body_start, body_end)``, without a copy.
 
         The span is only valid until the next :meth:`feed`; ``buffer[body_start - 2:body_end]``
         is the whole frame, prefix included.
@@ -123,7 +129,6 @@ class FrameBuffer:
 
         Raises:
             FrameTooLarge: The next prefix announces more than ``max_frame_size`` bytes.
-
         """
         data = self._data
         pos = self._pos
@@ -150,7 +155,8 @@ class FrameBuffer:
         return data, pos + PREFIX_SIZE, end
 
     def next_frame(self) -> bytes | None:
-        """Return the next complete frame body (without its prefix).
+        """
+        Return the next complete frame body (without its prefix).
 
         Returns:
             The body, or ``None`` when more data is needed (never an exception for a
@@ -158,7 +164,6 @@ class FrameBuffer:
 
         Raises:
             FrameTooLarge: The next prefix announces more than ``max_frame_size`` bytes.
-
         """
         span = self.next_span()
         if span is None:
@@ -169,7 +174,9 @@ class FrameBuffer:
         return bytes(memoryview(data)[start:end])
 
     def _keep_partial(self) -> None:
-        """Copy the pending partial frame out of a fed object we do not own."""
+        """
+        Copy the pending partial frame out of a fed object we do not own.
+        """
         self._data = bytearray(memoryview(self._data)[self._pos :])
         self._pos = 0
         self._owned = True

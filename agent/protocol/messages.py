@@ -1,4 +1,5 @@
-"""Tunnel messages: the protobuf ``Message`` body of a frame, as plain Python values.
+"""
+Tunnel messages: the protobuf ``Message`` body of a frame, as plain Python values.
 
 Code outside :mod:`agent.protocol` sees :class:`Message` dataclasses and bytes, never
 protobuf objects (STYLE §2). Three encoders/decoders live here:
@@ -65,7 +66,9 @@ Buffer: TypeAlias = bytes | bytearray | memoryview
 
 
 class ProtocolVersion(IntEnum):
-    """Version of the tunnel message format (data-plane §5 "Versions")."""
+    """
+    Version of the tunnel message format (data-plane §5 "Versions").
+    """
 
     V1 = 1
     V2 = 2
@@ -73,12 +76,15 @@ class ProtocolVersion(IntEnum):
 
     @property
     def subprotocol(self) -> str:
-        """The ``Sec-WebSocket-Protocol`` value for this version (data-plane §2)."""
+        """
+        The ``Sec-WebSocket-Protocol`` value for this version (data-plane §2).
+        """
         return f"aws.iot.securetunneling-{self.value}.0"
 
     @classmethod
     def from_subprotocol(cls, subprotocol: str) -> ProtocolVersion:
-        """Return the version a ``Sec-WebSocket-Protocol`` value names.
+        """
+        Return the version a ``Sec-WebSocket-Protocol`` value names.
 
         Args:
             subprotocol: For example ``aws.iot.securetunneling-3.0``.
@@ -88,7 +94,6 @@ class ProtocolVersion(IntEnum):
 
         Raises:
             ValueError: The value names no supported version.
-
         """
         for version in cls:
             if version.subprotocol == subprotocol:
@@ -102,7 +107,9 @@ V3: Final = ProtocolVersion.V3
 
 
 class MessageType(IntEnum):
-    """``Message.Type`` values (data-plane §4)."""
+    """
+    ``Message.Type`` values (data-plane §4).
+    """
 
     UNKNOWN = 0
     DATA = 1
@@ -128,7 +135,8 @@ _TYPES: Final[dict[int, MessageType]] = {member.value: member for member in Mess
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """One tunnel message; zero and empty values mean "absent" as in proto3 (data-plane §4).
+    """
+    One tunnel message; zero and empty values mean "absent" as in proto3 (data-plane §4).
 
     Attributes:
         type: The message type. A value outside :class:`MessageType` that a peer sent is
@@ -139,7 +147,6 @@ class Message:
         service_id: ``serviceId`` (V2+).
         available_service_ids: ``availableServiceIds`` (SERVICE_IDS, V2+).
         connection_id: ``connectionId`` (uint32, V3).
-
     """
 
     type: MessageType | int
@@ -177,7 +184,8 @@ _MAX_VALUE_BYTES: Final = 10
 
 
 def _varint(buf: Buffer, pos: int, end: int, max_bytes: int) -> tuple[int, int]:
-    """Decode a multi-byte varint starting at ``pos``.
+    """
+    Decode a multi-byte varint starting at ``pos``.
 
     Args:
         buf: The buffer.
@@ -190,7 +198,6 @@ def _varint(buf: Buffer, pos: int, end: int, max_bytes: int) -> tuple[int, int]:
 
     Raises:
         RemoteProtocolError: Truncated or too long.
-
     """
     value = 0
     shift = 0
@@ -206,11 +213,11 @@ def _varint(buf: Buffer, pos: int, end: int, max_bytes: int) -> tuple[int, int]:
 
 
 def _utf8(buf: Buffer, start: int, end: int) -> str:
-    """Decode a proto3 ``string`` field, which must be valid UTF-8 as upb requires.
+    """
+    Decode a proto3 ``string`` field, which must be valid UTF-8 as upb requires.
 
     Raises:
         RemoteProtocolError: Not valid UTF-8.
-
     """
     try:
         return str(buf[start:end], "utf-8")
@@ -219,7 +226,8 @@ def _utf8(buf: Buffer, start: int, end: int) -> str:
 
 
 def scan_message(buf: Buffer, start: int, end: int) -> ScannedMessage:  # noqa: C901, PLR0912
-    """Decode the message in ``buf[start:end]`` without copying the payload.
+    """
+    Decode the message in ``buf[start:end]`` without copying the payload.
 
     One loop with one branch per field keeps the per-frame cost to a few dozen bytecodes:
     this runs for every frame on every side (the complexity noqa is for that reason).
@@ -234,7 +242,6 @@ def scan_message(buf: Buffer, start: int, end: int) -> ScannedMessage:  # noqa: 
 
     Raises:
         RemoteProtocolError: Truncated or invalid protobuf, or a field outside the schema.
-
     """
     mtype = stream_id = connection_id = payload_start = payload_end = 0
     ignorable = False
@@ -295,7 +302,8 @@ def scan_message(buf: Buffer, start: int, end: int) -> ScannedMessage:  # noqa: 
 
 
 class MessageScanner:
-    """:func:`scan_message` with a one-entry cache of the last DATA frame's layout.
+    """
+    :func:`scan_message` with a one-entry cache of the last DATA frame's layout.
 
     A bulk transfer sends runs of DATA frames that differ only in their payload bytes: same
     stream, service, connection and payload size. When a frame has the size of the cached
@@ -308,14 +316,17 @@ class MessageScanner:
     __slots__ = ("_fields", "_head", "_head_size", "_size", "_tail", "_tail_size")
 
     def __init__(self) -> None:
-        """Create a scanner with an empty cache."""
+        """
+        Create a scanner with an empty cache.
+        """
         self._size = -1
         self._head = self._tail = b""
         self._head_size = self._tail_size = 0
         self._fields: ScannedMessage = (0, 0, False, 0, 0, "", (), 0)
 
     def scan(self, buf: bytes | bytearray, start: int, end: int) -> ScannedMessage:
-        """Decode the message in ``buf[start:end]`` like :func:`scan_message`.
+        """
+        Decode the message in ``buf[start:end]`` like :func:`scan_message`.
 
         Args:
             buf: The buffer holding the message body (``bytes`` or ``bytearray``).
@@ -357,7 +368,8 @@ class MessageScanner:
 
 
 def decode_message(body: Buffer) -> Message:
-    """Decode one message body (no length prefix).
+    """
+    Decode one message body (no length prefix).
 
     Args:
         body: The protobuf bytes.
@@ -367,7 +379,6 @@ def decode_message(body: Buffer) -> Message:
 
     Raises:
         RemoteProtocolError: Truncated or invalid protobuf, or fields outside the schema.
-
     """
     mtype, stream_id, ignorable, start, end, service_id, available, connection_id = scan_message(
         body, 0, len(body)
@@ -384,7 +395,8 @@ def decode_message(body: Buffer) -> Message:
 
 
 def encode_message(msg: Message) -> bytes:
-    """Encode one message body (no length prefix) with the generated protobuf code.
+    """
+    Encode one message body (no length prefix) with the generated protobuf code.
 
     Args:
         msg: The message.
@@ -395,7 +407,6 @@ def encode_message(msg: Message) -> bytes:
     Raises:
         LocalProtocolError: A field is out of its range (int32 ``type``/``stream_id``,
             uint32 ``connection_id``).
-
     """
     try:
         pb = message_pb2.Message(
@@ -417,7 +428,9 @@ _PREFIX: Final = struct.Struct(">H")
 
 
 def _encode_varint(value: int) -> bytes:
-    """Encode a non-negative integer (at most 64 bits) as a varint."""
+    """
+    Encode a non-negative integer (at most 64 bits) as a varint.
+    """
     if value < 0x80:
         return _SMALL_VARINTS[value]
     out = bytearray()
@@ -434,7 +447,8 @@ def encode_data_frame(
     connection_id: int,
     payload: Buffer,
 ) -> bytes:
-    """Encode a whole DATA frame, 2-byte length prefix included, copying the payload once.
+    """
+    Encode a whole DATA frame, 2-byte length prefix included, copying the payload once.
 
     The fields are written in field-number order with zero/empty ones omitted, exactly as
     protobuf serializes them (data-plane §4 golden DATA vector).
@@ -450,7 +464,6 @@ def encode_data_frame(
 
     Raises:
         LocalProtocolError: The frame would exceed the 2-byte length prefix.
-
     """
     size = len(payload)
     head = b"\x08\x01\x10" + _encode_varint(stream_id)

@@ -1,4 +1,5 @@
-"""Stream bookkeeping of the tunnel protocol: per-service stream state and its transitions.
+"""
+Stream bookkeeping of the tunnel protocol: per-service stream state and its transitions.
 
 Invariants (the model is h11's ``_state.py``):
 
@@ -49,7 +50,9 @@ MAX_CONNECTIONS_PER_SERVICE: Final = 128
 
 
 class StreamState(IntEnum):
-    """State of a service's stream."""
+    """
+    State of a service's stream.
+    """
 
     IDLE = 0
     OPEN = 1
@@ -60,7 +63,8 @@ OPEN: Final = StreamState.OPEN
 
 
 class StreamEvent(IntEnum):
-    """Something that happens to a service's stream (sent or received, already matched).
+    """
+    Something that happens to a service's stream (sent or received, already matched).
 
     DATA is not an event: it never changes the state, and the hot path checks only that the
     stream id is the active one (which implies OPEN).
@@ -97,7 +101,8 @@ TRANSITIONS: Final[dict[tuple[StreamState, StreamEvent], StreamState]] = {
 
 
 class ServiceStream:
-    """One service's stream, as one client end of the tunnel sees it.
+    """
+    One service's stream, as one client end of the tunnel sees it.
 
     Attributes:
         state: IDLE or OPEN.
@@ -105,13 +110,14 @@ class ServiceStream:
         connections: Its open connection ids (empty when IDLE).
         last_stream_id: The last stream id this end started (source only).
         last_connection_id: The last connection id this end started (source only).
-
     """
 
     __slots__ = ("connections", "last_connection_id", "last_stream_id", "state", "stream_id")
 
     def __init__(self) -> None:
-        """Create an IDLE stream whose counters start at 1."""
+        """
+        Create an IDLE stream whose counters start at 1.
+        """
         self.state = IDLE
         self.stream_id = 0
         self.connections: set[int] = set()
@@ -119,14 +125,14 @@ class ServiceStream:
         self.last_connection_id = 0
 
     def handle(self, event: StreamEvent) -> bool:
-        """Apply a matched event through :data:`TRANSITIONS`.
+        """
+        Apply a matched event through :data:`TRANSITIONS`.
 
         Args:
             event: The event.
 
         Returns:
             False when the event does not apply in the current state (nothing changed).
-
         """
         new = TRANSITIONS.get((self.state, event))
         if new is None:
@@ -138,7 +144,8 @@ class ServiceStream:
         return True
 
     def start(self, stream_id: int, connection_id: int) -> int:
-        """Make ``stream_id`` the active stream with one connection.
+        """
+        Make ``stream_id`` the active stream with one connection.
 
         Args:
             stream_id: The new stream.
@@ -146,7 +153,6 @@ class ServiceStream:
 
         Returns:
             The stream it replaced, or 0.
-
         """
         replaced = self.stream_id
         self.handle(STREAM_START_EVENT)
@@ -156,12 +162,15 @@ class ServiceStream:
         return replaced
 
     def next_stream_id(self) -> int:
-        """Advance the stream counter: 1, 2, ... INT32_MAX, then 1 again (Rule 4)."""
+        """
+        Advance the stream counter: 1, 2, ... INT32_MAX, then 1 again (Rule 4).
+        """
         self.last_stream_id = self.last_stream_id + 1 if self.last_stream_id < INT32_MAX else 1
         return self.last_stream_id
 
     def next_connection_id(self) -> int:
-        """Advance the connection counter to the next id not in use (1, 2, 3, ...; wraps at 2**32).
+        """
+        Advance the connection counter to the next id not in use (1, 2, 3, ...; wraps at 2**32).
 
         The caller guarantees fewer than 2**32 - 1 open connections (the cap is far lower).
         """
@@ -174,7 +183,8 @@ class ServiceStream:
 
 
 class StreamTable:
-    """The active streams of one tunnel, shared by the relay's two ends (SERVICE side).
+    """
+    The active streams of one tunnel, shared by the relay's two ends (SERVICE side).
 
     The source end records STREAM_START here, so the destination end knows which services
     have started streams (data-plane §5 "a message on a serviceId with no STREAM_START yet").
@@ -182,26 +192,32 @@ class StreamTable:
     Attributes:
         active: Service id -> its active stream id.
         started: Every service id a STREAM_START was seen for (``""`` for a V1 stream).
-
     """
 
     __slots__ = ("active", "started")
 
     def __init__(self) -> None:
-        """Create an empty table."""
+        """
+        Create an empty table.
+        """
         self.active: dict[str, int] = {}
         self.started: set[str] = set()
 
     def __repr__(self) -> str:
-        """Show the active streams (service ids are not secret)."""
+        """
+        Show the active streams (service ids are not secret).
+        """
         return f"StreamTable(active={self.active!r}, started={sorted(self.started)!r})"
 
     def state(self, service_id: str) -> StreamState:
-        """Return the state of a service's stream."""
+        """
+        Return the state of a service's stream.
+        """
         return OPEN if service_id in self.active else IDLE
 
     def start(self, service_id: str, stream_id: int) -> int:
-        """Record a STREAM_START.
+        """
+        Record a STREAM_START.
 
         Args:
             service_id: The service (``""`` in V1).
@@ -209,7 +225,6 @@ class StreamTable:
 
         Returns:
             The stream it replaced, or 0.
-
         """
         replaced = self.active.get(service_id, 0)
         self._handle(service_id, STREAM_START_EVENT)
@@ -218,7 +233,8 @@ class StreamTable:
         return replaced
 
     def reset(self, service_id: str, stream_id: int) -> bool:
-        """Record a STREAM_RESET.
+        """
+        Record a STREAM_RESET.
 
         Args:
             service_id: The service.
@@ -226,7 +242,6 @@ class StreamTable:
 
         Returns:
             True when it was the active stream, which is now gone; False for a stale id.
-
         """
         if self.active.get(service_id) != stream_id:
             return False
@@ -234,11 +249,15 @@ class StreamTable:
         return True
 
     def _handle(self, service_id: str, event: StreamEvent) -> None:
-        """Apply a matched event through :data:`TRANSITIONS` (Rule 1); IDLE drops the entry."""
+        """
+        Apply a matched event through :data:`TRANSITIONS` (Rule 1); IDLE drops the entry.
+        """
         if TRANSITIONS.get((self.state(service_id), event)) is IDLE:
             del self.active[service_id]
 
     def clear(self) -> None:
-        """Forget every stream (for example when a peer reconnects, data-plane §6)."""
+        """
+        Forget every stream (for example when a peer reconnects, data-plane §6).
+        """
         self.active.clear()
         self.started.clear()

@@ -1,4 +1,5 @@
-"""The tunnel protocol of one WebSocket: a sans-I/O state machine for every side and mode.
+"""
+The tunnel protocol of one WebSocket: a sans-I/O state machine for every side and mode.
 
 Invariants (the model is h11's ``_state.py``):
 
@@ -95,7 +96,9 @@ CLOSE_POLICY_VIOLATION: Final = 1008
 
 
 class Side(IntEnum):
-    """Which end of a WebSocket this object plays."""
+    """
+    Which end of a WebSocket this object plays.
+    """
 
     CLIENT = 0
     SERVICE = 1
@@ -106,14 +109,17 @@ SERVICE: Final = Side.SERVICE
 
 
 class Mode(IntEnum):
-    """Which local proxy the WebSocket belongs to (``local-proxy-mode``, data-plane §1)."""
+    """
+    Which local proxy the WebSocket belongs to (``local-proxy-mode``, data-plane §1).
+    """
 
     SOURCE = 0
     DESTINATION = 1
 
     @classmethod
     def parse(cls, value: str) -> Mode:
-        """Return the mode a ``local-proxy-mode`` value names.
+        """
+        Return the mode a ``local-proxy-mode`` value names.
 
         Args:
             value: ``"source"`` or ``"destination"``.
@@ -123,7 +129,6 @@ class Mode(IntEnum):
 
         Raises:
             ValueError: Any other value.
-
         """
         for mode in cls:
             if mode.query == value:
@@ -132,15 +137,21 @@ class Mode(IntEnum):
 
     @property
     def query(self) -> str:
-        """The ``local-proxy-mode`` value: ``"source"`` or ``"destination"``."""
+        """
+        The ``local-proxy-mode`` value: ``"source"`` or ``"destination"``.
+        """
         return self.name.lower()
 
     def __str__(self) -> str:
-        """Render as the ``local-proxy-mode`` value."""
+        """
+        Render as the ``local-proxy-mode`` value.
+        """
         return self.query
 
     def __format__(self, format_spec: str) -> str:
-        """Format as the ``local-proxy-mode`` value (IntEnum would format the number)."""
+        """
+        Format as the ``local-proxy-mode`` value (IntEnum would format the number).
+        """
         return format(self.query, format_spec)
 
 
@@ -163,7 +174,8 @@ _Handler = Callable[[int, str, tuple[str, ...], int], None]
 
 
 class TunnelProtocol:
-    """Sans-I/O tunnel protocol for one WebSocket.
+    """
+    Sans-I/O tunnel protocol for one WebSocket.
 
     Feed each binary WebSocket message to :meth:`receive_message`, call the ``send_*``
     methods, then drain :meth:`events_received`, :meth:`messages_to_send` and (SERVICE side)
@@ -196,7 +208,6 @@ class TunnelProtocol:
 
     Raises:
         ValueError: An argument is out of range, or ``streams`` was given to a CLIENT.
-
     """
 
     def __init__(  # noqa: PLR0913 - the limits are keyword-only knobs with defaults (STYLE §2)
@@ -212,7 +223,9 @@ class TunnelProtocol:
         max_connections: int = MAX_CONNECTIONS_PER_SERVICE,
         max_message_size: int = MAX_WS_MESSAGE_SIZE,
     ) -> None:
-        """Create the protocol object of one WebSocket."""
+        """
+        Create the protocol object of one WebSocket.
+        """
         self.side = Side(side)
         self.mode = Mode(mode)
         self.version = ProtocolVersion(version)
@@ -253,7 +266,9 @@ class TunnelProtocol:
         }
 
     def __repr__(self) -> str:
-        """Identify the object in logs."""
+        """
+        Identify the object in logs.
+        """
         return (
             f"<TunnelProtocol id={self.id} side={self.side.name} mode={self.mode.query}"
             f" version={self.version.name}>"
@@ -262,11 +277,11 @@ class TunnelProtocol:
     # Inbound
 
     def receive_message(self, data: Buffer) -> None:
-        """Process one binary WebSocket message from the peer (Rule 1: never raises for it).
+        """
+        Process one binary WebSocket message from the peer (Rule 1: never raises for it).
 
         Args:
             data: The message; it may hold several frames or part of one.
-
         """
         if self.failure is not None:
             return
@@ -285,24 +300,28 @@ class TunnelProtocol:
             self._fail(exc, CLOSE_POLICY_VIOLATION)
 
     def events_received(self) -> list[Event]:
-        """Return the events received since the last call, and forget them."""
+        """
+        Return the events received since the last call, and forget them.
+        """
         events, self._events = self._events, []
         return events
 
     def messages_to_send(self) -> list[bytes]:
-        """Return the binary WebSocket messages for the peer (one frame each), and forget them."""
+        """
+        Return the binary WebSocket messages for the peer (one frame each), and forget them.
+        """
         messages, self._to_send = self._to_send, []
         return messages
 
     def messages_to_forward(self) -> list[bytes]:
-        """Return the valid frames from the peer for the relay's other end, and forget them.
+        """
+        Return the valid frames from the peer for the relay's other end, and forget them.
 
         Each element is one WebSocket binary message of whole frames, byte-for-byte as
         received (Rule 4).
 
         Raises:
             LocalProtocolError: Called on the CLIENT side.
-
         """
         self._require(SERVICE, "messages_to_forward")
         messages, self._to_forward = self._to_forward, []
@@ -311,7 +330,8 @@ class TunnelProtocol:
     # Outbound (both sides)
 
     def send_stream_start(self, service_id: str) -> tuple[int, int]:
-        """Start a new stream for a service (CLIENT+SOURCE).
+        """
+        Start a new stream for a service (CLIENT+SOURCE).
 
         The stream id comes from the service's counter (1, 2, ..., INT32_MAX, 1, ...); the
         stream replaces any active one and starts with connection 1 (data-plane §5).
@@ -324,7 +344,6 @@ class TunnelProtocol:
 
         Raises:
             LocalProtocolError: Not a source client, or a service id in V1.
-
         """
         self._require(CLIENT, "send_stream_start", SOURCE)
         self._check_service(service_id)
@@ -342,7 +361,8 @@ class TunnelProtocol:
         return stream_id, 1
 
     def send_connection_start(self, service_id: str) -> int:
-        """Open one more connection on the service's active stream (CLIENT+SOURCE, V3).
+        """
+        Open one more connection on the service's active stream (CLIENT+SOURCE, V3).
 
         Args:
             service_id: The service.
@@ -353,7 +373,6 @@ class TunnelProtocol:
         Raises:
             LocalProtocolError: Not a V3 source client, no active stream, or
                 ``max_connections`` connections already open.
-
         """
         self._require(CLIENT, "send_connection_start", SOURCE)
         if self.version is not V3:
@@ -377,7 +396,8 @@ class TunnelProtocol:
         return connection_id
 
     def send_data(self, service_id: str, connection_id: int, data: Buffer) -> None:
-        """Send bytes on a connection of the service's active stream (CLIENT).
+        """
+        Send bytes on a connection of the service's active stream (CLIENT).
 
         The data is split into frames of at most ``max_payload_size`` bytes; each frame
         copies its slice once (Rule 6). Empty data sends nothing.
@@ -390,7 +410,6 @@ class TunnelProtocol:
         Raises:
             LocalProtocolError: On the SERVICE side, or the connection is not open (check
                 :meth:`connection_ids` first: the peer may have reset it).
-
         """
         stream = self._streams.get(service_id)
         if stream is None or connection_id not in stream.connections:
@@ -420,7 +439,8 @@ class TunnelProtocol:
             )
 
     def send_connection_reset(self, service_id: str, connection_id: int) -> None:
-        """Close one connection of the service's active stream (CONNECTION_RESET, V3).
+        """
+        Close one connection of the service's active stream (CONNECTION_RESET, V3).
 
         A no-op when there is no such connection (it may already be gone).
 
@@ -431,7 +451,6 @@ class TunnelProtocol:
         Raises:
             LocalProtocolError: A CLIENT in V1/V2 (close the stream with
                 :meth:`send_stream_reset` instead, data-plane §5 V2).
-
         """
         if self.side is SERVICE:
             stream_id = self._table.active.get(service_id)
@@ -456,7 +475,8 @@ class TunnelProtocol:
         )
 
     def send_stream_reset(self, service_id: str, stream_id: int | None = None) -> None:
-        """Reset the service's active stream, or the given one (STREAM_RESET).
+        """
+        Reset the service's active stream, or the given one (STREAM_RESET).
 
         The stream and all its connections end locally. On the SERVICE side this is the relay
         originating a reset to this peer (data-plane §6) and it clears the
@@ -468,7 +488,6 @@ class TunnelProtocol:
 
         Raises:
             LocalProtocolError: ``stream_id`` is not in 1..INT32_MAX, or a service id in V1.
-
         """
         if stream_id is not None and not 0 < stream_id <= INT32_MAX:
             raise LocalProtocolError("stream id out of range")
@@ -490,13 +509,13 @@ class TunnelProtocol:
         self._queue(Message(MessageType.STREAM_RESET, stream_id, service_id=service_id))
 
     def send_service_ids(self) -> None:
-        """Announce the tunnel's services (SERVICE; SERVICE_IDS, sent even when empty).
+        """
+        Announce the tunnel's services (SERVICE; SERVICE_IDS, sent even when empty).
 
         A no-op in V1, which has no SERVICE_IDS (data-plane §5).
 
         Raises:
             LocalProtocolError: On the CLIENT side.
-
         """
         self._require(SERVICE, "send_service_ids")
         if self.version is V1:
@@ -504,11 +523,11 @@ class TunnelProtocol:
         self._queue(Message(MessageType.SERVICE_IDS, available_service_ids=self.services))
 
     def send_session_reset(self) -> None:
-        """Tell the peer to reset every stream (SERVICE; SESSION_RESET, on internal errors).
+        """
+        Tell the peer to reset every stream (SERVICE; SESSION_RESET, on internal errors).
 
         Raises:
             LocalProtocolError: On the CLIENT side.
-
         """
         self._require(SERVICE, "send_session_reset")
         self._queue(Message(MessageType.SESSION_RESET))
@@ -516,7 +535,9 @@ class TunnelProtocol:
     # Queries
 
     def active_stream(self, service_id: str) -> int | None:
-        """Return the service's active stream id, or None."""
+        """
+        Return the service's active stream id, or None.
+        """
         if self.side is SERVICE:
             return self._table.active.get(service_id)
         stream = self._streams.get(service_id)
@@ -525,7 +546,8 @@ class TunnelProtocol:
         return stream.stream_id
 
     def connection_ids(self, service_id: str) -> frozenset[int]:
-        """Return the open connections of the service's active stream.
+        """
+        Return the open connections of the service's active stream.
 
         Always empty on the SERVICE side, which does not track connections.
         """
@@ -537,36 +559,48 @@ class TunnelProtocol:
     # Internals of the outbound calls
 
     def _require(self, side: Side, what: str, mode: Mode | None = None) -> None:
-        """Raise LocalProtocolError unless this object plays ``side`` (and ``mode``)."""
+        """
+        Raise LocalProtocolError unless this object plays ``side`` (and ``mode``).
+        """
         if self.side is not side or (mode is not None and self.mode is not mode):
             role = f"{side.name} {mode.query}" if mode is not None else side.name
             raise LocalProtocolError(f"{what} is for the {role} side")
 
     def _check_service(self, service_id: str) -> None:
-        """Refuse a service id in V1, where there are none (data-plane §5 V1)."""
+        """
+        Refuse a service id in V1, where there are none (data-plane §5 V1).
+        """
         if service_id and self.version is V1:
             raise LocalProtocolError("V1 carries no service id")
 
     def _stream(self, service_id: str) -> ServiceStream:
-        """Return the service's stream record, creating it."""
+        """
+        Return the service's stream record, creating it.
+        """
         stream = self._streams.get(service_id)
         if stream is None:
             stream = self._streams[service_id] = ServiceStream()
         return stream
 
     def _queue(self, msg: Message) -> None:
-        """Queue one control message as one frame (Rule 3)."""
+        """
+        Queue one control message as one frame (Rule 3).
+        """
         self._to_send.append(encode_frame(encode_message(msg)))
 
     def _fail(self, exc: RemoteProtocolError, code: int) -> None:
-        """Record the peer's violation and stop processing input (Rule 1)."""
+        """
+        Record the peer's violation and stop processing input (Rule 1).
+        """
         self.failure = exc
         self._events.append(ProtocolFailed(code, str(exc)))
 
     # Internals of the CLIENT side inbound
 
     def _receive_client(self, data: Buffer) -> None:
-        """Handle every complete frame of a message (client side)."""
+        """
+        Handle every complete frame of a message (client side).
+        """
         frames = self._frames
         frames.feed(data)
         while (span := frames.next_span()) is not None:
@@ -604,7 +638,9 @@ class TunnelProtocol:
             handler(stream_id, service_id, available, conn)
 
     def _on_unknown(self, mtype: int, *, ignorable: bool) -> None:
-        """Drop an ignorable unknown type (data-plane §5); any other is a violation."""
+        """
+        Drop an ignorable unknown type (data-plane §5); any other is a violation.
+        """
         if mtype == MessageType.UNKNOWN:
             raise RemoteProtocolError("message type 0")
         if not ignorable:
@@ -612,7 +648,9 @@ class TunnelProtocol:
         self.dropped += 1
 
     def _matching(self, service_id: str, stream_id: int) -> ServiceStream | None:
-        """Return the service's stream if ``stream_id`` is its active stream, else count a drop."""
+        """
+        Return the service's stream if ``stream_id`` is its active stream, else count a drop.
+        """
         stream = self._streams.get(service_id)
         if stream is None or stream.stream_id != stream_id:
             self.dropped += 1
@@ -622,7 +660,9 @@ class TunnelProtocol:
     def _on_stream_start(
         self, stream_id: int, service_id: str, _available: tuple[str, ...], conn: int
     ) -> None:
-        """STREAM_START: the destination makes it the active stream (data-plane §5)."""
+        """
+        STREAM_START: the destination makes it the active stream (data-plane §5).
+        """
         if self.mode is SOURCE:
             raise RemoteProtocolError("a source received STREAM_START")
         content = V3 if conn else V2 if service_id else V1
@@ -643,7 +683,9 @@ class TunnelProtocol:
     def _on_connection_start(
         self, stream_id: int, service_id: str, _available: tuple[str, ...], conn: int
     ) -> None:
-        """CONNECTION_START (V3): one more connection on the destination's active stream."""
+        """
+        CONNECTION_START (V3): one more connection on the destination's active stream.
+        """
         if self.mode is SOURCE:
             raise RemoteProtocolError("a source received CONNECTION_START")
         if self.version is not V3:
@@ -674,7 +716,9 @@ class TunnelProtocol:
     def _on_connection_reset(
         self, stream_id: int, service_id: str, _available: tuple[str, ...], conn: int
     ) -> None:
-        """CONNECTION_RESET: close one connection of the active stream; ignored if none matches."""
+        """
+        CONNECTION_RESET: close one connection of the active stream; ignored if none matches.
+        """
         stream = self._matching(service_id, stream_id)
         if stream is None:
             return
@@ -689,7 +733,9 @@ class TunnelProtocol:
     def _on_stream_reset(
         self, stream_id: int, service_id: str, _available: tuple[str, ...], _conn: int
     ) -> None:
-        """STREAM_RESET: the active stream and its connections end; ignored for another id."""
+        """
+        STREAM_RESET: the active stream and its connections end; ignored for another id.
+        """
         stream = self._matching(service_id, stream_id)
         if stream is None:
             return
@@ -699,7 +745,9 @@ class TunnelProtocol:
     def _on_session_reset(
         self, _stream_id: int, _service_id: str, _available: tuple[str, ...], _conn: int
     ) -> None:
-        """SESSION_RESET: every stream is forgotten (the counters live on, data-plane §5 IDs)."""
+        """
+        SESSION_RESET: every stream is forgotten (the counters live on, data-plane §5 IDs).
+        """
         for stream in self._streams.values():
             stream.handle(SESSION_RESET_EVENT)
         self._events.append(SessionReset())
@@ -707,14 +755,18 @@ class TunnelProtocol:
     def _on_service_ids(
         self, _stream_id: int, _service_id: str, available: tuple[str, ...], _conn: int
     ) -> None:
-        """SERVICE_IDS: remember the tunnel's services; repeats are reported too."""
+        """
+        SERVICE_IDS: remember the tunnel's services; repeats are reported too.
+        """
         self.available_service_ids = available
         self._events.append(ServiceIdsReceived(available))
 
     # Internals of the SERVICE side inbound
 
     def _receive_service(self, data: Buffer) -> None:
-        """Validate every complete frame of a message and queue the valid ones for forwarding."""
+        """
+        Validate every complete frame of a message and queue the valid ones for forwarding.
+        """
         frames = self._frames
         fresh = not len(frames)
         frames.feed(data)
@@ -738,14 +790,14 @@ class TunnelProtocol:
                             self._to_forward.append(bytes(memoryview(buf)[start - 2 : end]))
 
     def _validate(self, buf: bytes | bytearray, start: int, end: int) -> None:  # noqa: C901, PLR0912
-        """Check one frame against data-plane §5 and track streams in the shared table.
+        """
+        Check one frame against data-plane §5 and track streams in the shared table.
 
         One flat function, DATA first, keeps the per-frame cost low (Rule 6); hence the
         complexity noqa.
 
         Raises:
             RemoteProtocolError: The frame breaks a rule.
-
         """
         mtype, stream_id, ignorable, payload_start, payload_end, service_id, _, conn = self._scan(
             buf, start, end
