@@ -37,7 +37,7 @@ DIST = REPO / "dist"
 PKG = "iot-tunnel-agent"
 USER = "iot-tunnel-agent"
 PREFIX = Path("/opt") / PKG
-CONFIG_EXAMPLE = Path(os.environ.get("CONFIG_EXAMPLE", REPO / "config" / "config.example.toml"))
+CONFIG_EXAMPLE = REPO / "config" / "config.example.toml"
 CACHE = Path(os.environ.get("IOT_TUNNEL_AGENT_CACHE", Path.home() / ".cache" / PKG))
 MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
 CHROOT_ENV = ["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", "HOME=/"]
@@ -130,7 +130,8 @@ def deb() -> Path:
     if path.is_file() and stamp.is_file() and stamp.read_text() == digest:
         return path
     stamp.unlink(missing_ok=True)
-    env = {**os.environ, "DIST": str(DIST), "CONFIG_EXAMPLE": str(CONFIG_EXAMPLE)}
+    env = {**os.environ, "DIST": str(DIST)}
+    env.pop("CONFIG_EXAMPLE", None)
     result = subprocess.run(
         ["bash", str(DEBIAN / "build.sh")],
         capture_output=True,
@@ -246,24 +247,18 @@ def root(base_root: Path, tmp_path: Path):
         shutil.rmtree(tmp_path, ignore_errors=True)
 
 
-def write_complete_config(root: Root) -> None:
-    """Give the installed agent a complete MQTT configuration and key files of its own."""
+def install_device_files(root: Root) -> None:
+    """Put the certificate, key and CA where the shipped example expects them, as README says."""
     uid, gid = root.ids(USER)
-    conf = root / "etc/iot-tunnel-agent"
-    for name, mode in (("device.pem.crt", 0o644), ("private.pem.key", 0o600)):
-        (conf / name).write_text(f"{name} placeholder\n")
-        os.chown(conf / name, uid, gid)
-        (conf / name).chmod(mode)
-    (conf / "config.toml").write_text(
-        'thing_name = "pi-42"\n'
-        'notify = "mqtt"\n'
-        "[mqtt]\n"
-        'endpoint = "example-ats.iot.eu-west-1.amazonaws.com"\n'
-        'cert = "/etc/iot-tunnel-agent/device.pem.crt"\n'
-        'key = "/etc/iot-tunnel-agent/private.pem.key"\n'
-        "[services]\n"
-        "SSH = 22\n"
-    )
+    certs = root / "etc/iot-tunnel-agent/certs"
+    for name, mode in (
+        ("device.pem.crt", 0o644),
+        ("private.pem.key", 0o600),
+        ("AmazonRootCA1.pem", 0o644),
+    ):
+        (certs / name).write_text(f"{name} placeholder\n")
+        os.chown(certs / name, uid, gid)
+        (certs / name).chmod(mode)
 
 
 class TestBuild:
@@ -397,6 +392,7 @@ class TestInstall:
         entry = root.passwd(USER)
         uid, gid = root.ids(USER)
         conf_dir = (root / "etc/iot-tunnel-agent").stat()
+        certs = (root / "etc/iot-tunnel-agent/certs").stat()
         conf = (root / "etc/iot-tunnel-agent/config.toml").stat()
 
         assert entry is not None
@@ -404,12 +400,13 @@ class TestInstall:
         assert entry[5:] == ["/var/lib/iot-tunnel-agent", "/usr/sbin/nologin"]
         assert root.group(USER) is not None
         assert (conf_dir.st_uid, conf_dir.st_gid, conf_dir.st_mode & 0o7777) == (0, gid, 0o750)
+        assert (certs.st_uid, certs.st_gid, certs.st_mode & 0o7777) == (0, gid, 0o750)
         assert (conf.st_uid, conf.st_gid, conf.st_mode & 0o7777) == (0, gid, 0o640)
 
     def test_check_config_as_the_service_user(self, deb, root):
         """check-config passes as iot-tunnel-agent with its own 0600 key, fails for others."""
         root.install(deb)
-        write_complete_config(root)
+        install_device_files(root)
         # --config as in the unit's ExecStart=.
         check = ("tunnel-agent", "check-config", "--config", "/etc/iot-tunnel-agent/config.toml")
         as_agent = root.run(*check, user=USER, check=False)
@@ -420,18 +417,24 @@ class TestInstall:
         assert "not readable" in as_nobody.stderr
 
     def test_check_config_on_the_shipped_example(self, deb, root):
-        """check-config on the untouched conffile exits 0 or 78 with one line per problem."""
+        """On the untouched conffile check-config exits 78 naming each missing device file."""
         root.install(deb)
         result = root.run("tunnel-agent", "check-config", check=False)
+        problems = sorted(line.strip() for line in result.stderr.splitlines()[1:])
 
-        assert result.returncode in {0, 78}, result.stderr
-        assert "Traceback" not in result.stderr
+        assert result.returncode == 78
+        assert problems == [
+            "mqtt.ca = '/etc/iot-tunnel-agent/certs/AmazonRootCA1.pem': file does not exist",
+            "mqtt.cert = '/etc/iot-tunnel-agent/certs/device.pem.crt': file does not exist",
+            "mqtt.key = '/etc/iot-tunnel-agent/certs/private.pem.key': file does not exist",
+        ]
 
     def test_upgrade_keeps_the_administrators_edits(self, deb, root):
         """Re-installing over an edited config.toml keeps the edit (it is a conffile)."""
         root.install(deb)
-        write_complete_config(root)
-        edited = (root / "etc/iot-tunnel-agent/config.toml").read_text()
+        config = root / "etc/iot-tunnel-agent/config.toml"
+        config.write_text(config.read_text().replace('"my-device"', '"pi-42"'))
+        edited = config.read_text()
         root.install(deb)
         version = root.run("tunnel-agent", "--version")
 
@@ -463,10 +466,10 @@ class TestInstall:
     def test_purge_keeps_files_the_administrator_added(self, deb, root):
         """A device key left in /etc/iot-tunnel-agent survives purge, with its owner account."""
         root.install(deb)
-        write_complete_config(root)
+        install_device_files(root)
         result = root.run("dpkg", "--purge", PKG)
 
-        assert (root / "etc/iot-tunnel-agent/private.pem.key").is_file()
+        assert (root / "etc/iot-tunnel-agent/certs/private.pem.key").is_file()
         assert not (root / "etc/iot-tunnel-agent/config.toml").exists()
         assert not (root / "opt/iot-tunnel-agent").exists()
         assert root.passwd(USER) is not None
