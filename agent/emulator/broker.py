@@ -342,6 +342,16 @@ class Broker:
         await self.stop()
         await self.start()
 
+    def allow_thing(self, name: str) -> None:
+        """
+        Let ``name`` subscribe from the next start on (no effect on a running broker).
+
+        Raises:
+            ValueError: ``name`` is not a valid thing name.
+        """
+        _check_thing_name(name)
+        self._things.add(name)
+
     async def add_thing(self, name: str) -> None:
         """
         Allow ``name`` to subscribe to its notify topic, at once when the broker runs.
