@@ -502,6 +502,7 @@ class Emulator:
             "ca": str(self.ca_file),
             "region": self.region,
             "pid": os.getpid(),
+            "broker_pid": self.broker.pid,
         }
 
     def _write_endpoints(self) -> None:
