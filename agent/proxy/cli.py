@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import logging
 import os
 import signal
 import sys
+import types
 from pathlib import Path
 
 from agent import __version__
@@ -265,6 +267,36 @@ async def _run(options: ProxyOptions) -> int:
     return await run_proxy(options, stop)
 
 
+class _DeferredModule(types.ModuleType):
+    """
+    Stands in for a module until one of its attributes is used, then loads the real one.
+    """
+
+    def __getattr__(self, attribute: str) -> object:
+        name = self.__name__
+        if sys.modules.get(name) is self:
+            del sys.modules[name]
+        real = importlib.import_module(name)
+        parent, _, child = name.rpartition(".")
+        setattr(sys.modules[parent], child, real)
+        return getattr(real, attribute)
+
+
+def defer_unused_imports() -> None:
+    """
+    Defer ``importlib.metadata``: websockets imports it only to read its own version.
+
+    It drags in the ``email`` and ``csv`` packages: about 3 MB of a proxy's 30 MB memory budget
+    and 20 ms of its start. A stand-in module loads the real one on first attribute access, so
+    anything that does use it still works. (``importlib.util.LazyLoader`` cannot do this: the
+    import system reads ``__spec__`` on every import, which triggers the load.)
+    """
+    if "importlib.metadata" not in sys.modules:
+        stand_in = _DeferredModule("importlib.metadata")
+        sys.modules["importlib.metadata"] = stand_in
+        importlib.metadata = stand_in
+
+
 def main(argv: list[str] | None = None) -> int:
     """
     Run the local proxy; returns the exit status.
@@ -278,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     # Children we might start must not inherit the token.
     os.environ.pop("AWSIOT_TUNNEL_ACCESS_TOKEN", None)
+    defer_unused_imports()
     return run(_run(options))
 
 

@@ -18,6 +18,7 @@ from agent.protocol import (
     ConnectionReset,
     DataReceived,
     Event,
+    LocalProtocolError,
     ProtocolVersion,
     ServiceIdsReceived,
     SessionReset,
@@ -225,7 +226,12 @@ class Bridge:
         conn = self.conn
         if conn is None or local.closed_by_peer:
             return
-        conn.tunnel.send_data(local.service_id, local.connection_id, data)
+        try:
+            conn.tunnel.send_data(local.service_id, local.connection_id, data)
+        except LocalProtocolError:
+            # The tunnel already ended this connection (a reset crossed our data): drop it.
+            local.close_by_peer()
+            return
         conn.flush()
 
     def local_closed(self, local: LocalConnection) -> None:

@@ -348,7 +348,7 @@ class TestEncodeMessage:
     def test_round_trip(
         self, mtype, stream_id, ignorable, payload, service_id, available, connection_id
     ):
-        """decode_message(encode_message(m)) == m for every in-range message."""
+        """decode_message(encode_message(m)) == m, and the bytes are protobuf's own."""
         msg = Message(
             type=MessageType(mtype) if 0 <= mtype <= 7 else mtype,
             stream_id=stream_id,
@@ -358,8 +358,25 @@ class TestEncodeMessage:
             available_service_ids=available,
             connection_id=connection_id,
         )
+        oracle = message_pb2.Message(
+            type=mtype,
+            streamId=stream_id,
+            ignorable=ignorable,
+            payload=payload,
+            serviceId=service_id,
+            availableServiceIds=available,
+            connectionId=connection_id,
+        ).SerializeToString()
 
-        assert decode_message(encode_message(msg)) == msg
+        body = encode_message(msg)
+
+        assert body == oracle
+        assert decode_message(body) == msg
+
+    def test_unencodable_string(self):
+        """A lone surrogate in a service id is a LocalProtocolError."""
+        with pytest.raises(LocalProtocolError, match="cannot encode"):
+            encode_message(Message(DATA, stream_id=1, service_id="\ud800"))
 
 
 class TestEncodeDataFrame:
@@ -372,14 +389,13 @@ class TestEncodeDataFrame:
     )
     def test_equals_protobuf(self, stream_id, service_id, connection_id, payload):
         """The hand-written DATA encoder produces protobuf's bytes, prefix included."""
-        msg = Message(
-            DATA,
-            stream_id=stream_id,
+        body = message_pb2.Message(
+            type=int(DATA),
+            streamId=stream_id,
             payload=payload,
-            service_id=service_id,
-            connection_id=connection_id,
-        )
-        body = encode_message(msg)
+            serviceId=service_id,
+            connectionId=connection_id,
+        ).SerializeToString()
 
         if len(body) > 65535:
             with pytest.raises(LocalProtocolError):

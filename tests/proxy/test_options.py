@@ -154,3 +154,23 @@ class TestCommand:
         assert result.stderr.strip().splitlines() == [
             "tunnel-localproxy: no access token: set AWSIOT_TUNNEL_ACCESS_TOKEN"
         ]
+
+
+class TestFootprint:
+    def test_running_proxy_loads_neither_protobuf_nor_importlib_metadata(self):
+        """The proxy's imports leave out protobuf and the email package (memory budget)."""
+        code = (
+            "import sys\n"
+            "from agent.proxy.cli import defer_unused_imports\n"
+            "defer_unused_imports()\n"
+            "import agent.proxy.session\n"
+            "print(sorted(m for m in ('google.protobuf', 'email', 'csv') if m in sys.modules))\n"
+            "import importlib.metadata\n"
+            "print(importlib.metadata.version('websockets') != '')\n"
+        )
+
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, check=True
+        )
+
+        assert result.stdout.split("\n")[:2] == ["[]", "True"]
