@@ -39,6 +39,7 @@ import structlog
 from agent.emulator.broker import Broker, BrokerError, register_things
 from agent.emulator.notifier import Notifier
 from agent.emulator.pki import (
+    DEFAULT_SERVER_HOSTS,
     PRIVILEGED_IDENTITY,
     THING_NAME_PATTERN,
     CertificateAuthority,
@@ -169,7 +170,9 @@ class Emulator:
         self.broker = Broker(
             self.directory / "broker",
             ca_file=self.ca_file,
-            server=self.ca.issue_server(KeyPair(pki / "broker.crt", pki / "broker.key")),
+            server=self.ca.issue_server(
+                KeyPair(pki / "broker.crt", pki / "broker.key"), hosts=self._server_hosts()
+            ),
             admin=self.privileged,
             host=host,
             port=mqtt_port,
@@ -306,9 +309,15 @@ class Emulator:
         self.api = None
         log.info("emulator_stopped", directory=str(self.directory))
 
+    def _server_hosts(self) -> list[str]:
+        # The listen address first (it becomes the CN), then the loopback names.
+        return list(dict.fromkeys([self.host, *DEFAULT_SERVER_HOSTS]))
+
     def _relay_ssl(self) -> ssl.SSLContext:
         pki = self.directory / "pki"
-        pair = self.ca.issue_server(KeyPair(pki / "relay.crt", pki / "relay.key"))
+        pair = self.ca.issue_server(
+            KeyPair(pki / "relay.crt", pki / "relay.key"), hosts=self._server_hosts()
+        )
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         context.load_cert_chain(pair.cert, pair.key)
         return context
@@ -423,11 +432,13 @@ class Emulator:
             except BaseException as exc:  # re-raised in the caller's thread
                 errors.append(exc)
 
-        thread = threading.Thread(target=target, name="emulator-add-thing")
+        thread = threading.Thread(target=target, name="emulator-add-thing", daemon=True)
         thread.start()
         thread.join(_ADD_THING_TIMEOUT)
         if errors:
             raise errors[0]
+        if thread.is_alive():
+            raise BrokerError(f"the broker did not register the thing within {_ADD_THING_TIMEOUT}s")
 
     def _register_with_running_emulator(self, name: str) -> None:
         # `tunnel-agent emulator add-thing` in another process while an emulator runs on this

@@ -172,6 +172,9 @@ class MqttNotificationSource:
         self._loop = loop
         self._closing = False
         self._ready = loop.create_future()
+        # A refusal that arrives after __aenter__ gave up waiting is logged, not lost: mark
+        # the future's exception as retrieved so asyncio does not report it at collection.
+        self._ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         stopped = self._stopped = asyncio.Event()
         self._client = build_client(
             endpoint=self.endpoint,

@@ -113,6 +113,22 @@ class TestLifecycle:
 
         assert subject == ((("commonName", "127.0.0.1"),),)
 
+    async def test_listen_address_in_certificates(self, tmp_path):
+        """With host="localhost" the broker and relay certificates name it first."""
+        async with Emulator(tmp_path / "emu", host="localhost") as emu:
+            _reader, writer = await asyncio.open_connection(
+                "localhost",
+                int(emu.relay_endpoint.rsplit(":", 1)[1]),
+                ssl=ssl.create_default_context(cafile=str(emu.ca_file)),
+            )
+            subject = writer.get_extra_info("peercert")["subject"]
+            writer.close()
+            await writer.wait_closed()
+            mqtt_host = emu.mqtt_endpoint[0]
+
+        assert subject == ((("commonName", "localhost"),),)
+        assert mqtt_host == "localhost"
+
     async def test_without_relay(self, tmp_path):
         """relay=False runs the control plane and MQTT only."""
         async with Emulator(tmp_path / "emu", relay=False) as emu:

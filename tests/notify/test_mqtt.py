@@ -148,6 +148,17 @@ class TestReceive:
             }
         ]
 
+    async def test_wait_subscribed_after_early_return(self, broker, mqtt_pki):
+        """If __aenter__ stops waiting early, wait_subscribed() still reports the SUBACK."""
+        async with _source(mqtt_pki, broker.port, connect_timeout=0) as source:
+            early = source.subscribed
+            async with asyncio.timeout(5 * SCALE):
+                await source.wait_subscribed()
+            later = source.subscribed
+
+        assert early is False
+        assert later is True
+
     def test_satisfies_protocol_and_registry(self, mqtt_pki):
         """The class is what the registry loads for "mqtt" and fits NotificationSource."""
         source = _source(mqtt_pki, 8883)
