@@ -33,7 +33,7 @@ __all__ = ["HandshakeFailed", "SessionEnd", "TunnelApp", "TunnelConnection"]
 log = logging.getLogger("agent.proxy")
 
 # Bytes queued towards the service before local sockets stop being read (backpressure).
-WS_WRITE_HIGH_WATER = 512 * 1024
+WS_WRITE_HIGH_WATER = 256 * 1024
 # Time allowed for the closing handshake before the TCP connection is aborted.
 CLOSE_TIMEOUT = 2.0
 

@@ -15,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING, cast
 
 from agent.protocol import (
+    MAX_PAYLOAD_SIZE,
     ConnectionReset,
     DataReceived,
     Event,
@@ -39,9 +40,11 @@ log = logging.getLogger("agent.proxy")
 
 # Bytes queued towards a local application before the WebSocket stops being read.
 LOCAL_WRITE_HIGH_WATER = 256 * 1024
+# One read fills exactly four DATA payloads (data-plane §4: 64512 bytes each).
+READ_SIZE = MAX_PAYLOAD_SIZE
 
 
-class LocalConnection(asyncio.Protocol):
+class LocalConnection(asyncio.BufferedProtocol):
     """
     One local TCP connection carried by the tunnel as (service id, connection id).
     """
@@ -86,15 +89,21 @@ class LocalConnection(asyncio.Protocol):
                 self.bridge.local_congested(self, congested=False)
             self._pending_size = 0
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:  # noqa: ARG002 - our size is fixed
         """
-        Bytes from the local application go into the tunnel.
+        Read into the bridge's buffer: one for all connections, as each read is consumed at once.
+        """
+        return self.bridge.read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """
+        Bytes from the local application go into the tunnel (encoding copies them out).
         """
         bridge = self.bridge
         if bridge.locals_paused and self.transport is not None:
             # uvloop starts reading after connection_made returns, undoing a pause made there.
             self.transport.pause_reading()
-        bridge.local_data(self, data)
+        bridge.local_data(self, bridge.read_view[:nbytes])
 
     def eof_received(self) -> bool:
         """
@@ -165,6 +174,7 @@ class Bridge:
         self.conn: TunnelConnection | None = None
         self.locals: dict[tuple[str, int], LocalConnection] = {}
         self.locals_paused = False
+        self.read_view = memoryview(bytearray(READ_SIZE))
         self.fatal: str | None = None
         self.fatal_event = asyncio.Event()
         self._congested: set[tuple[str, int]] = set()
@@ -219,7 +229,7 @@ class Bridge:
 
     # Called by local connections
 
-    def local_data(self, local: LocalConnection, data: bytes) -> None:
+    def local_data(self, local: LocalConnection, data: memoryview) -> None:
         """
         Carry local bytes into the tunnel.
         """
