@@ -462,15 +462,19 @@ class Broker:
         if self._log is None:
             self._log = self.log_file.open("ab")
         offset = self._log.tell()
-        self._process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; waits are async
-            [binary, "-c", str(self.config_file)],
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=self._log,
-            # Its own session: Ctrl-C in the emulator's terminal reaches the emulator only,
-            # which then stops the broker in order.
-            start_new_session=True,
-        )
+        try:
+            self._process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; waits are async
+                [binary, "-c", str(self.config_file)],
+                stdin=subprocess.DEVNULL,
+                stdout=self._log,
+                stderr=self._log,
+                # Its own session: Ctrl-C in the emulator's terminal reaches the emulator only,
+                # which then stops the broker in order.
+                start_new_session=True,
+            )
+        except OSError as exc:
+            await self.stop()  # closes the log file
+            raise BrokerError(f"cannot run {binary}: {exc.strerror or exc}") from exc
         try:
             await self._wait_ready(offset)
         except BaseException:

@@ -304,6 +304,21 @@ class TestLifecycle:
         with pytest.raises(BrokerError, match="apt-get install mosquitto"):
             await instance.start()
 
+    async def test_unusable_binary(self, mqtt_pki, tmp_path):
+        """An explicit binary that cannot be executed is a BrokerError, not a bare OSError."""
+        instance = Broker(
+            tmp_path / "b",
+            ca_file=mqtt_pki.ca_file,
+            server=mqtt_pki.server,
+            admin=mqtt_pki.admin,
+            binary=str(tmp_path / "missing-mosquitto"),
+        )
+
+        with pytest.raises(BrokerError, match=r"cannot run .*missing-mosquitto: No such file"):
+            await instance.start()
+
+        assert not instance.running
+
     def test_find_mosquitto(self):
         """The Debian binary is found even when /usr/sbin is not on PATH."""
         assert Path(find_mosquitto()).name == "mosquitto"
