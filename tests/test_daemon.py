@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from agent.daemon import Daemon
 from agent.exceptions import ConfigError
@@ -35,7 +36,15 @@ from tests.fakes import (
 
 
 SERVICES = {"SSH": "22", "HTTP": "127.0.0.1:8080"}
+json_documents = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=30),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=20), inner, max_size=4)
+    ),
+    max_leaves=10,
+)
 TOKEN = "AQGAAXiSecretTunnelAccessToken_0123456789"
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "2000"))
 
 
 @pytest.fixture(autouse=True)
@@ -357,6 +366,10 @@ class AgentProcess:
                 events.append(json.loads(line))
         return [e for e in events if name is None or e.get("event") == name]
 
+    def count(self, name: str) -> int:
+        """Count events by name without parsing every line (cheap on big logs)."""
+        return self.log.read_text().count(f'"event": "{name}"')
+
     def wait_until(self, predicate, timeout: float = 10_000 * MS) -> None:
         deadline = time.monotonic() + timeout
         while not predicate():
@@ -505,4 +518,34 @@ class TestAgentProcess:
         a.wait_until(lambda: len(a.events("notification_rejected")) == 6)
 
         assert read_runs(a.proxy_dir) == []
+        assert a.process.poll() is None
+
+    def test_random_payloads(self, agent):
+        """Hypothesis payloads reach the real daemon: every one rejected, nothing spawned."""
+        payloads: list[bytes] = []
+
+        # 10,000 run against the pure parser (test_notification); generating them is the
+        # slow part, so the process sees a 2,000 sample (FUZZ_EXAMPLES raises it).
+        @settings(
+            max_examples=FUZZ_EXAMPLES,
+            database=None,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+        )
+        @given(st.binary(max_size=200) | json_documents.map(lambda d: json.dumps(d).encode()))
+        def collect(payload: bytes) -> None:
+            payloads.append(payload)
+
+        collect()
+        a = agent()
+
+        for payload in payloads:
+            a.send(payload)
+        a.wait_until(lambda: a.count("notification_rejected") == len(payloads), 60)
+        a.send(notification(TOKEN))
+        a.wait_until(lambda: read_runs(a.proxy_dir))
+
+        assert len(payloads) == FUZZ_EXAMPLES
+        assert a.count("notification_handling_failed") == 0
+        assert len(read_runs(a.proxy_dir)) == 1
         assert a.process.poll() is None
