@@ -179,7 +179,8 @@ if [ "${#elves[@]}" -gt 0 ]; then
     "${elves[@]/#/-e}" 2>"$WORK/shlibdeps.log" | sed -n 's/^shlibs:Depends=//p') \
     || { cat "$WORK/shlibdeps.log" >&2; die "dpkg-shlibdeps failed"; }
 fi
-DEPENDS="python3 (>= 3.11), python$PYVER, adduser${SHLIBS:+, $SHLIBS}"
+# procps: the unit's ExecReload= runs /bin/kill (found missing by the nspawn boot test).
+DEPENDS="python3 (>= 3.11), python$PYVER, adduser, procps${SHLIBS:+, $SHLIBS}"
 
 INSTALLED_SIZE=$(du -sk --exclude=DEBIAN "$STAGE" | cut -f1)
 sed -e "s|@VERSION@|$VERSION|" -e "s|@ARCH@|$ARCH|" -e "s|@DEPENDS@|$DEPENDS|" \

@@ -16,12 +16,17 @@ fails the test with what to install rather than skipping it.
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import hashlib
+import http.server
 import os
 import re
 import shutil
 import subprocess
+import threading
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -40,6 +45,9 @@ PREFIX = Path("/opt") / PKG
 CONFIG_EXAMPLE = REPO / "config" / "config.example.toml"
 CACHE = Path(os.environ.get("IOT_TUNNEL_AGENT_CACHE", Path.home() / ".cache" / PKG))
 MIRROR = os.environ.get("DEBIAN_MIRROR", "http://deb.debian.org/debian")
+SCALE = float(os.environ.get("TEST_TIME_SCALE", "1.0"))
+# The package's dependencies, and systemd so that the same root can boot (TestUnderSystemd).
+BOOTSTRAP_PACKAGES = "python3,adduser,procps,systemd,systemd-sysv,dbus"
 CHROOT_ENV = ["env", "-i", "PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C.UTF-8", "HOME=/"]
 # Every distribution in the venv is pinned here (the build is repeatable).
 CONSTRAINTS = DEBIAN / "constraints.txt"
@@ -166,7 +174,8 @@ def codename() -> str:
 def base_root() -> Path:
     """Return a cached minbase root of this machine's release, bootstrapping it once."""
     need_root()
-    base = CACHE / f"debootstrap-{codename()}-minbase-{architecture()}"
+    tag = hashlib.sha256(BOOTSTRAP_PACKAGES.encode()).hexdigest()[:8]
+    base = CACHE / f"debootstrap-{codename()}-minbase-{architecture()}-{tag}"
     if (base / "usr/bin/python3").exists():
         return base
     debootstrap = need("debootstrap", "debootstrap")
@@ -174,7 +183,7 @@ def base_root() -> Path:
     partial = base.with_name(base.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     run(
-        debootstrap, "--variant=minbase", "--include=python3,adduser",
+        debootstrap, "--variant=minbase", f"--include={BOOTSTRAP_PACKAGES}",
         codename(), partial, MIRROR,
         timeout=1200,
     )  # fmt: skip
@@ -277,7 +286,7 @@ class TestBuild:
             agent.__version__,
             architecture(),
         )
-        assert {"python3 (>= 3.11)", "python3.11", "adduser"} <= set(depends)
+        assert {"python3 (>= 3.11)", "python3.11", "adduser", "procps"} <= set(depends)
         assert not [d for d in depends if "mosquitto" in d]
 
     def test_layout(self, unpacked):
@@ -474,3 +483,229 @@ class TestInstall:
         assert not (root / "opt/iot-tunnel-agent").exists()
         assert root.passwd(USER) is not None
         assert "keeping /etc/iot-tunnel-agent" in result.stderr
+
+
+# -- the unit under a real systemd -----------------------------------------------------------
+# The fresh root boots with systemd-nspawn (sharing this machine's network, as a device
+# shares its LAN), the .deb installed in it, and the agent started by `systemctl start`
+# against the emulator on loopback: the unit's whole sandbox is applied by systemd itself.
+
+UNIT = f"{PKG}.service"
+PAGE = b"<html><body>through the hardened unit</body></html>"
+
+
+class Container:
+    """A root booted with systemd-nspawn; commands enter it with nsenter."""
+
+    def __init__(self, root: Root, log: Path) -> None:
+        self.root = root
+        self._log = log.open("wb")
+        self.process = subprocess.Popen(
+            [
+                need("systemd-nspawn", "systemd-container"), "--quiet", "-D", str(root.path),
+                "--boot", "--register=no", "--keep-unit", "--console=pipe",
+                f"--machine=tunnel-agent-test-{os.getpid()}",
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        self.leader = self._wait_for(self._find_leader, "the container's systemd")
+        self._wait_for(self._booted, "the container to finish booting")
+
+    def _wait_for(self, probe, what: str, timeout: float = 60):
+        deadline = time.monotonic() + timeout * SCALE
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                pytest.fail(f"systemd-nspawn exited {self.process.returncode} waiting for {what}")
+            found = probe()
+            if found:
+                return found
+            time.sleep(0.1)
+        pytest.fail(f"timed out waiting for {what}")
+
+    def _find_leader(self) -> int | None:
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit():
+                with contextlib.suppress(OSError, IndexError):
+                    fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+                    if int(fields[1]) == self.process.pid:
+                        return int(entry.name)
+        return None
+
+    def _booted(self) -> bool:
+        state = self.run("systemctl", "is-system-running", check=False).stdout.strip()
+        return state in {"running", "degraded"}
+
+    def run(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return run("nsenter", "-t", str(self.leader), "-a", *argv, check=check, timeout=120)
+
+    def show(self, *properties: str) -> dict[str, str]:
+        names = ",".join(properties)
+        output = self.run("systemctl", "show", UNIT, f"--property={names}").stdout
+        return dict(line.split("=", 1) for line in output.splitlines() if "=" in line)
+
+    def wait_state(self, predicate, what: str, timeout: float = 30) -> dict[str, str]:
+        properties = ("ActiveState", "SubState", "MainPID", "NRestarts", "ExecMainStatus", "Result")
+
+        def probe() -> dict[str, str] | None:
+            state = self.show(*properties)
+            return state if predicate(state) else None
+
+        return self._wait_for(probe, what, timeout)
+
+    def process_status(self, pid: str) -> dict[str, str]:
+        text = self.run("cat", f"/proc/{pid}/status").stdout
+        return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            # SIGTERM asks nspawn for an orderly shutdown of the container.
+            self.process.terminate()
+            try:
+                self.process.wait(30 * SCALE)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+
+
+class PageHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(PAGE)))
+        self.end_headers()
+        self.wfile.write(PAGE)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def web_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), PageHandler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+@pytest.fixture
+def world(tmp_path, web_server):
+    from tests.integration.test_agent_e2e import World
+
+    made = World(tmp_path / "world", {"HTTP": f"127.0.0.1:{web_server}"})
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def configure_for_emulator(root: Root, world) -> None:
+    """Install the emulator thing's credentials and configuration as README tells an admin to."""
+    uid, gid = root.ids(USER)
+    certs = root / "etc/iot-tunnel-agent/certs"
+    config = world.bundle.config.read_text()
+    for source, mode in (
+        (world.bundle.cert, 0o644),
+        (world.bundle.key, 0o600),
+        (world.bundle.ca, 0o644),
+    ):
+        target = certs / source.name
+        shutil.copy2(source, target)
+        os.chown(target, uid, gid)
+        target.chmod(mode)
+        config = config.replace(str(source), f"/etc/iot-tunnel-agent/certs/{source.name}")
+    (root / "etc/iot-tunnel-agent/config.toml").write_text(config)
+
+
+@pytest.fixture
+def container(deb, root, tmp_path):
+    root.install(deb)
+    booted = Container(root, tmp_path / "nspawn.log")
+    try:
+        yield booted
+    finally:
+        booted.close()
+
+
+def http_get(port: int) -> bytes:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10 * SCALE) as response:
+        return response.read()
+
+
+class TestUnderSystemd:
+    def test_serves_a_tunnel_inside_the_sandbox(self, container, world):
+        """Start returns on READY=1; the sandboxed agent and its proxy carry a tunnel."""
+        configure_for_emulator(container.root, world)
+
+        container.run("systemctl", "start", UNIT)
+        started = container.show("ActiveState", "SubState", "MainPID")
+        agent_status = container.process_status(started["MainPID"])
+        tunnel = world.open(["HTTP"])
+        world.wait_connected(tunnel["tunnelId"])
+        main = started["MainPID"]
+        proxy_pid = container.run("cat", f"/proc/{main}/task/{main}/children").stdout.split()[0]
+        proxy_status = container.process_status(proxy_pid)
+        source = world.source(tunnel["sourceAccessToken"], ["HTTP"])
+        body = http_get(source.port("HTTP"))
+        uid = str(container.root.ids(USER)[0])
+
+        assert (started["ActiveState"], started["SubState"]) == ("active", "running")
+        assert body == PAGE
+        for status in (agent_status, proxy_status):
+            assert status["Uid"].split() == [uid] * 4
+            assert (status["NoNewPrivs"], status["Seccomp"]) == ("1", "2")
+            assert status["CapEff"] == status["CapBnd"] == "0000000000000000"
+
+    def test_reload_stop_and_restart_after_a_crash(self, container, world):
+        """SIGHUP keeps the process, a SIGKILL is restarted, stop ends it cleanly."""
+        configure_for_emulator(container.root, world)
+        container.run("systemctl", "start", UNIT)
+        first = container.show("MainPID")["MainPID"]
+
+        container.run("systemctl", "reload", UNIT)
+        reloaded = container.show("ActiveState", "MainPID")
+        container.run("systemctl", "kill", "--signal=KILL", UNIT)
+        restarted = container.wait_state(
+            lambda s: s["ActiveState"] == "active" and s["MainPID"] not in {"0", first},
+            "the restart after SIGKILL",
+        )
+        container.run("systemctl", "stop", UNIT)
+        stopped = container.show("ActiveState", "Result", "ExecMainStatus")
+
+        assert reloaded == {"ActiveState": "active", "MainPID": first}
+        assert restarted["NRestarts"] == "1"
+        assert stopped == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
+
+    def test_configuration_error_is_not_restarted(self, container):
+        """With the untouched example config the agent exits 78 and systemd does not retry."""
+        start = container.run("systemctl", "start", UNIT, check=False)
+        # RestartSec=5: wait past it to see that no restart was scheduled.
+        time.sleep(6 * SCALE)
+        state = container.show("ActiveState", "Result", "ExecMainStatus", "NRestarts")
+        journal = container.run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat").stdout
+
+        assert start.returncode != 0
+        assert state == {
+            "ActiveState": "failed",
+            "Result": "exit-code",
+            "ExecMainStatus": "78",
+            "NRestarts": "0",
+        }
+        assert (
+            "mqtt.cert = '/etc/iot-tunnel-agent/certs/device.pem.crt': file does not exist"
+            in journal
+        )
+
+    def test_live_security_analysis(self, container):
+        """The running systemd rates the installed unit's exposure <= 2.0 too."""
+        output = container.run("systemd-analyze", "security", "--no-pager", UNIT).stdout
+        match = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", output)
+
+        assert match is not None, output
+        assert float(match.group(1)) <= 2.0, output
