@@ -111,6 +111,7 @@ def inputs_digest() -> str:
         REPO / "systemd" / f"{PKG}.service",
         REPO / "pyproject.toml",
         REPO / "README.md",
+        REPO / "LICENSE",
         CONFIG_EXAMPLE,
         *sorted(
             path
@@ -681,6 +682,30 @@ class TestUnderSystemd:
         assert reloaded == {"ActiveState": "active", "MainPID": first}
         assert restarted["NRestarts"] == "1"
         assert stopped == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
+
+    def test_watchdog_is_fed_and_a_frozen_agent_is_restarted(self, container, world):
+        """With WatchdogSec=2 the agent keeps pinging; SIGSTOP makes systemd restart it."""
+        configure_for_emulator(container.root, world)
+        dropin = container.root / f"etc/systemd/system/{UNIT}.d/test-watchdog.conf"
+        dropin.parent.mkdir(parents=True)
+        # Short enough to test quickly; RestartSec/TimeoutAbortSec keep the restart brisk.
+        dropin.write_text("[Service]\nWatchdogSec=2\nTimeoutAbortSec=2\nRestartSec=1\n")
+        container.run("systemctl", "daemon-reload")
+        container.run("systemctl", "start", UNIT)
+        first = container.show("MainPID")["MainPID"]
+
+        time.sleep(6 * SCALE)  # three watchdog periods: a silent agent would have been killed
+        alive = container.show("ActiveState", "MainPID", "NRestarts")
+        container.run("systemctl", "kill", "--signal=STOP", UNIT)
+        restarted = container.wait_state(
+            lambda s: s["ActiveState"] == "active" and s["MainPID"] not in {"0", first},
+            "the watchdog restart",
+        )
+        journal = container.run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat").stdout
+
+        assert alive == {"ActiveState": "active", "MainPID": first, "NRestarts": "0"}
+        assert restarted["NRestarts"] == "1"
+        assert "Watchdog timeout" in journal
 
     def test_configuration_error_is_not_restarted(self, container):
         """With the untouched example config the agent exits 78 and systemd does not retry."""
