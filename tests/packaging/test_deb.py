@@ -20,6 +20,7 @@ import contextlib
 import csv
 import hashlib
 import http.server
+import json
 import os
 import re
 import shutil
@@ -655,9 +656,15 @@ class TestUnderSystemd:
         source = world.source(tunnel["sourceAccessToken"], ["HTTP"])
         body = http_get(source.port("HTTP"))
         uid = str(container.root.ids(USER)[0])
+        # What an administrator runs (as root): the unit's RuntimeDirectory= status file.
+        status = json.loads(container.run("tunnel-agent", "status", "--json").stdout)
 
         assert (started["ActiveState"], started["SubState"]) == ("active", "running")
         assert body == PAGE
+        assert status["pid"] == int(main)
+        assert [(t["services"], t["pid"]) for t in status["tunnels"]] == [
+            (["HTTP"], int(proxy_pid))
+        ]
         for status in (agent_status, proxy_status):
             assert status["Uid"].split() == [uid] * 4
             assert (status["NoNewPrivs"], status["Seccomp"]) == ("1", "2")
