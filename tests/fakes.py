@@ -192,7 +192,7 @@ class FakeProxyLauncher:
         self._pids = itertools.count(10_000)
 
     async def launch(self, spec: ProxySpec, *, log: Any) -> FakeProxy:
-        from agent.exceptions import ProxyStartError  # noqa: PLC0415
+        from agent.exceptions import ProxyStartError
 
         if self.fail:
             raise ProxyStartError("cannot start fake: No such file or directory")
@@ -274,9 +274,9 @@ class LogCapture:
     """The agent's real logging pipeline (redaction included) writing JSON to memory."""
 
     def __init__(self, level: str = "debug") -> None:
-        import io  # noqa: PLC0415
+        import io
 
-        from agent.logging import configure_logging  # noqa: PLC0415
+        from agent.logging import configure_logging
 
         self.stream = io.StringIO()
         configure_logging(level=level, fmt="json", stream=self.stream)
@@ -295,9 +295,9 @@ class LogCapture:
 
 def reset_logging() -> None:
     """Undo configure_logging(): structlog defaults, no context, no root handler."""
-    import logging  # noqa: PLC0415
+    import logging
 
-    import structlog  # noqa: PLC0415
+    import structlog
 
     structlog.reset_defaults()
     structlog.contextvars.clear_contextvars()
@@ -311,9 +311,9 @@ def reset_logging() -> None:
 
 def _agent_main(argv: list[str]) -> int:
     """``python -m tests.fakes agent CONFIG SOCKET``: a real daemon fed by a socket."""
-    from agent.daemon import build_daemon  # noqa: PLC0415
-    from agent.logging import configure_logging  # noqa: PLC0415
-    from agent.settings import load_settings  # noqa: PLC0415
+    from agent.daemon import build_daemon
+    from agent.logging import configure_logging
+    from agent.settings import load_settings
 
     config, sock = Path(argv[0]), Path(argv[1])
     settings = load_settings(config)

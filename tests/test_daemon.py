@@ -16,9 +16,11 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from agent.daemon import Daemon
+from agent.daemon import Daemon, build_daemon, build_source, limits_from, proxy_options_from
 from agent.exceptions import ConfigError
+from agent.notify.mqtt import MqttNotificationSource
 from agent.sdnotify import SdNotifier
+from agent.settings import load_settings
 from agent.state import StatusFile
 from agent.tunnels import Limits, ProxyOptions, TunnelManager
 from tests.fakes import (
@@ -311,6 +313,70 @@ class TestReload:
 
         assert h.manager.services == SERVICES
         assert "port must be" in capture.named("config_reload_failed")[0]["error"]
+
+
+class TestWiring:
+    def settings(self, tmp_path, **overrides):
+        path = tmp_path / "c.toml"
+        path.write_text(
+            'thing_name = "dev-1"\nnotify = "mqtt"\n[services]\nSSH = 22\n'
+            '[mqtt]\nendpoint = "127.0.0.1"\nport = 1883\ncert = "/c"\nkey = "/k"\n'
+            '[proxy]\nendpoint = "127.0.0.1:8443"\nno_verify = true\nmax_restarts = 2\n'
+            'extra_env = {A = "b"}\n'
+            '[limits]\nmax_tunnel_lifetime = "30m"\non_limit = "stop_oldest"\n'
+        )
+        return load_settings(path, overrides)
+
+    def test_plain_values_passed_down(self, tmp_path):
+        """Settings become plain keyword values for the manager (STYLE §6)."""
+        settings = self.settings(tmp_path, mqtt={"http_proxy": "http://p:3128"})
+
+        limits = limits_from(settings)
+        options = proxy_options_from(settings)
+
+        assert limits == Limits(max_concurrent=10, max_lifetime=1800.0, on_limit="stop_oldest")
+        assert options.command == (sys.executable, "-m", "agent.proxy")
+        assert options.endpoint == "127.0.0.1:8443"
+        assert options.no_verify is True
+        assert options.max_restarts == 2
+        assert options.extra_env == {"A": "b"}
+        assert options.http_proxy == "http://p:3128"
+
+    def test_build_source_mqtt(self, tmp_path):
+        """notify=mqtt builds the MQTT source from [mqtt] without connecting."""
+        source = build_source(self.settings(tmp_path))
+
+        assert isinstance(source, MqttNotificationSource)
+        assert source.topic == "$aws/things/dev-1/tunnels/notify"
+        assert source.client_id == "dev-1"
+
+    async def test_build_daemon(self, tmp_path, sd_socket):
+        """build_daemon wires source, launcher, status dir and systemd from settings and env."""
+        _, path = sd_socket
+        settings = self.settings(tmp_path, runtime_dir=str(tmp_path / "rt"))
+        source = FakeNotificationSource()
+        launcher = FakeProxyLauncher()
+        reloaded = self.settings(tmp_path, services={"VNC": "5900"})
+        daemon = build_daemon(
+            settings,
+            reload=lambda: reloaded,
+            source=source,
+            launcher=launcher,
+            environ={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "1000000"},
+        )
+        task = asyncio.create_task(daemon.run())
+        await wait_for(lambda: source.entered)
+        source.publish(notification(TOKEN))
+        await wait_for(lambda: launcher.proxies)
+        daemon.request_reload()
+        services = dict(daemon._manager.services)
+        daemon.request_stop()
+        code = await asyncio.wait_for(task, 5)
+
+        assert code == 0
+        assert launcher.proxies[0].spec.argv[3:] == ("-d", "SSH=22", "-e", "127.0.0.1:8443", "-k")
+        assert services == {"SSH": "22", "VNC": "5900"}
+        assert daemon._watchdog == 0.5
 
 
 # ---------------------------------------------------------------------------
