@@ -72,6 +72,7 @@ class Daemon:
         notifier: SdNotifier | None = None,
         watchdog: float | None = None,
         shutdown_timeout: float = 5.0,
+        thing_name: str | None = None,
     ) -> None:
         """
         Assemble a daemon from its parts; nothing starts before :meth:`run`.
@@ -84,6 +85,7 @@ class Daemon:
             notifier: systemd notifier, or ``None`` outside systemd.
             watchdog: Seconds between ``WATCHDOG=1`` pings, or ``None``.
             shutdown_timeout: Budget for the whole graceful stop, in seconds.
+            thing_name: Bound to every log line of the daemon (STYLE §7).
         """
         self._source = source
         self._manager = manager
@@ -92,6 +94,7 @@ class Daemon:
         self._notifier = notifier
         self._watchdog = watchdog
         self._shutdown_timeout = shutdown_timeout
+        self._context = {} if thing_name is None else {"thing_name": thing_name}
         self._stop = asyncio.Event()
         self._state = "starting"
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -201,6 +204,10 @@ class Daemon:
             :data:`EXIT_OK` after a requested stop, :data:`EXIT_FAILURE` if the
             notification source failed or ended by itself.
         """
+        with structlog.contextvars.bound_contextvars(**self._context):
+            return await self._run()
+
+    async def _run(self) -> int:
         loop = asyncio.get_running_loop()
         self._install_signals(loop)
         exit_code = EXIT_OK
@@ -391,6 +398,7 @@ def build_daemon(
         reload=reload_limits if reload is not None else None,
         notifier=SdNotifier.from_environ(environ),
         watchdog=watchdog_interval(environ),
+        thing_name=settings.thing_name,
     )
     holder.append(daemon)
     return daemon

@@ -333,6 +333,8 @@ class TunnelManager:
             return Outcome.DUPLICATE
         admitted = self._admit(request)
         if isinstance(admitted, Outcome):
+            # Not started: a later delivery of the same token deserves a fresh decision.
+            self._recent.pop(digest, None)
             return admitted
         key = secrets.token_hex(4)
         now = time.time()

@@ -494,6 +494,7 @@ class TestAgentProcess:
         assert TOKEN not in a.log.read_text()
         assert run["env"]["AWSIOT_TUNNEL_CLIENT_TOKEN"] not in a.log.read_text()
         assert "token is **********" in [e["line"] for e in a.events("proxy_output")]
+        assert a.events("tunnel_started")[0]["thing_name"] == "dev-1"
 
     def test_sigterm_exit_0_no_child(self, agent):
         """SIGTERM: exit 0 within 5 s, the proxy got SIGTERM and no child is left."""

@@ -107,6 +107,20 @@ class TestDefaults:
         assert settings.services == {"SSH": "22", "HTTP": "127.0.0.1:8080"}
         assert settings.mqtt.port == 8883
 
+    def test_example_documents_every_field(self):
+        """Every setting appears in config/config.example.toml (set or commented out)."""
+        example = (Path(__file__).parent.parent / "config" / "config.example.toml").read_text()
+        sections = {"mqtt", "proxy", "logging", "limits"}
+        missing = []
+        for name, info in AgentSettings.model_fields.items():
+            fields = info.annotation.model_fields if name in sections else {name: None}
+            tables = {"extra_env", "services"}
+            missing += [f for f in fields if f not in tables and f"{f} = " not in example]
+
+        assert missing == []
+        assert "[proxy.extra_env]" in example
+        assert "[services]" in example
+
 
 class TestSources:
     def test_env_overrides_file(self, files, monkeypatch):

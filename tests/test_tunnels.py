@@ -258,6 +258,19 @@ class TestLimits:
         assert len(launcher.running) == 1
         assert capture.named("tunnel_limit_reached")[0]["policy"] == "refuse_new"
 
+    async def test_refused_token_not_remembered(self, make, launcher):
+        """A token refused at the cap is not a duplicate once a slot is free."""
+        manager = make(Limits(max_concurrent=1))
+        await manager.open(request("tokenA-0123456789", ("SSH",)))
+        await wait_for(lambda: launcher.proxies)
+        refused = await manager.open(request("tokenB-0123456789", ("HTTP",)))
+        launcher.proxies[0].exit(0)
+        await wait_for(lambda: not manager.tunnels())
+
+        retried = await manager.open(request("tokenB-0123456789", ("HTTP",)))
+
+        assert (refused, retried) == (Outcome.REFUSED_LIMIT, Outcome.STARTED)
+
     async def test_stop_oldest(self, make, launcher, capture):
         """At the cap with stop_oldest, the oldest proxy is stopped and the new one starts."""
         manager = make(Limits(max_concurrent=1, on_limit="stop_oldest"))
