@@ -18,7 +18,8 @@
 # dpkg-shlibdeps), and PyPI for the pinned wheels (packaging/debian/constraints.txt).
 # Environment: PYTHON (default /usr/bin/python3), DIST (default <repo>/dist), CONFIG_EXAMPLE
 # (default <repo>/config/config.example.toml),
-# SOURCE_DATE_EPOCH (default: the last commit's time, for reproducible timestamps).
+# SOURCE_DATE_EPOCH (default: the last commit's time, for reproducible timestamps),
+# SOURCE_BUILDS=1 (allow compiling dependencies that have no wheel, e.g. awscrt on armhf).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
@@ -82,8 +83,11 @@ step "building the project wheel"
 WHEEL=$(ls "$WORK"/wheels/iot_tunnel_agent-*.whl)
 step "installing $(basename "$WHEEL") and its pinned runtime dependencies"
 # --no-compile: byte-code would embed the staging path; postinst compiles on the device.
-# --only-binary for the pinned set: wheels are what the tests ran against (armhf: README).
-"$VPY" -m pip install -q --no-compile --only-binary=:all: \
+# Wheels only by default: they are what the tests ran against. 32-bit ARM has no awscrt
+# wheel: SOURCE_BUILDS=1 lets pip compile it (needs cmake, build-essential, python3-dev).
+BINARY=(--only-binary=:all:)
+if [ "${SOURCE_BUILDS:-0}" = 1 ]; then BINARY=(); fi
+"$VPY" -m pip install -q --no-compile "${BINARY[@]}" \
   --constraint "$HERE/constraints.txt" "$WHEEL"
 # pip and setuptools are build tools; the device never installs into this venv.
 "$VPY" -m pip uninstall -q -y pip setuptools
