@@ -245,6 +245,7 @@ if action == "ignore-term":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 else:
     signal.signal(signal.SIGTERM, on_term)
+(directory / f"ready-{{os.getpid()}}").write_text("")
 while True:
     time.sleep(3600)
 """

@@ -502,6 +502,7 @@ class TestAgentProcess:
         a.send(notification(TOKEN))
         a.wait_until(lambda: read_runs(a.proxy_dir))
         (run,) = read_runs(a.proxy_dir)
+        a.wait_until((a.proxy_dir / f"ready-{run['pid']}").exists)
         started = time.monotonic()
 
         a.process.send_signal(signal.SIGTERM)

@@ -183,7 +183,7 @@ class TestProcess:
     async def test_argv_env_and_cmdline(self, proxy_dir, capture):
         """The child gets the argv and tokens; /proc/PID/cmdline never contains a token."""
         handle = await SubprocessLauncher().launch(spec_for(proxy_dir), log=structlog.get_logger())
-        await wait_for(lambda: read_runs(proxy_dir))
+        await wait_for((proxy_dir / f"ready-{handle.pid}").exists)
         cmdline = read_cmdline(handle.pid)
         await handle.stop()
         (run,) = read_runs(proxy_dir)
@@ -199,7 +199,7 @@ class TestProcess:
     async def test_own_process_group(self, proxy_dir):
         """Each proxy leads its own process group (Ctrl-C reaches only the agent)."""
         handle = await SubprocessLauncher().launch(spec_for(proxy_dir), log=structlog.get_logger())
-        await wait_for(lambda: read_runs(proxy_dir))
+        await wait_for((proxy_dir / f"ready-{handle.pid}").exists)
         await handle.stop()
         (run,) = read_runs(proxy_dir)
 
@@ -241,7 +241,7 @@ class TestProcess:
     async def test_stop_sigterm(self, proxy_dir):
         """stop() sends SIGTERM and reaps a proxy that honours it."""
         handle = await SubprocessLauncher().launch(spec_for(proxy_dir), log=structlog.get_logger())
-        await wait_for(lambda: read_runs(proxy_dir))
+        await wait_for((proxy_dir / f"ready-{handle.pid}").exists)
 
         returncode = await handle.stop()
 
@@ -311,7 +311,8 @@ class TestParentDeath:
             assert parent.stdout is not None
             pid = int(parent.stdout.readline())
             deadline = time.monotonic() + 5000 * MS
-            while not read_runs(proxy_dir) and time.monotonic() < deadline:
+            # Ready = its SIGTERM handler is installed (it then records the signal).
+            while not (proxy_dir / f"ready-{pid}").exists() and time.monotonic() < deadline:
                 time.sleep(10 * MS)
             parent.kill()
             parent.wait()
