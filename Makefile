@@ -3,7 +3,7 @@ SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
 # Debian packages the tests and the demo use (installed with apt-get when missing and root).
-APT_PACKAGES := mosquitto mosquitto-clients openssh-server openssh-client systemd dpkg-dev lintian fakeroot
+APT_PACKAGES := mosquitto mosquitto-clients openssh-server openssh-client systemd systemd-container dpkg-dev lintian debootstrap python3-venv procps
 STAMP := $(VENV)/.installed
 
 .PHONY: all test lint typecheck pytest demo bench deb proto clean deps venv
@@ -44,8 +44,13 @@ test: deps venv lint typecheck pytest
 demo: deps venv
 	$(PY) -m agent.emulator.demo
 
+# Figures, not pass/fail. Each script takes --json; tunnel_bench.py also --localproxy PATH.
 bench: deps venv
 	$(PY) tests/bench/tunnel_bench.py
+	$(PY) tests/bench/api_bench.py
+	$(PY) tests/bench/notify_bench.py
+	$(PY) tests/bench/agent_bench.py
+	$(PY) -m tests.protocol.bench_protocol
 
 proto: venv
 	$(PY) -m grpc_tools.protoc -Iagent/protocol --python_out=agent/protocol/_pb --pyi_out=agent/protocol/_pb agent/protocol/message.proto
