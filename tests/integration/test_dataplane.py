@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import socket
 import subprocess
 import threading
 import time
@@ -33,7 +34,6 @@ from tests.integration.dataplane import (
 
 
 if TYPE_CHECKING:
-    import socket
     from collections.abc import Iterator
 
     from agent.emulator.targets import Sshd
@@ -450,3 +450,122 @@ class TestOutboundProxy:
         assert len(connect_proxy.heads) == 1
         assert connect_proxy.heads[0].startswith(f"CONNECT 127.0.0.1:{relay.port} HTTP/1.1\r\n")
         assert "Proxy-Authorization: Basic dXNlcjpzQGNyZXQ=" in connect_proxy.heads[0]
+
+
+class TestRetries:
+    def test_unreachable_endpoint_is_retried_with_backoff_until_it_appears(
+        self, tmp_path, relay, echo_server
+    ):
+        """A proxy started before the service retries (not in a storm) and then connects."""
+        port = relay.port
+        relay.stop()
+        tokens = relay.open_tunnel(("ECHO",))
+        proxy = ProxyProcess(
+            proxy_args(relay, "-d", f"ECHO={echo_server.port}"),
+            token=tokens.destination,
+            log_file=tmp_path / "d.log",
+        )
+        try:
+            time.sleep(1.5 * SCALE)
+            attempts = proxy.log.count("retrying")
+            relay.start(port=port)
+            proxy.wait_for("connected to the tunnel", timeout=10)
+        finally:
+            proxy.stop()
+
+        assert 2 <= attempts <= 12
+        assert "Connection refused" in proxy.log or "Connect call failed" in proxy.log
+
+    def test_5xx_handshake_is_retried_and_4xx_is_not(self, tmp_path):
+        """A 503 answer is retried; a 400 answer ends the proxy with status 0."""
+        answers = iter([b"503 Service Unavailable", b"503 Service Unavailable", b"400 Bad Request"])
+        seen: list[str] = []
+
+        def http(conn: socket.socket) -> None:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            seen.append(head.split(b"\r\n", 1)[0].decode())
+            status = next(answers)
+            body = b"Invalid access token"
+            conn.sendall(
+                b"HTTP/1.1 " + status + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            )
+
+        server = ThreadedServer(http)
+        try:
+            proxy = ProxyProcess(
+                ["-e", f"127.0.0.1:{server.port}", "--no-tls", "-d", "9"],
+                token="t",
+                log_file=tmp_path / "p.log",
+            )
+            code = proxy.wait(15)
+        finally:
+            server.close()
+
+        assert code == 0
+        assert len(seen) == 3
+        assert all(line.startswith("GET /tunnel?local-proxy-mode=destination ") for line in seen)
+        assert proxy.log.count("handshake failed, retrying: 503") == 2
+        assert "tunnel refused the connection: 400 Invalid access token" in proxy.log
+
+    def test_unverified_certificate_is_refused_by_default(self, relay, tmp_path):
+        """Without -c the emulator's self-signed chain fails verification; nothing connects."""
+        tokens = relay.open_tunnel(("ECHO",))
+        proxy = ProxyProcess(
+            ["-e", f"127.0.0.1:{relay.port}", "-d", "9"],
+            token=tokens.destination,
+            log_file=tmp_path / "p.log",
+        )
+        try:
+            proxy.wait_for("CERTIFICATE_VERIFY_FAILED")
+        finally:
+            proxy.stop()
+
+        assert relay.tunnel(tokens.tunnel_id).destination.used is False
+
+
+class TestLocalSide:
+    def test_unreachable_service_resets_the_stream_after_retries(self, relay, tmp_path, pairs):
+        """The destination retries the local connect, then resets; the source closes the client."""
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        dead_port = closed.getsockname()[1]
+        closed.close()
+        tokens = relay.open_tunnel(("ECHO",))
+        destination = ProxyProcess(
+            [*proxy_args(relay, "-d", f"ECHO={dead_port}"), "--connect-retries", "2"],
+            token=tokens.destination,
+            log_file=tmp_path / "d.log",
+        )
+        destination.wait_for("connected to the tunnel")
+        source = ProxyProcess(
+            proxy_args(relay, "-s", "ECHO=0"), token=tokens.source, log_file=tmp_path / "s.log"
+        )
+        try:
+            with connect(source.port("ECHO")) as client:
+                client.sendall(b"hello")
+                eof = client.recv(10)
+        finally:
+            source.stop()
+            destination.stop()
+
+        assert eof == b""
+        assert destination.log.count(f"connect to 127.0.0.1:{dead_port} failed") == 2
+        assert "stream reset service=ECHO stream=1" in source.log
+
+    def test_keepalive_pings_are_answered(self, relay, echo_server, tmp_path):
+        """The proxy pings on its interval with epoch-ms payloads and reads the pongs."""
+        tokens = relay.open_tunnel(("ECHO",))
+        proxy = ProxyProcess(
+            [*proxy_args(relay, "-d", f"ECHO={echo_server.port}"), "--ping-interval", "0.1",
+             "-v", "5"],
+            token=tokens.destination,
+            log_file=tmp_path / "d.log",
+        )  # fmt: skip
+        try:
+            proxy.wait_for(r"pong rtt_ms=\d+(.|\n)*pong rtt_ms=\d+")
+        finally:
+            proxy.stop()
+
+        assert tokens.destination not in proxy.log
