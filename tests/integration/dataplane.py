@@ -44,8 +44,16 @@ class RelayThread:
     A TunnelStore and a Relay serving TLS on 127.0.0.1, run by an event loop in a thread.
     """
 
-    def __init__(self, directory: Path, *, tls: bool = True, **relay_kwargs: Any) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        tls: bool = True,
+        clock: Callable[[], float] = time.time,
+        **relay_kwargs: Any,
+    ) -> None:
         self.directory = directory
+        self.clock = clock
         self.tls = tls
         self.relay_kwargs = relay_kwargs
         self.loop = asyncio.new_event_loop()
@@ -67,7 +75,7 @@ class RelayThread:
 
         async def start() -> None:
             if self.store is None:
-                self.store = TunnelStore()
+                self.store = TunnelStore(clock=self.clock)
             context = None
             if self.tls:
                 context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)

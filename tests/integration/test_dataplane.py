@@ -315,6 +315,30 @@ class TestLifecycle:
         assert elapsed < 2 * SCALE
         assert "tunnel closed by the service code=1000" in pair.source.log
 
+    def test_lifetime_expiry_ends_both_proxies(self, tmp_path, echo_server, pairs):
+        """A tunnel of maxLifetimeTimeoutMinutes=1 closes at expiry and both proxies exit 0."""
+        now = [time.time()]
+        relay = RelayThread(tmp_path / "clocked", clock=lambda: now[0]).start()
+        try:
+            tokens = relay.open_tunnel(("ECHO",), max_lifetime_minutes=1)
+            pair = Pair(relay, tmp_path, tokens, f"ECHO={echo_server.port}", "ECHO=0")
+            pairs.append(pair)
+            sent, received = echo_roundtrip(pair.source.port("ECHO"), 64 * 1024)
+            now[0] += 59
+            early = relay.run(lambda store: store.expire_due())
+            now[0] += 2
+            expired = relay.run(lambda store: store.expire_due())
+            codes = (pair.source.wait(5), pair.destination.wait(5))
+            status = relay.tunnel(tokens.tunnel_id).status
+        finally:
+            relay.shutdown()
+
+        assert sent == received
+        assert early == []
+        assert [t.tunnel_id for t in expired] == [tokens.tunnel_id]
+        assert codes == (0, 0)
+        assert status == "CLOSED"
+
     def test_sigterm_closes_the_websocket_and_exits_0(self, relay, echo_server, tmp_path, pairs):
         """SIGTERM makes a proxy send a close frame and exit 0; the relay marks it disconnected."""
         tokens = relay.open_tunnel(("ECHO",))
