@@ -102,10 +102,11 @@ class DestinationBridge(Bridge):
         """
         Tell the source the local service is unreachable (data-plane §5 STREAM_START failure).
         """
+        answered = local.closed_by_peer  # the source already ended it: nothing to reset
         local.closed_by_peer = True
-        local.close()
+        local.abandon()
         conn = self.conn
-        if conn is None:
+        if conn is None or answered:
             return
         tunnel = conn.tunnel
         if tunnel.active_stream(local.service_id) is None:

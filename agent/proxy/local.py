@@ -59,6 +59,7 @@ class LocalConnection(asyncio.BufferedProtocol):
         self.transport: asyncio.Transport | None = None
         self.closed_by_peer = False
         self.closed = False
+        self._close_when_connected = False
         self._pending: list[bytes] = []
         self._pending_size = 0
 
@@ -88,6 +89,9 @@ class LocalConnection(asyncio.BufferedProtocol):
             if self._pending_size > LOCAL_WRITE_HIGH_WATER:
                 self.bridge.local_congested(self, congested=False)
             self._pending_size = 0
+        if self._close_when_connected:
+            # The peer sent its data and closed before we were connected: deliver, then close.
+            transport.close()
 
     def get_buffer(self, sizehint: int) -> memoryview:  # noqa: ARG002 - our size is fixed
         """
@@ -152,11 +156,26 @@ class LocalConnection(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         """
-        Close after flushing what is queued for the application.
+        Close after flushing what is queued for the application, even if still connecting.
         """
         if self.transport is not None:
             self.transport.close()
-        elif not self.closed:
+        elif self._pending:
+            # A reset that arrives with (or right after) the data ends the stream like a FIN:
+            # the bytes before it still belong to the application.
+            self._close_when_connected = True
+        else:
+            self.abandon()
+
+    def abandon(self) -> None:
+        """
+        Give up a connection that never reached its application; what was pending is dropped.
+        """
+        if self.transport is not None:
+            self.transport.abort()
+            return
+        self._pending.clear()
+        if not self.closed:
             self.closed = True
             self.bridge.local_closed(self)
 

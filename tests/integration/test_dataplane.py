@@ -212,6 +212,25 @@ class TestServices:
         assert all(sent == received for sent, received in results)
         assert echo_server.accepted == 20
 
+    def test_short_connections_deliver_everything_before_the_reset(self, relay, tmp_path, pairs):
+        """Connections that send and close at once lose nothing, even before the local connect."""
+        sink = Sink()
+        tokens = relay.open_tunnel(("BULK",))
+        pair = Pair(relay, tmp_path, tokens, f"BULK={sink.port}", "BULK=0")
+        pairs.append(pair)
+        port = pair.source.port("BULK")
+        sizes = [1, 1000, 64512, 64513, 200_000] * 8
+
+        with ThreadPoolExecutor(10) as pool:
+            sent = list(pool.map(lambda size: send_stream(port, size), sizes))
+        deadline = time.monotonic() + 20 * SCALE
+        while len(sink.digests) < len(sizes) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+        assert sorted(sink.sizes) == sorted(sizes)
+        assert sorted(sink.digests) == sorted(sent)
+        sink.server.close()
+
     @pytest.mark.slow
     def test_256_mib_one_way_arrives_intact(self, relay, tmp_path, pairs):
         """256 MiB sent through the tunnel hash the same at the sink."""
