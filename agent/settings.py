@@ -356,6 +356,19 @@ class AgentSettings(BaseSettings):
         )
 
 
+def _default_missing() -> bool:
+    """
+    Whether the default config file is known to be absent (not merely unreadable).
+    """
+    try:
+        DEFAULT_CONFIG_PATH.stat()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
         with path.open("rb") as file:
@@ -366,6 +379,8 @@ def _read_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"config file {path}: not readable by this user") from exc
     except IsADirectoryError as exc:
         raise ConfigError(f"config file {path}: is a directory") from exc
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"config file {path}: invalid TOML: {exc}") from exc
 
@@ -404,7 +419,15 @@ def load_settings(
         ConfigError: One line per problem, each naming the field, value and reason.
     """
     if config is None:
-        data = _read_toml(DEFAULT_CONFIG_PATH) if DEFAULT_CONFIG_PATH.exists() else {}
+        try:
+            data = _read_toml(DEFAULT_CONFIG_PATH)
+        except ConfigError:
+            # No usable default file (absent, or /etc/iot-tunnel-agent is 0750 and we are not
+            # in its group): say so precisely rather than run on defaults or a traceback.
+            if _default_missing():
+                data = {}
+            else:
+                raise
     else:
         data = _read_toml(config)
     token = _toml_data.set(data)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from agent import settings as settings_module
 from agent.exceptions import ConfigError
 from agent.settings import (
     AgentSettings,
@@ -176,6 +177,25 @@ class TestSources:
 
 
 class TestErrors:
+    def test_unusable_default_path_is_a_config_error(self, tmp_path, monkeypatch):
+        """A default path that cannot be read (here: its parent is a file) is a ConfigError."""
+        blocker = tmp_path / "etc"
+        blocker.write_text("")
+        monkeypatch.setattr(settings_module, "DEFAULT_CONFIG_PATH", blocker / "config.toml")
+
+        with pytest.raises(ConfigError, match="config file .*/etc/config.toml: Not a directory"):
+            load_settings(None)
+
+    def test_absent_default_path_uses_defaults(self, tmp_path, monkeypatch):
+        """No default file at all is not an error by itself: the defaults then apply."""
+        monkeypatch.setattr(settings_module, "DEFAULT_CONFIG_PATH", tmp_path / "none.toml")
+
+        with pytest.raises(ConfigError) as info:
+            load_settings(None)
+
+        assert "config file" not in str(info.value)
+        assert "thing_name" in str(info.value)
+
     def test_missing_file(self, tmp_path):
         """A named file that does not exist is a config error naming it."""
         assert error_of(tmp_path / "nope.toml") == f"config file {tmp_path}/nope.toml: not found"
