@@ -183,7 +183,7 @@ class TestErrors:
         blocker.write_text("")
         monkeypatch.setattr(settings_module, "DEFAULT_CONFIG_PATH", blocker / "config.toml")
 
-        with pytest.raises(ConfigError, match="config file .*/etc/config.toml: Not a directory"):
+        with pytest.raises(ConfigError, match=r"config file .*/etc/config.toml: Not a directory"):
             load_settings(None)
 
     def test_absent_default_path_uses_defaults(self, tmp_path, monkeypatch):
