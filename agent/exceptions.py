@@ -22,7 +22,7 @@ A module of its own so that every layer can import it without cycles::
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Self
 
 
 __all__ = [
@@ -61,7 +61,7 @@ class ProtocolError(AgentError):
     A violation of the tunnel protocol. Abstract: raise a subclass.
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> ProtocolError:  # noqa: ARG004
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:  # noqa: ARG004
         """
         Refuse direct instantiation, as h11 does, so every raise says whose fault it is.
         """

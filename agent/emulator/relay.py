@@ -45,7 +45,7 @@ __all__ = ["Relay"]
 
 log = logging.getLogger("agent.emulator.relay")
 _ws_log = logging.getLogger("agent.emulator.relay.websocket")
-_ws_log.setLevel(logging.INFO)  # websockets logs request headers (tokens) at DEBUG
+_ws_log.setLevel(logging.WARNING)  # websockets logs request headers (tokens) at DEBUG
 
 CLIENT_TOKEN = re.compile(r"[a-zA-Z0-9-]{32,128}")
 MAX_REQUEST_SIZE = 4096

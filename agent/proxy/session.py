@@ -43,7 +43,7 @@ __all__ = ["run_proxy"]
 log = logging.getLogger("agent.proxy")
 # websockets logs request headers (the access token) at DEBUG: keep its logger above that.
 _ws_log = logging.getLogger("agent.proxy.websocket")
-_ws_log.setLevel(logging.INFO)
+_ws_log.setLevel(logging.WARNING)
 
 CONNECT_TIMEOUT = 15.0
 STOP_TIMEOUT = 2.0

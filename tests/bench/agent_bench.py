@@ -9,7 +9,7 @@ spawn, WebSocket handshake), then CloseTunnel and wait for the proxy to end. The
 sits idle with no tunnel for ``--idle`` seconds (default 60): its VmRSS and the CPU time it
 used (should be ~0: nothing polls).
 
-    python tests/bench/agent_bench.py [--tunnels 50] [--idle 60] [--json]
+    python tests/bench/agent_bench.py [--tunnels 50] [--idle 60] [--localproxy PATH] [--json]
 """
 
 from __future__ import annotations
@@ -56,12 +56,12 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def run(tunnels: int, idle: float) -> dict[str, float]:
+def run(tunnels: int, idle: float, localproxy: str | None = None) -> dict[str, float]:
     """Run the benchmark in a temporary directory and return the figures."""
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as temp:
         world = World(Path(temp), {"SSH": "22"})
         try:
-            agent = world.agent()
+            agent = world.agent(*(["--proxy-binary", localproxy] if localproxy else []))
             latencies = []
             for index in range(tunnels):
                 started = time.perf_counter()
@@ -106,11 +106,16 @@ def main() -> int:
     parser.add_argument("--tunnels", type=int, default=50)
     parser.add_argument("--idle", type=float, default=60.0, help="idle measurement, seconds")
     parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument(
+        "--localproxy",
+        metavar="PATH",
+        help="destination proxy binary the agent spawns (default: the bundled one)",
+    )
     args = parser.parse_args()
     # The emulator shares this process: keep its logs out of the figures.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     logging.basicConfig(level=logging.WARNING)
-    result = run(args.tunnels, args.idle)
+    result = run(args.tunnels, args.idle, args.localproxy)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

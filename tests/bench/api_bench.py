@@ -105,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-verify", action="store_true", help="turn the SigV4 check off")
     parser.add_argument("--state-file", action="store_true", help="persist to a state file")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--localproxy",
+        metavar="PATH",
+        help="accepted like every bench; this one measures no local proxy, so it has no effect",
+    )
     args = parser.parse_args(argv)
     # Per-call log lines would land on stdout and cost time: keep warnings and errors only.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))

@@ -133,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tunnels", type=int, default=200, help="tunnels opened (default 200)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--localproxy",
+        metavar="PATH",
+        help="accepted like every bench; this one measures no local proxy, so it has no effect",
+    )
     args = parser.parse_args(argv)
     # Per-tunnel log lines would cost time and flood stdout: warnings and errors only.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))

@@ -165,7 +165,8 @@ class Relay:
         (self.ca_dir / f"{digest}.0").write_bytes(ca.read_bytes())
 
     def request(self, command: str | None) -> dict[str, Any]:
-        assert self.proc.stdin and self.proc.stdout
+        assert self.proc.stdin
+        assert self.proc.stdout
         if command:
             self.proc.stdin.write(command + "\n")
             self.proc.stdin.flush()
