@@ -124,7 +124,7 @@ class _Session:
         return self.peers.get(Mode.DESTINATION if peer.mode is Mode.SOURCE else Mode.SOURCE)
 
 
-class _Peer(asyncio.Protocol):
+class _Peer(asyncio.BufferedProtocol):
     """
     The relay's end of one client WebSocket.
     """
@@ -154,9 +154,16 @@ class _Peer(asyncio.Protocol):
         transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
         self.relay.peers.add(self)
 
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:  # noqa: ARG002 - our size is fixed
+        # Reading into a reused buffer spares the TLS layer a 256 KB allocation per record.
+        return self.relay.read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(self.relay.read_view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         ws = self.ws
-        ws.receive_data(data)
+        ws.receive_data(data)  # type: ignore[arg-type]  # bytearray += memoryview is fine
         tunnel = self.tunnel
         for event in ws.events_received():
             if isinstance(event, Frame):
@@ -382,6 +389,8 @@ class Relay:
         self._server: asyncio.Server | None = None
         self.sessions: dict[str, _Session] = {}
         self.peers: set[_Peer] = set()
+        # One read buffer for every connection: each read is parsed (copied) before the next.
+        self.read_view = memoryview(bytearray(256 * 1024))
         self._all_gone = asyncio.Event()
         self.ids = itertools.count(1)
         store.listeners.append(self._store_changed)
