@@ -4,6 +4,30 @@ Fixtures shared by every test directory.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.fakes import LogCapture, reset_logging
+
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
 
 # The emulator fixtures (emulator, emulator_thread, broker, mqtt_pki ...) are available everywhere.
 pytest_plugins = ["tests.emulator.fixtures"]
+
+
+@pytest.fixture(autouse=True)
+def clean_logging() -> Iterator[None]:
+    """Every test starts and ends with structlog unconfigured and no bound context."""
+    reset_logging()
+    yield
+    reset_logging()
+
+
+@pytest.fixture
+def capture() -> LogCapture:
+    """Captured log events of the test."""
+    return LogCapture()

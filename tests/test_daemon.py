@@ -27,10 +27,8 @@ from tests.fakes import (
     MS,
     FakeNotificationSource,
     FakeProxyLauncher,
-    LogCapture,
     notification,
     read_runs,
-    reset_logging,
     send_datagram,
     wait_for,
     write_fake_proxy,
@@ -47,18 +45,6 @@ json_documents = st.recursive(
 )
 TOKEN = "AQGAAXiSecretTunnelAccessToken_0123456789"
 FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "2000"))
-
-
-@pytest.fixture(autouse=True)
-def clean_logging():
-    reset_logging()
-    yield
-    reset_logging()
-
-
-@pytest.fixture
-def capture():
-    return LogCapture()
 
 
 @pytest.fixture

@@ -8,14 +8,6 @@ import socket
 import pytest
 
 from agent.sdnotify import SdNotifier, watchdog_interval
-from tests.fakes import reset_logging
-
-
-@pytest.fixture(autouse=True)
-def clean_logging():
-    reset_logging()
-    yield
-    reset_logging()
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ from agent.supervisor import (
     new_client_token,
     proxy_command,
 )
-from tests.fakes import MS, LogCapture, read_runs, reset_logging, wait_for, write_fake_proxy
+from tests.fakes import MS, read_runs, wait_for, write_fake_proxy
 
 
 TOKEN = "AQGAAXiSecretTunnelAccessToken_0123456789"
@@ -42,18 +42,6 @@ def alive(pid: int) -> bool:
 
 def read_cmdline(pid: int) -> bytes:
     return Path(f"/proc/{pid}/cmdline").read_bytes()
-
-
-@pytest.fixture(autouse=True)
-def clean_logging():
-    reset_logging()
-    yield
-    reset_logging()
-
-
-@pytest.fixture
-def capture():
-    return LogCapture()
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ from pydantic import SecretStr
 from agent.logging import secrets
 from agent.notification import TunnelRequest
 from agent.tunnels import Limits, Outcome, ProxyOptions, TunnelManager
-from tests.fakes import MS, FakeProxyLauncher, LogCapture, reset_logging, wait_for
+from tests.fakes import MS, FakeProxyLauncher, wait_for
 
 
 SERVICES = {"SSH": "22", "HTTP": "127.0.0.1:8080", "VNC": "5900"}
@@ -23,18 +23,6 @@ def request(
     region="us-east-1",
 ) -> TunnelRequest:
     return TunnelRequest(token=SecretStr(token), region=region, services=tuple(services))
-
-
-@pytest.fixture(autouse=True)
-def clean_logging():
-    reset_logging()
-    yield
-    reset_logging()
-
-
-@pytest.fixture
-def capture():
-    return LogCapture()
 
 
 @pytest.fixture

@@ -34,6 +34,7 @@ from agent.protocol import (
     StreamTable,
     TunnelProtocol,
 )
+from agent.proxy.wsio import write_pending
 
 
 if TYPE_CHECKING:
@@ -237,16 +238,11 @@ class _Peer(asyncio.BufferedProtocol):
 
     def flush(self) -> None:
         transport = self.transport
-        if transport is None:
-            return
-        chunks = self.ws.data_to_send()
-        if chunks:
-            if chunks[-1] == b"":
-                transport.writelines(chunks[:-1])
-                transport.close()
-            else:
-                transport.writelines(chunks)
-        if self.ws.close_expected() and self._close_handle is None:
+        if (
+            transport is not None
+            and write_pending(self.ws, transport)
+            and self._close_handle is None
+        ):
             self._close_handle = asyncio.get_running_loop().call_later(
                 CLOSE_TIMEOUT, transport.abort
             )

@@ -19,6 +19,7 @@ from websockets.http11 import Response
 from websockets.protocol import State
 
 from agent.protocol import Event, ProtocolFailed
+from agent.proxy.wsio import write_pending
 
 
 if TYPE_CHECKING:
@@ -297,18 +298,7 @@ class TunnelConnection(asyncio.BufferedProtocol):
     # Internals
 
     def _flush_ws(self) -> None:
-        transport = self.transport
-        if transport is None:
-            return
-        chunks = self.ws.data_to_send()
-        if chunks:
-            if chunks[-1] == b"":
-                # websockets signals "send EOF" with an empty chunk; TLS cannot half-close.
-                transport.writelines(chunks[:-1])
-                transport.close()
-            else:
-                transport.writelines(chunks)
-        if self.ws.close_expected():
+        if self.transport is not None and write_pending(self.ws, self.transport):
             self._arm_close_timeout()
 
     def _arm_close_timeout(self) -> None:
