@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import pwd
 from datetime import timedelta
 from pathlib import Path
 
@@ -393,16 +395,38 @@ class TestCheckFiles:
             )
         ]
 
-    @pytest.mark.skipif(os.geteuid() == 0, reason="root reads any file")
     def test_unreadable_key(self, files):
-        """A key the agent's user cannot read is reported."""
-        (files / "key.pem").chmod(0o000)
+        """A key the agent's user cannot read is reported, and check-config exits 78."""
+        if os.geteuid() != 0:
+            (files / "key.pem").chmod(0o000)
+            problems = check_files(load_settings(write_config(files)))
 
-        problems = check_files(load_settings(write_config(files)))
+            assert problems == [
+                f"mqtt.key = '{files}/key.pem': not readable by this user (Permission denied)"
+            ]
+            return
+        # Root reads any file: check in a forked child that became an unprivileged user.
+        nobody = pwd.getpwnam("nobody")
+        config = write_config(files)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child reports through the pipe
+            try:
+                settings = load_settings(config)
+                os.setgroups([])
+                os.setgid(nobody.pw_gid)
+                os.setuid(nobody.pw_uid)
+                os.write(write_end, json.dumps(check_files(settings)).encode())
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as pipe:
+            problems = json.loads(pipe.read() or b"null")
+        os.waitpid(pid, 0)
 
-        assert problems == [
-            f"mqtt.key = '{files}/key.pem': not readable by this user (Permission denied)"
-        ]
+        assert f"mqtt.key = '{files}/key.pem': not readable by this user (Permission denied)" in (
+            problems
+        )
 
     def test_proxy_binary(self, files):
         """A proxy binary path must exist and be executable."""
