@@ -39,7 +39,7 @@ __all__ = ["Bridge", "LocalConnection"]
 log = logging.getLogger("agent.proxy")
 
 # Bytes queued towards a local application before the WebSocket stops being read.
-LOCAL_WRITE_HIGH_WATER = 256 * 1024
+LOCAL_WRITE_HIGH_WATER = 128 * 1024
 # One read fills exactly four DATA payloads (data-plane §4: 64512 bytes each).
 READ_SIZE = MAX_PAYLOAD_SIZE
 
