@@ -34,7 +34,7 @@ __all__ = ["HandshakeFailed", "SessionEnd", "TunnelApp", "TunnelConnection"]
 log = logging.getLogger("agent.proxy")
 
 # Bytes queued towards the service before local sockets stop being read (backpressure).
-WS_WRITE_HIGH_WATER = 128 * 1024
+WS_WRITE_HIGH_WATER = 64 * 1024
 # Bytes read from the service at once (the TLS layer's own maximum).
 READ_BUFFER_SIZE = 128 * 1024
 # Time allowed for the closing handshake before the TCP connection is aborted.
