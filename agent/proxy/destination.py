@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from typing import TYPE_CHECKING
 
 from agent.protocol import ConnectionStarted, ProtocolVersion, ServiceIdsReceived, StreamStarted
 from agent.proxy.local import Bridge, LocalConnection
 from agent.proxy.mapping import MappingError, Target, match_services
 
+
+if TYPE_CHECKING:
+    from agent.proxy.options import ProxyOptions
 
 __all__ = ["DestinationBridge"]
 
@@ -22,11 +26,11 @@ class DestinationBridge(Bridge):
     Opens local connections when the source starts streams or connections.
     """
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, options: ProxyOptions) -> None:
         """
         Start with the map as configured; SERVICE_IDS renames a lone unnamed mapping.
         """
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        super().__init__(options)
         self.targets: dict[str, Target] = dict(self.options.targets)
         self._tasks: set[asyncio.Task[None]] = set()
         self._handlers[StreamStarted] = self._on_stream_started  # type: ignore[assignment]

@@ -7,11 +7,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+from typing import TYPE_CHECKING
 
 from agent.protocol import LocalProtocolError, ProtocolVersion, ServiceIdsReceived
 from agent.proxy.local import Bridge, LocalConnection
 from agent.proxy.mapping import MappingError, match_services
 
+
+if TYPE_CHECKING:
+    from agent.proxy.options import ProxyOptions
 
 __all__ = ["SourceBridge"]
 
@@ -25,11 +29,11 @@ class SourceBridge(Bridge):
 
     servers: dict[str, asyncio.Server]
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
+    def __init__(self, options: ProxyOptions) -> None:
         """
         Start with no listener; they open once the tunnel's services are known.
         """
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        super().__init__(options)
         self.servers = {}
         self.ports: dict[str, int] = {}
         self.listening = asyncio.Event()
