@@ -23,9 +23,25 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
-__all__ = ["Sshd", "WebServer"]
+__all__ = ["Sshd", "WebServer", "stop_process"]
 
 SSHD = "/usr/sbin/sshd"
+
+
+def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> int:
+    """
+    SIGTERM a child, SIGKILL it if it is still there after ``grace`` seconds, and reap it.
+
+    Returns:
+        Its exit status.
+    """
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()
 
 
 def _free_port() -> int:
@@ -109,13 +125,7 @@ class Sshd:
         """
         Stop sshd.
         """
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 class WebServer:

@@ -25,6 +25,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from agent.emulator.targets import stop_process
+
 
 ROOT = Path(__file__).resolve().parents[2]
 BUNDLED = [sys.executable, "-m", "agent.proxy"]
@@ -201,12 +203,7 @@ class Proxy:
         raise RuntimeError(f"proxy did not log {pattern.pattern!r}:\n{self.log_path.read_text()}")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc)
 
 
 def measure(pids: dict[str, int], action: Any) -> tuple[float, dict[str, float]]:

@@ -44,9 +44,21 @@ __all__ = [
     "emulator_thread",
     "mqtt_client",
     "mqtt_pki",
+    "refused",
 ]
 
 SCALE = float(os.environ.get("TEST_TIME_SCALE", "1.0"))
+
+
+async def refused(host: str, port: int) -> bool:
+    """Whether nothing listens on ``host:port`` any more."""
+    try:
+        _reader, writer = await asyncio.open_connection(host, port)
+    except OSError:
+        return True
+    writer.close()
+    await writer.wait_closed()
+    return False
 
 
 @dataclass

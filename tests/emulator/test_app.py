@@ -19,7 +19,7 @@ from agent.emulator.broker import notify_topic
 from agent.mqtt_common import AsyncMqttClient
 from agent.settings import check_files, load_settings
 from tests.emulator import fixtures
-from tests.emulator.fixtures import SCALE
+from tests.emulator.fixtures import SCALE, refused
 
 
 if TYPE_CHECKING:
@@ -71,16 +71,6 @@ def _env_file(path: Path) -> dict[str, str]:
     return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
 
 
-async def _refused(host: str, port: int) -> bool:
-    try:
-        _reader, writer = await asyncio.open_connection(host, port)
-    except OSError:
-        return True
-    writer.close()
-    await writer.wait_closed()
-    return False
-
-
 class TestLifecycle:
     async def test_start_and_stop_cleanly(self, tmp_path):
         """Every service listens while running; afterwards no port, process or endpoints file."""
@@ -91,9 +81,9 @@ class TestLifecycle:
             api_port = int(emu.api_url.rsplit(":", 1)[1])
             relay_port = int(emu.relay_endpoint.rsplit(":", 1)[1])
             running = json.loads(emu.endpoints_file.read_text())
-            listening = [not await _refused(host, p) for p in (api_port, relay_port, mqtt_port)]
+            listening = [not await refused(host, p) for p in (api_port, relay_port, mqtt_port)]
 
-        closed = [await _refused(host, p) for p in (api_port, relay_port, mqtt_port)]
+        closed = [await refused(host, p) for p in (api_port, relay_port, mqtt_port)]
         assert listening == [True, True, True]
         assert closed == [True, True, True]
         assert broker_pid is not None

@@ -15,7 +15,7 @@ import pytest
 
 from agent.emulator.cli import main
 from agent.settings import load_settings
-from tests.emulator.fixtures import SCALE
+from tests.emulator.fixtures import SCALE, refused
 
 
 READY = "Ctrl-C to stop."
@@ -73,16 +73,6 @@ async def _stop(
     return process.returncode, out.decode(), err.decode()
 
 
-async def _refused(host: str, port: int) -> bool:
-    try:
-        _reader, writer = await asyncio.open_connection(host, port)
-    except OSError:
-        return True
-    writer.close()
-    await writer.wait_closed()
-    return False
-
-
 class TestForeground:
     async def test_prints_endpoints_writes_bundle_and_stops_on_sigterm(self, tmp_path):
         """The emulator prints its endpoints, writes 0600 secrets, and SIGTERM stops it cleanly."""
@@ -93,7 +83,7 @@ class TestForeground:
             running = json.loads((directory / "emulator.json").read_text())
             api = re.search(r"control plane  http://127\.0\.0\.1:(\d+)", "\n".join(lines))
             mqtt = re.search(r"mqtt           127\.0\.0\.1:(\d+) \(mutual TLS\)", "\n".join(lines))
-            listening = api is not None and not await _refused("127.0.0.1", int(api.group(1)))
+            listening = api is not None and not await refused("127.0.0.1", int(api.group(1)))
         finally:
             code, out, err = await _stop(process, signal.SIGTERM)
 

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from agent.emulator.pki import CertificateAuthority, KeyPair
 from agent.emulator.relay import Relay
 from agent.emulator.store import Tunnel, TunnelStore
+from agent.emulator.targets import stop_process
 
 
 if TYPE_CHECKING:
@@ -186,13 +187,7 @@ class ProxyProcess:
         return self.proc.wait(timeout * SCALE)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def proxy_args(relay: RelayThread, *mode: str) -> list[str]:
