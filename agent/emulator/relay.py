@@ -14,7 +14,6 @@ import itertools
 import logging
 import re
 import secrets
-import struct
 from typing import TYPE_CHECKING, cast
 from urllib.parse import parse_qs, urlsplit
 
@@ -34,6 +33,7 @@ from agent.protocol import (
     StreamTable,
     TunnelProtocol,
 )
+from agent.protocol.wsframes import FrameReader, FrameWriter
 from agent.proxy.wsio import write_pending
 
 
@@ -67,47 +67,6 @@ def _select_subprotocol(
         if name in _SUPPORTED and name in (protocol.available_subprotocols or ())
     ]
     return Subprotocol(max(offered).subprotocol) if offered else None
-
-
-def _binary_frames(messages: list[bytes]) -> list[bytes]:
-    """
-    Frame tunnel messages as unmasked binary WebSocket messages (RFC 6455 §5.2), without copies.
-
-    The relay may regroup tunnel frames into WebSocket messages but never splits or merges a
-    tunnel frame (data-plane §4), so consecutive messages share one WebSocket message up to the
-    131076-byte limit: fewer headers, fewer records for the peer to parse. Writing the header and
-    the payloads side by side spares websockets' serializer two copies of each 64 KB payload;
-    websockets keeps no state about sent data frames, so its protocol object stays consistent.
-    """
-    out: list[bytes] = []
-    group: list[bytes] = []
-    size = 0
-    for message in messages:
-        if group and size + len(message) > MAX_WS_MESSAGE_SIZE:
-            out.append(_header(size))
-            out.extend(group)
-            group, size = [], 0
-        group.append(message)
-        size += len(message)
-    if group:
-        out.append(_header(size))
-        out.extend(group)
-    return out
-
-
-def _header(size: int) -> bytes:
-    """
-    The header of an unmasked, final binary frame of ``size`` bytes.
-    """
-    if size < 126:
-        return bytes((0x82, size))
-    if size < 65536:
-        return _HEADER_16.pack(0x82, 126, size)
-    return _HEADER_64.pack(0x82, 127, size)
-
-
-_HEADER_16 = struct.Struct("!BBH")
-_HEADER_64 = struct.Struct("!BBQ")
 
 
 class _Session:
@@ -145,6 +104,8 @@ class _Peer(asyncio.BufferedProtocol):
         self.tunnel: TunnelProtocol | None = None
         self._blocked: _Peer | None = None
         self._close_handle: asyncio.TimerHandle | None = None
+        self.reader = FrameReader(masked=True, max_size=MAX_WS_MESSAGE_SIZE)
+        self.writer = FrameWriter(mask=False, max_size=MAX_WS_MESSAGE_SIZE)
 
     # asyncio callbacks
 
@@ -163,21 +124,41 @@ class _Peer(asyncio.BufferedProtocol):
         self.data_received(self.relay.read_view[:nbytes])
 
     def data_received(self, data: bytes | memoryview) -> None:
+        reader = self.reader
+        if not reader.head_done:
+            head = reader.split_head(data)
+            if head is None:
+                return
+            self._receive_ws(head)
+            reader.open(fast=self.ws.state is State.OPEN and self.tunnel is not None)
+            data = b""
+        for raw, chunk in reader.feed(data):
+            if not raw:
+                if self.tunnel is not None:
+                    self.tunnel.receive_message(chunk)
+                continue
+            self._receive_ws(chunk)
+            if self.ws.state is not State.OPEN:
+                reader.hand_over()
+                break
+        if self.tunnel is not None:
+            self._after_messages(self.tunnel)
+        self.flush()
+
+    def _receive_ws(self, data: bytes) -> None:
+        """
+        Feed websockets: the upgrade request, control frames, anything unusual.
+        """
         ws = self.ws
-        ws.receive_data(data)  # type: ignore[arg-type]  # bytearray += memoryview is fine
-        tunnel = self.tunnel
+        ws.receive_data(data)
         for event in ws.events_received():
             if isinstance(event, Frame):
-                if event.opcode is Opcode.BINARY and tunnel is not None:
-                    tunnel.receive_message(event.data)
+                if event.opcode is Opcode.BINARY and self.tunnel is not None:
+                    self.tunnel.receive_message(event.data)
                 elif event.opcode is Opcode.TEXT:
                     ws.fail(1003, "binary frames only")
             elif isinstance(event, Request):
                 self._handshake(event)
-                tunnel = self.tunnel
-        if tunnel is not None:
-            self._after_messages(tunnel)
-        self.flush()
 
     def _after_messages(self, tunnel: TunnelProtocol) -> None:
         """
@@ -251,11 +232,12 @@ class _Peer(asyncio.BufferedProtocol):
         """
         Send what this peer's tunnel core queued (SERVICE_IDS, resets).
         """
-        if self.tunnel is None or self.ws.state is not State.OPEN:
-            return
-        for message in self.tunnel.messages_to_send():
-            self.ws.send_binary(message)
         self.flush()
+        if self.tunnel is None or self.ws.state is not State.OPEN or self.transport is None:
+            return
+        messages = self.tunnel.messages_to_send()
+        if messages:
+            self.transport.writelines(self.writer.frames(messages))
 
     def close(self, code: int, reason: str) -> None:
         if self.ws.state is State.OPEN:
@@ -274,7 +256,8 @@ class _Peer(asyncio.BufferedProtocol):
         other.flush()
         transport = other.transport
         if transport is not None:
-            transport.writelines(_binary_frames(messages))
+            # One WebSocket message carries several tunnel frames, up to the size limit.
+            transport.writelines(other.writer.frames(messages))
 
     def _reject(self, request: Request, status: int, reason: str) -> None:
         del request

@@ -1,9 +1,10 @@
 """
 One WebSocket session of a local proxy: bytes between an asyncio transport and the sans-I/O cores.
 
-websockets' ``ClientProtocol`` does the HTTP upgrade and WebSocket framing; ``TunnelProtocol`` does
-the tunnel frames. This module only moves bytes, keeps the session alive with pings (data-plane §3)
-and turns transport flow control into calls on the application (the ``Bridge``).
+websockets' ``ClientProtocol`` does the HTTP upgrade, control frames and closing; binary messages
+take the fast path of ``agent.protocol.wsframes``; ``TunnelProtocol`` does the tunnel frames. This
+module only moves bytes, keeps the session alive with pings (data-plane §3) and turns transport
+flow control into calls on the application (the ``Bridge``).
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Response
 from websockets.protocol import State
 
-from agent.protocol import Event, ProtocolFailed
+from agent.protocol import MAX_WS_MESSAGE_SIZE, Event, ProtocolFailed
+from agent.protocol.wsframes import FrameReader, FrameWriter
 from agent.proxy.wsio import write_pending
 
 
@@ -158,6 +160,8 @@ class TunnelConnection(asyncio.BufferedProtocol):
         self._failure = ""
         self._started = False
         self._reading_paused = False
+        self._reader = FrameReader(masked=False, max_size=MAX_WS_MESSAGE_SIZE)
+        self._writer = FrameWriter(mask=True, max_size=MAX_WS_MESSAGE_SIZE)
 
     # asyncio.Protocol callbacks
 
@@ -190,23 +194,26 @@ class TunnelConnection(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes | memoryview) -> None:
         """
-        Feed the WebSocket parser, then the tunnel core, then the application.
+        Split the stream: tunnel messages to the tunnel core, the rest to websockets.
         """
-        ws = self.ws
-        ws.receive_data(data)  # type: ignore[arg-type]  # bytearray += memoryview is fine
+        reader = self._reader
+        if not reader.head_done:
+            head = reader.split_head(data)
+            if head is None:
+                return
+            self._receive_ws(head)
+            reader.open(fast=self.ws.state is State.OPEN)
+            data = b""
         tunnel = self.tunnel
-        for event in ws.events_received():
-            if isinstance(event, Frame):
-                opcode = event.opcode
-                if opcode is Opcode.BINARY:
-                    tunnel.receive_message(event.data)
-                elif opcode is Opcode.PONG:
-                    self._pong(bytes(event.data))
-                elif opcode is Opcode.TEXT:
-                    # Binary frames only (data-plane §3).
-                    self._fail_session("text frame received", 1003)
-            elif isinstance(event, Response):
-                self._handshake_done(event)
+        for raw, chunk in reader.feed(data):
+            if not raw:
+                tunnel.receive_message(chunk)
+                continue
+            self._receive_ws(chunk)
+            if self.ws.state is not State.OPEN:
+                # Closing: websockets discards what follows, as RFC 6455 asks.
+                reader.hand_over()
+                break
         events = tunnel.events_received()
         if events:
             handle = self.app.handle_event
@@ -216,6 +223,25 @@ class TunnelConnection(asyncio.BufferedProtocol):
                     break
                 handle(tunnel_event)
         self.flush()
+
+    def _receive_ws(self, data: bytes) -> None:
+        """
+        Feed websockets: the handshake response, control frames, anything unusual.
+        """
+        ws = self.ws
+        ws.receive_data(data)
+        for event in ws.events_received():
+            if isinstance(event, Frame):
+                opcode = event.opcode
+                if opcode is Opcode.BINARY:
+                    self.tunnel.receive_message(event.data)
+                elif opcode is Opcode.PONG:
+                    self._pong(bytes(event.data))
+                elif opcode is Opcode.TEXT:
+                    # Binary frames only (data-plane §3).
+                    self._fail_session("text frame received", 1003)
+            elif isinstance(event, Response):
+                self._handshake_done(event)
 
     def eof_received(self) -> bool:
         """
@@ -261,14 +287,12 @@ class TunnelConnection(asyncio.BufferedProtocol):
 
     def flush(self) -> None:
         """
-        Send what the tunnel core queued, as one WebSocket message per tunnel frame.
+        Send what websockets queued (pongs, close), then the tunnel core's messages.
         """
-        messages = self.tunnel.messages_to_send()
-        if messages and self.ws.state is State.OPEN:
-            send = self.ws.send_binary
-            for message in messages:
-                send(message)
         self._flush_ws()
+        messages = self.tunnel.messages_to_send()
+        if messages and self.ws.state is State.OPEN and self.transport is not None:
+            self.transport.writelines(self._writer.frames(messages))
 
     def pause_reading(self) -> None:
         """

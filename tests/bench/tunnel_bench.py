@@ -10,6 +10,7 @@ destination with another binary taking the AWS localproxy flags (e.g. the AWS C+
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import re
@@ -306,6 +307,9 @@ def main() -> int:
     parser.add_argument("--skip-reference", action="store_true", help="no plain-TCP reference")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
+    if args.localproxy == BUNDLED:
+        # Measure the proxy as installed: pip and the .deb compile its bytecode at install time.
+        compileall.compile_dir(ROOT / "agent", quiet=1)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         relay = Relay(workdir / "relay")

@@ -9,11 +9,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
-from websockets.frames import Frame, Opcode
-from websockets.streams import StreamReader
 from websockets.sync.client import ClientConnection, connect
 
-from agent.emulator.relay import _binary_frames
 from agent.protocol import (
     DATA,
     SERVICE_IDS,
@@ -82,37 +79,6 @@ def refusal(relay, mode, token, **kwargs) -> tuple[int, str]:
         open_ws(relay, mode, token, **kwargs)
     response = info.value.response
     return response.status_code, response.body.decode()
-
-
-class TestBinaryFrames:
-    def test_groups_up_to_the_websocket_limit_without_splitting(self):
-        """Three 64515-byte frames become two WebSocket messages: two frames, then one."""
-        payloads = [bytes([i]) * 64515 for i in range(3)]
-
-        chunks = _binary_frames(payloads)
-        reader = StreamReader()
-        reader.feed_data(b"".join(chunks))
-        parsed = []
-        for _ in range(2):
-            parser = Frame.parse(reader.read_exact, mask=False)
-            try:
-                while True:
-                    next(parser)
-            except StopIteration as stop:
-                parsed.append(stop.value)
-
-        assert [f.opcode for f in parsed] == [Opcode.BINARY, Opcode.BINARY]
-        assert [len(f.data) for f in parsed] == [129030, 64515]
-        assert bytes(parsed[0].data) + bytes(parsed[1].data) == b"".join(payloads)
-
-    @pytest.mark.parametrize("size", [0, 125, 126, 65535, 65536])
-    def test_header_lengths(self, size):
-        """Small, 16-bit and 64-bit lengths are encoded per RFC 6455."""
-        header = _binary_frames([b"x" * size])[0] if size else _binary_frames([b""])[0]
-
-        expected = {0: 2, 125: 2, 126: 4, 65535: 4, 65536: 10}[size]
-        assert len(header) == expected
-        assert header[0] == 0x82
 
 
 class TestHandshake:

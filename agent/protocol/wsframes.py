@@ -1,0 +1,266 @@
+"""
+The WebSocket fast path: binary frames read and written without websockets' per-frame machinery.
+
+websockets does the opening handshake, control frames, the closing handshake and every error
+(RFC 6455). Per message, its generator-based parser and its serializer cost more CPU than the
+tunnel frames they carry, and a proxy or the relay handles a message for every 64 bytes an
+interactive session types. So the tunnel's data, complete single-frame binary messages, takes this
+path; every other frame reaches websockets unchanged, whole, at a frame boundary. The first frame
+this reader does not vouch for (fragmented, text, reserved bits set, wrong masking, over the size
+limit) hands the rest of the stream to websockets for good, so anything unusual gets websockets'
+own handling and close code.
+
+Sans-I/O: bytes in, ``(raw, bytes)`` items out; frames out as lists of bytes to write.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import TYPE_CHECKING, Final
+
+
+try:  # websockets' C extension; its pure-Python fallback when not built for this platform
+    from websockets.speedups import apply_mask
+except ImportError:  # pragma: no cover - wheels ship the extension on our platforms
+    from websockets.utils import apply_mask
+
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
+
+    from agent.protocol.messages import Buffer
+
+
+__all__ = ["FrameReader", "FrameWriter"]
+
+# Largest HTTP head accepted before the handshake is left to websockets entirely (it refuses it).
+MAX_HEAD_SIZE: Final = 16384
+# First header byte of a final binary frame without reserved bits: the fast path's one case.
+_FIN_BINARY: Final = 0x82
+# First header bytes of final close, ping and pong frames: passed whole to websockets.
+_CONTROL: Final = frozenset((0x88, 0x89, 0x8A))
+_MAX_CONTROL_SIZE: Final = 125
+# Below this payload size, header and payload are written as one buffer: one TLS record.
+_JOIN_BELOW: Final = 4096
+# Mask keys are sliced from one urandom read instead of one syscall per frame.
+_MASK_POOL_SIZE: Final = 4096
+_LENGTH_16 = struct.Struct("!H")
+_LENGTH_64 = struct.Struct("!Q")
+_HEADER_16 = struct.Struct("!BBH")
+_HEADER_64 = struct.Struct("!BBQ")
+
+
+class FrameReader:
+    """
+    Split a WebSocket byte stream into fast binary payloads and raw frames for websockets.
+
+    Before the handshake completes, :meth:`split_head` cuts the HTTP head off the stream; the
+    caller gives it to websockets, then calls :meth:`open` with the outcome.
+
+    Args:
+        masked: Whether the peer's frames must be masked (True on the server side).
+        max_size: Largest payload taken on the fast path; larger ones go to websockets.
+    """
+
+    __slots__ = ("_masked", "_max_size", "_pending", "handed_over", "head_done")
+
+    def __init__(self, *, masked: bool, max_size: int) -> None:
+        """
+        Create a reader expecting an HTTP head first.
+        """
+        self._masked = masked
+        self._max_size = max_size
+        self._pending = bytearray()
+        self.head_done = False
+        self.handed_over = False
+
+    def split_head(self, data: Buffer) -> bytes | None:
+        """
+        Return the HTTP head, terminator included, once complete; keep what follows.
+
+        A head over ``MAX_HEAD_SIZE`` is returned whole, unterminated, for websockets to refuse.
+
+        Returns:
+            The head, or None while it is incomplete.
+        """
+        pending = self._pending
+        pending += data
+        end = pending.find(b"\r\n\r\n")
+        if end < 0:
+            if len(pending) <= MAX_HEAD_SIZE:
+                return None
+            end = len(pending) - 4
+        head = bytes(pending[: end + 4])
+        del pending[: end + 4]
+        self.head_done = True
+        return head
+
+    def open(self, *, fast: bool) -> None:
+        """
+        Start reading frames after the head: fast when the handshake succeeded, else raw only.
+        """
+        self.head_done = True
+        self.handed_over = not fast
+
+    def hand_over(self) -> None:
+        """
+        Give everything from now on to websockets (it has left the OPEN state, say).
+        """
+        self.handed_over = True
+
+    def feed(self, data: Buffer) -> list[tuple[bool, bytes]]:
+        """
+        Consume received bytes; return ``(raw, data)`` items in stream order.
+
+        ``raw`` False: the payload of a binary message. ``raw`` True: bytes for websockets'
+        ``receive_data``, always starting at a frame boundary. ``data`` may be a view of a
+        reused buffer: every returned payload is a copy.
+        """
+        pending = self._pending
+        if self.handed_over:
+            if pending:
+                data = bytes(pending + data)
+                pending.clear()
+                return [(True, data)]
+            return [(True, bytes(data))] if data else []
+        if pending:
+            pending += data
+            view = memoryview(pending)
+        else:
+            view = memoryview(data)
+        try:
+            items, used = self._frames(view)
+        finally:
+            view.release()
+        if pending:
+            del pending[:used]
+        elif used < len(data):
+            pending += memoryview(data)[used:]
+        return items
+
+    def _frames(self, view: memoryview) -> tuple[list[tuple[bool, bytes]], int]:
+        """
+        Parse complete frames from ``view``; return the items and the bytes consumed.
+        """
+        items: list[tuple[bool, bytes]] = []
+        pos = 0
+        end = len(view)
+        masked = self._masked
+        while (parsed := _parse_header(view, pos, end)) is not None:
+            length, start = parsed
+            first = view[pos]
+            fast = first == _FIN_BINARY and length <= self._max_size
+            if bool(view[pos + 1] & 0x80) != masked or not (
+                fast or (first in _CONTROL and length <= _MAX_CONTROL_SIZE)
+            ):
+                # Not ours to judge: websockets takes the rest of the stream.
+                self.handed_over = True
+                items.append((True, bytes(view[pos:])))
+                return items, end
+            if masked:
+                start += 4
+            stop = start + length
+            if stop > end:
+                break
+            if not fast:
+                items.append((True, bytes(view[pos:stop])))
+            elif masked:
+                items.append((False, apply_mask(view[start:stop], bytes(view[start - 4 : start]))))
+            else:
+                items.append((False, bytes(view[start:stop])))
+            pos = stop
+        return items, pos
+
+
+def _parse_header(view: memoryview, pos: int, end: int) -> tuple[int, int] | None:
+    """
+    Return the payload length and where the mask key or payload starts, or None if incomplete.
+    """
+    if end - pos < 2:
+        return None
+    length = view[pos + 1] & 0x7F
+    if length == 126:
+        if end - pos < 4:
+            return None
+        return _LENGTH_16.unpack_from(view, pos + 2)[0], pos + 4
+    if length == 127:
+        if end - pos < 10:
+            return None
+        return _LENGTH_64.unpack_from(view, pos + 2)[0], pos + 10
+    return length, pos + 2
+
+
+class FrameWriter:
+    """
+    Frame binary messages: masked on the client side (RFC 6455 §5.3), plain on the server side.
+
+    Consecutive messages share one WebSocket message up to ``max_size`` bytes; tunnel frames are
+    never split or merged (data-plane §4), so this only saves headers and records.
+
+    Args:
+        mask: Whether to mask (True on the client side).
+        max_size: Largest WebSocket message to produce.
+    """
+
+    __slots__ = ("_keys", "_mask", "_max_size", "_next_key")
+
+    def __init__(self, *, mask: bool, max_size: int) -> None:
+        """
+        Create a writer.
+        """
+        self._mask = mask
+        self._max_size = max_size
+        self._keys = b""
+        self._next_key = 0
+
+    def frames(self, messages: Sequence[bytes]) -> list[bytes]:
+        """
+        Return the bytes to write for ``messages``, grouped, headers included.
+        """
+        out: list[bytes] = []
+        group: list[bytes] = []
+        size = 0
+        limit = self._max_size
+        for message in messages:
+            if group and size + len(message) > limit:
+                self._frame(group, size, out)
+                group, size = [], 0
+            group.append(message)
+            size += len(message)
+        if group:
+            self._frame(group, size, out)
+        return out
+
+    def _frame(self, group: list[bytes], size: int, out: list[bytes]) -> None:
+        if size < 126:
+            header = bytes((_FIN_BINARY, size | (0x80 if self._mask else 0)))
+        elif size < 65536:
+            header = _HEADER_16.pack(_FIN_BINARY, 126 | (0x80 if self._mask else 0), size)
+        else:
+            header = _HEADER_64.pack(_FIN_BINARY, 127 | (0x80 if self._mask else 0), size)
+        if self._mask:
+            key = self._key()
+            payload = group[0] if len(group) == 1 else b"".join(group)
+            masked = apply_mask(payload, key)
+            if size < _JOIN_BELOW:
+                out.append(header + key + masked)
+            else:
+                out.append(header + key)
+                out.append(masked)
+        elif size < _JOIN_BELOW:
+            out.append(header + b"".join(group))
+        else:
+            out.append(header)
+            out.extend(group)
+
+    def _key(self) -> bytes:
+        """
+        Return a fresh 4-byte masking key from the kernel's CSPRNG (RFC 6455 §5.3).
+        """
+        at = self._next_key
+        if at >= len(self._keys):
+            self._keys = os.urandom(_MASK_POOL_SIZE)
+            at = 0
+        self._next_key = at + 4
+        return self._keys[at : at + 4]

@@ -1,0 +1,263 @@
+"""
+Tests for agent.protocol.wsframes: the WebSocket fast path, with websockets' own parser as oracle.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import pytest
+from hypothesis import given, settings, strategies as st
+from websockets.frames import Close, Frame, Opcode
+from websockets.streams import StreamReader
+
+from agent.protocol import MAX_WS_MESSAGE_SIZE
+from agent.protocol.wsframes import MAX_HEAD_SIZE, FrameReader, FrameWriter
+
+
+def parse_all(data: bytes, *, mask: bool) -> list[Frame]:
+    """Every frame websockets parses from ``data`` (which must end on a frame boundary)."""
+    reader = StreamReader()
+    reader.feed_data(data)
+    frames = []
+    while len(reader.buffer):
+        parser = Frame.parse(reader.read_exact, mask=mask, max_size=None)
+        try:
+            while True:
+                next(parser)
+        except StopIteration as stop:
+            frames.append(stop.value)
+    return frames
+
+
+def serialize(frame: Frame, *, mask: bool) -> bytes:
+    """The frame as a client (mask) or server sends it, per websockets."""
+    return frame.serialize(mask=mask)
+
+
+def reader(*, masked: bool, max_size: int = MAX_WS_MESSAGE_SIZE) -> FrameReader:
+    """A reader past the handshake, on the fast path."""
+    frames = FrameReader(masked=masked, max_size=max_size)
+    frames.open(fast=True)
+    return frames
+
+
+def collect(frames: FrameReader, chunks: list[bytes], *, masked: bool) -> list[Frame]:
+    """
+    Feed chunks and rebuild the frame sequence.
+
+    Fast payloads become binary frames; raw bytes are parsed by websockets, so they must start
+    on a frame boundary, and end on one before a fast payload and after the last chunk.
+    """
+    out: list[Frame] = []
+    raw = bytearray()
+    for chunk in chunks:
+        for is_raw, data in frames.feed(chunk):
+            if is_raw:
+                raw += data
+            else:
+                out += parse_all(bytes(raw), mask=masked)
+                raw.clear()
+                out.append(Frame(Opcode.BINARY, data))
+    return out + parse_all(bytes(raw), mask=masked)
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    """``data`` cut at the given offsets."""
+    points = sorted({0, len(data), *(c % (len(data) + 1) for c in cuts)})
+    return [data[a:b] for a, b in itertools.pairwise(points)]
+
+
+class TestWriter:
+    @pytest.mark.parametrize("mask", [False, True])
+    def test_groups_up_to_the_websocket_limit_without_splitting(self, mask):
+        """Three 64515-byte frames become two WebSocket messages: two frames, then one."""
+        payloads = [bytes([i]) * 64515 for i in range(3)]
+
+        chunks = FrameWriter(mask=mask, max_size=MAX_WS_MESSAGE_SIZE).frames(payloads)
+        parsed = parse_all(b"".join(chunks), mask=mask)
+
+        assert [f.opcode for f in parsed] == [Opcode.BINARY, Opcode.BINARY]
+        assert [len(f.data) for f in parsed] == [129030, 64515]
+        assert bytes(parsed[0].data) + bytes(parsed[1].data) == b"".join(payloads)
+
+    @pytest.mark.parametrize("mask", [False, True])
+    @pytest.mark.parametrize(
+        ("size", "header"), [(0, 2), (125, 2), (126, 4), (65535, 4), (65536, 10)]
+    )
+    def test_header_lengths(self, size, header, mask):
+        """7-, 16- and 64-bit lengths per RFC 6455; a masked header carries the 4-byte key."""
+        payload = os.urandom(size)
+
+        chunks = FrameWriter(mask=mask, max_size=1 << 20).frames([payload])
+        data = b"".join(chunks)
+
+        assert len(data) == header + (4 if mask else 0) + size
+        assert data[0] == 0x82
+        assert bool(data[1] & 0x80) is mask
+        assert parse_all(data, mask=mask) == [Frame(Opcode.BINARY, payload)]
+
+    def test_small_frames_are_one_buffer(self):
+        """Header and payload of a small frame are one write: one TLS record, not two."""
+        for mask in (False, True):
+            chunks = FrameWriter(mask=mask, max_size=MAX_WS_MESSAGE_SIZE).frames([b"x" * 100])
+
+            assert len(chunks) == 1
+
+    def test_masking_keys_change(self):
+        """Every frame gets a fresh key (RFC 6455 §5.3), also across the key pool's refills."""
+        writer = FrameWriter(mask=True, max_size=10)
+        chunks = writer.frames([b"abcdefghij"] * 3000)
+
+        keys = [chunk[2:6] for chunk in chunks]
+        assert len(keys) == 3000
+        assert len(set(keys)) > 2990
+        assert (
+            parse_all(b"".join(chunks), mask=True) == [Frame(Opcode.BINARY, b"abcdefghij")] * 3000
+        )
+
+
+class TestHead:
+    def test_head_then_frames_in_one_read(self):
+        """The head is cut at the blank line; frames after it are parsed once opened."""
+        frames = FrameReader(masked=False, max_size=MAX_WS_MESSAGE_SIZE)
+        head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"
+        frame = serialize(Frame(Opcode.BINARY, b"hello"), mask=False)
+
+        got = frames.split_head(head + frame)
+        frames.open(fast=True)
+
+        assert got == head
+        assert frames.feed(b"") == [(False, b"hello")]
+
+    def test_head_across_reads(self):
+        """An incomplete head is kept until its blank line arrives."""
+        frames = FrameReader(masked=True, max_size=MAX_WS_MESSAGE_SIZE)
+
+        assert frames.split_head(b"GET /tunnel HTTP/1.1\r\nHost: x\r\n\r") is None
+        assert frames.split_head(b"\n") == b"GET /tunnel HTTP/1.1\r\nHost: x\r\n\r\n"
+
+    def test_oversized_head_goes_to_websockets_whole(self):
+        """A head with no end in sight is returned for websockets to refuse."""
+        frames = FrameReader(masked=True, max_size=MAX_WS_MESSAGE_SIZE)
+        junk = b"X" * (MAX_HEAD_SIZE + 1)
+
+        assert frames.split_head(junk) == junk
+
+    def test_failed_handshake_hands_everything_over(self):
+        """After a refused upgrade (a 4xx with a body), every byte goes to websockets."""
+        frames = FrameReader(masked=False, max_size=MAX_WS_MESSAGE_SIZE)
+        frames.split_head(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 9\r\n\r\nForbid")
+        frames.open(fast=False)
+
+        assert frames.feed(b"den") == [(True, b"Forbidden")]
+
+
+class TestReader:
+    @pytest.mark.parametrize("masked", [False, True])
+    def test_binary_frames_are_fast_and_control_frames_raw(self, masked):
+        """Payloads of binary frames come out as payloads; pings and closes whole, in order."""
+        sequence = [
+            Frame(Opcode.BINARY, b"a" * 10),
+            Frame(Opcode.PING, b"1700000000000"),
+            Frame(Opcode.BINARY, os.urandom(70000)),
+            Frame(Opcode.CLOSE, Close(1000, "bye").serialize()),
+        ]
+        stream = b"".join(serialize(f, mask=masked) for f in sequence)
+        frames = reader(masked=masked)
+
+        items = frames.feed(stream)
+
+        assert [raw for raw, _ in items] == [False, True, False, True]
+        assert items[0][1] == b"a" * 10
+        assert parse_all(items[1][1], mask=masked) == [sequence[1]]
+        assert items[2][1] == sequence[2].data
+        assert parse_all(items[3][1], mask=masked) == [sequence[3]]
+        assert not frames.handed_over
+
+    @pytest.mark.parametrize(
+        "odd",
+        [
+            serialize(Frame(Opcode.TEXT, b"hi"), mask=False),
+            serialize(Frame(Opcode.BINARY, b"part", fin=False), mask=False),
+            bytes([0x82 | 0x40, 3]) + b"rsv",
+        ],
+        ids=["text", "fragment", "reserved-bit"],
+    )
+    def test_unusual_frames_hand_the_rest_over(self, odd):
+        """Anything but a final plain binary or control frame: websockets gets the rest."""
+        before = serialize(Frame(Opcode.BINARY, b"first"), mask=False)
+        after = serialize(Frame(Opcode.BINARY, b"after"), mask=False)
+        frames = reader(masked=False)
+
+        items = frames.feed(before + odd + after[:3])
+        later = frames.feed(after[3:])
+
+        assert items == [(False, b"first"), (True, odd + after[:3])]
+        assert later == [(True, after[3:])]
+        assert frames.handed_over
+
+    @pytest.mark.parametrize("masked", [False, True])
+    def test_wrong_masking_is_left_to_websockets(self, masked):
+        """A client frame without a mask, or a server frame with one, is websockets' to reject."""
+        wrong = serialize(Frame(Opcode.BINARY, b"x"), mask=not masked)
+        frames = reader(masked=masked)
+
+        assert frames.feed(wrong) == [(True, wrong)]
+        assert frames.handed_over
+
+    def test_oversized_message_is_left_to_websockets(self):
+        """Over the size limit: websockets closes with 1009, as before the fast path."""
+        big = serialize(Frame(Opcode.BINARY, bytes(101)), mask=False)
+        frames = reader(masked=False, max_size=100)
+
+        assert frames.feed(big) == [(True, big)]
+
+    def test_input_view_may_be_reused_after_feed(self):
+        """Payloads and kept partial frames are copies: the caller's buffer can be overwritten."""
+        frame = serialize(Frame(Opcode.BINARY, b"0123456789" * 10), mask=True)
+        buffer = bytearray(frame + frame[:50])
+        frames = reader(masked=True)
+
+        first = frames.feed(memoryview(buffer))
+        buffer[:] = bytes(len(buffer))
+        second = frames.feed(frame[50:])
+
+        assert first == second == [(False, b"0123456789" * 10)]
+
+    @settings(max_examples=2000, deadline=None)
+    @given(
+        frames=st.lists(
+            st.one_of(
+                st.builds(Frame, st.just(Opcode.BINARY), st.binary(max_size=300)),
+                st.builds(Frame, st.just(Opcode.PING), st.binary(max_size=125)),
+                st.builds(Frame, st.just(Opcode.PONG), st.binary(max_size=125)),
+                st.builds(Frame, st.just(Opcode.TEXT), st.text(max_size=20).map(str.encode)),
+                st.binary(max_size=20).map(lambda d: Frame(Opcode.BINARY, d, fin=False)),
+            ),
+            max_size=12,
+        ),
+        cuts=st.lists(st.integers(min_value=0), max_size=8),
+        masked=st.booleans(),
+    )
+    def test_same_frames_as_websockets_for_any_split(self, frames, cuts, masked):
+        """Fast payloads plus websockets' parse of the raw bytes give back the exact sequence."""
+        stream = b"".join(serialize(f, mask=masked) for f in frames)
+
+        got = collect(reader(masked=masked), split(stream, cuts), masked=masked)
+
+        assert got == frames
+
+    @settings(max_examples=2000, deadline=None)
+    @given(st.lists(st.binary(max_size=200), max_size=6), st.booleans())
+    def test_garbage_never_raises(self, chunks, masked):
+        """Hostile bytes are split or handed over, never an exception; raw bytes are verbatim."""
+        frames = reader(masked=masked, max_size=64)
+        joined = b"".join(chunks)
+        for chunk in chunks:
+            for raw, data in frames.feed(chunk):
+                if raw:
+                    assert data in joined
+                else:
+                    assert len(data) <= 64
