@@ -117,22 +117,30 @@ class _Peer(asyncio.BufferedProtocol):
         self.relay.peers.add(self)
 
     def get_buffer(self, sizehint: int) -> memoryview:  # noqa: ARG002 - our size is fixed
-        # Reading into a reused buffer spares the TLS layer a 256 KB allocation per record.
-        return self.relay.read_view
+        # Reading into the frame reader's buffer spares the TLS layer a 256 KB allocation per
+        # record, and leaves partial frames in place.
+        return self.reader.get_buffer()
 
     def buffer_updated(self, nbytes: int) -> None:
-        self.data_received(self.relay.read_view[:nbytes])
+        self.reader.buffer_updated(nbytes)
+        self._received()
 
     def data_received(self, data: bytes | memoryview) -> None:
+        with memoryview(data) as view:
+            done = 0
+            while done < len(view):
+                done += self.reader.receive_into(view[done:])
+                self._received()
+
+    def _received(self) -> None:
         reader = self.reader
         if not reader.head_done:
-            head = reader.split_head(data)
+            head = reader.head()
             if head is None:
                 return
             self._receive_ws(head)
             reader.open(fast=self.ws.state is State.OPEN and self.tunnel is not None)
-            data = b""
-        for raw, chunk in reader.feed(data):
+        for raw, chunk in reader.frames():
             if not raw:
                 if self.tunnel is not None:
                     self.tunnel.receive_message(chunk)
@@ -368,8 +376,6 @@ class Relay:
         self._server: asyncio.Server | None = None
         self.sessions: dict[str, _Session] = {}
         self.peers: set[_Peer] = set()
-        # One read buffer for every connection: each read is parsed (copied) before the next.
-        self.read_view = memoryview(bytearray(256 * 1024))
         self._all_gone = asyncio.Event()
         self.ids = itertools.count(1)
         store.listeners.append(self._store_changed)

@@ -41,6 +41,8 @@ _FIN_BINARY: Final = 0x82
 # First header bytes of final close, ping and pong frames: passed whole to websockets.
 _CONTROL: Final = frozenset((0x88, 0x89, 0x8A))
 _MAX_CONTROL_SIZE: Final = 125
+# 2 bytes, 8 of extended length, 4 of mask key.
+_MAX_HEADER_SIZE: Final = 14
 # Below this payload size, header and payload are written as one buffer: one TLS record.
 _JOIN_BELOW: Final = 4096
 # Mask keys are sliced from one urandom read instead of one syscall per frame.
@@ -55,15 +57,29 @@ class FrameReader:
     """
     Split a WebSocket byte stream into fast binary payloads and raw frames for websockets.
 
-    Before the handshake completes, :meth:`split_head` cuts the HTTP head off the stream; the
-    caller gives it to websockets, then calls :meth:`open` with the outcome.
+    The reader owns its receive buffer, for asyncio's ``BufferedProtocol``: the transport reads
+    into :meth:`get_buffer`, :meth:`buffer_updated` records it. A partial frame stays where it
+    landed until it completes; it moves to the front only when free space runs short, so most
+    bytes are copied once, when the payload is taken out (and unmasked, on the server side).
+
+    Before the handshake completes, :meth:`head` cuts the HTTP head off the stream; the caller
+    gives it to websockets, then calls :meth:`open` with the outcome.
 
     Args:
         masked: Whether the peer's frames must be masked (True on the server side).
         max_size: Largest payload taken on the fast path; larger ones go to websockets.
     """
 
-    __slots__ = ("_masked", "_max_size", "_pending", "handed_over", "head_done")
+    __slots__ = (
+        "_buffer",
+        "_end",
+        "_masked",
+        "_max_size",
+        "_start",
+        "_view",
+        "handed_over",
+        "head_done",
+    )
 
     def __init__(self, *, masked: bool, max_size: int) -> None:
         """
@@ -71,30 +87,52 @@ class FrameReader:
         """
         self._masked = masked
         self._max_size = max_size
-        self._pending = bytearray()
+        # Room for two largest frames: a complete one always fits behind a partial one.
+        self._buffer = bytearray(2 * (max_size + _MAX_HEADER_SIZE))
+        self._view = memoryview(self._buffer)
+        self._start = 0  # first byte not yet parsed
+        self._end = 0  # end of the received bytes
         self.head_done = False
         self.handed_over = False
 
-    def split_head(self, data: Buffer) -> bytes | None:
+    def get_buffer(self) -> memoryview:
         """
-        Return the HTTP head, terminator included, once complete; keep what follows.
+        Return the free space to receive into.
+        """
+        start, end = self._start, self._end
+        if start == end:
+            self._start = self._end = 0
+            return self._view
+        if len(self._buffer) - end < len(self._buffer) // 2:
+            # Move the partial frame to the front (memoryview assignment handles the overlap).
+            self._view[: end - start] = self._view[start:end]
+            self._start, self._end = 0, end - start
+        return self._view[self._end :]
+
+    def buffer_updated(self, nbytes: int) -> None:
+        """
+        Record ``nbytes`` received into the buffer from :meth:`get_buffer`.
+        """
+        self._end += nbytes
+
+    def head(self) -> bytes | None:
+        """
+        Return the HTTP head, terminator included, once complete, and consume it.
 
         A head over ``MAX_HEAD_SIZE`` is returned whole, unterminated, for websockets to refuse.
 
         Returns:
             The head, or None while it is incomplete.
         """
-        pending = self._pending
-        pending += data
-        end = pending.find(b"\r\n\r\n")
+        received = self._buffer[self._start : self._end]
+        end = received.find(b"\r\n\r\n")
         if end < 0:
-            if len(pending) <= MAX_HEAD_SIZE:
+            if len(received) <= MAX_HEAD_SIZE:
                 return None
-            end = len(pending) - 4
-        head = bytes(pending[: end + 4])
-        del pending[: end + 4]
+            end = len(received) - 4
+        self._start += end + 4
         self.head_done = True
-        return head
+        return bytes(received[: end + 4])
 
     def open(self, *, fast: bool) -> None:
         """
@@ -109,68 +147,72 @@ class FrameReader:
         """
         self.handed_over = True
 
+    def receive_into(self, data: memoryview) -> int:
+        """
+        Copy as much of ``data`` as fits into the buffer (for transports that are not buffered).
+
+        Returns:
+            The number of bytes taken; call :meth:`head` or :meth:`frames`, then again.
+        """
+        target = self.get_buffer()
+        n = min(len(target), len(data))
+        target[:n] = data[:n]
+        self._end += n
+        return n
+
     def feed(self, data: Buffer) -> list[tuple[bool, bytes]]:
         """
-        Consume received bytes; return ``(raw, data)`` items in stream order.
-
-        ``raw`` False: the payload of a binary message. ``raw`` True: bytes for websockets'
-        ``receive_data``, always starting at a frame boundary. ``data`` may be a view of a
-        reused buffer: every returned payload is a copy.
-        """
-        pending = self._pending
-        if self.handed_over:
-            if pending:
-                data = bytes(pending + data)
-                pending.clear()
-                return [(True, data)]
-            return [(True, bytes(data))] if data else []
-        if pending:
-            pending += data
-            view = memoryview(pending)
-        else:
-            view = memoryview(data)
-        try:
-            items, used = self._frames(view)
-        finally:
-            view.release()
-        if pending:
-            del pending[:used]
-        elif used < len(data):
-            pending += memoryview(data)[used:]
-        return items
-
-    def _frames(self, view: memoryview) -> tuple[list[tuple[bool, bytes]], int]:
-        """
-        Parse complete frames from ``view``; return the items and the bytes consumed.
+        Copy ``data`` in and return the frames (after the head).
         """
         items: list[tuple[bool, bytes]] = []
-        pos = 0
-        end = len(view)
+        with memoryview(data) as view:
+            done = 0
+            while done < len(view):
+                done += self.receive_into(view[done:])
+                items += self.frames()
+        return items
+
+    def frames(self) -> list[tuple[bool, bytes]]:
+        """
+        Parse the received bytes; return ``(raw, data)`` items in stream order.
+
+        ``raw`` False: the payload of a binary message. ``raw`` True: bytes for websockets'
+        ``receive_data``, always starting at a frame boundary. Every item is a copy.
+        """
+        view, start, end = self._view, self._start, self._end
+        if self.handed_over:
+            self._start = end
+            return [(True, bytes(view[start:end]))] if end > start else []
+        items: list[tuple[bool, bytes]] = []
         masked = self._masked
-        while (parsed := _parse_header(view, pos, end)) is not None:
-            length, start = parsed
-            first = view[pos]
+        while (parsed := _parse_header(view, start, end)) is not None:
+            length, payload = parsed
+            first = view[start]
             fast = first == _FIN_BINARY and length <= self._max_size
-            if bool(view[pos + 1] & 0x80) != masked or not (
+            if bool(view[start + 1] & 0x80) != masked or not (
                 fast or (first in _CONTROL and length <= _MAX_CONTROL_SIZE)
             ):
                 # Not ours to judge: websockets takes the rest of the stream.
                 self.handed_over = True
-                items.append((True, bytes(view[pos:])))
-                return items, end
+                items.append((True, bytes(view[start:end])))
+                start = end
+                break
             if masked:
-                start += 4
-            stop = start + length
+                payload += 4
+            stop = payload + length
             if stop > end:
                 break
             if not fast:
-                items.append((True, bytes(view[pos:stop])))
+                items.append((True, bytes(view[start:stop])))
             elif masked:
-                items.append((False, apply_mask(view[start:stop], bytes(view[start - 4 : start]))))
+                items.append(
+                    (False, apply_mask(view[payload:stop], bytes(view[payload - 4 : payload])))
+                )
             else:
-                items.append((False, bytes(view[start:stop])))
-            pos = stop
-        return items, pos
+                items.append((False, bytes(view[payload:stop])))
+            start = stop
+        self._start = start
+        return items
 
 
 def _parse_header(view: memoryview, pos: int, end: int) -> tuple[int, int] | None:

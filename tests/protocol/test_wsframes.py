@@ -118,6 +118,13 @@ class TestWriter:
         )
 
 
+def receive(frames: FrameReader, data: bytes) -> None:
+    """Deliver ``data`` as a buffered transport would."""
+    target = frames.get_buffer()
+    target[: len(data)] = data
+    frames.buffer_updated(len(data))
+
+
 class TestHead:
     def test_head_then_frames_in_one_read(self):
         """The head is cut at the blank line; frames after it are parsed once opened."""
@@ -125,30 +132,38 @@ class TestHead:
         head = b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n"
         frame = serialize(Frame(Opcode.BINARY, b"hello"), mask=False)
 
-        got = frames.split_head(head + frame)
+        receive(frames, head + frame)
+        got = frames.head()
         frames.open(fast=True)
 
         assert got == head
-        assert frames.feed(b"") == [(False, b"hello")]
+        assert frames.frames() == [(False, b"hello")]
 
     def test_head_across_reads(self):
         """An incomplete head is kept until its blank line arrives."""
         frames = FrameReader(masked=True, max_size=MAX_WS_MESSAGE_SIZE)
 
-        assert frames.split_head(b"GET /tunnel HTTP/1.1\r\nHost: x\r\n\r") is None
-        assert frames.split_head(b"\n") == b"GET /tunnel HTTP/1.1\r\nHost: x\r\n\r\n"
+        receive(frames, b"GET /tunnel HTTP/1.1\r\nHost: x\r\n\r")
+        first = frames.head()
+        receive(frames, b"\n")
+
+        assert first is None
+        assert frames.head() == b"GET /tunnel HTTP/1.1\r\nHost: x\r\n\r\n"
 
     def test_oversized_head_goes_to_websockets_whole(self):
         """A head with no end in sight is returned for websockets to refuse."""
         frames = FrameReader(masked=True, max_size=MAX_WS_MESSAGE_SIZE)
         junk = b"X" * (MAX_HEAD_SIZE + 1)
 
-        assert frames.split_head(junk) == junk
+        receive(frames, junk)
+
+        assert frames.head() == junk
 
     def test_failed_handshake_hands_everything_over(self):
         """After a refused upgrade (a 4xx with a body), every byte goes to websockets."""
         frames = FrameReader(masked=False, max_size=MAX_WS_MESSAGE_SIZE)
-        frames.split_head(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 9\r\n\r\nForbid")
+        receive(frames, b"HTTP/1.1 403 Forbidden\r\nContent-Length: 9\r\n\r\nForbid")
+        frames.head()
         frames.open(fast=False)
 
         assert frames.feed(b"den") == [(True, b"Forbidden")]
@@ -225,6 +240,19 @@ class TestReader:
         second = frames.feed(frame[50:])
 
         assert first == second == [(False, b"0123456789" * 10)]
+
+    @pytest.mark.parametrize("masked", [False, True])
+    def test_partial_frames_survive_buffer_compaction(self, masked):
+        """Many largest frames in reads that never align with them: every payload intact."""
+        payloads = [os.urandom(MAX_WS_MESSAGE_SIZE) for _ in range(3)] * 4
+        stream = b"".join(serialize(Frame(Opcode.BINARY, p), mask=masked) for p in payloads)
+        frames = reader(masked=masked)
+
+        got = []
+        for start in range(0, len(stream), 50000):
+            got += frames.feed(stream[start : start + 50000])
+
+        assert got == [(False, p) for p in payloads]
 
     @settings(max_examples=2000, deadline=None)
     @given(
