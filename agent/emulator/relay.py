@@ -41,6 +41,8 @@ if TYPE_CHECKING:
     import ssl
     from collections.abc import Sequence
 
+    from agent.protocol.messages import Buffer
+
 
 __all__ = ["Relay"]
 
@@ -153,12 +155,12 @@ class _Peer(asyncio.BufferedProtocol):
             self._after_messages(self.tunnel)
         self.flush()
 
-    def _receive_ws(self, data: bytes) -> None:
+    def _receive_ws(self, data: Buffer) -> None:
         """
         Feed websockets: the upgrade request, control frames, anything unusual.
         """
         ws = self.ws
-        ws.receive_data(data)
+        ws.receive_data(bytes(data))  # raw items are bytes already: no copy
         for event in ws.events_received():
             if isinstance(event, Frame):
                 if event.opcode is Opcode.BINARY and self.tunnel is not None:

@@ -61,9 +61,9 @@ class FrameBuffer:
 
     Fast path: when nothing is pending, :meth:`feed` keeps a reference to the fed object
     instead of copying it, so a WebSocket message that is exactly one frame is only sliced
-    once, by :meth:`next_frame`. A fed ``bytearray`` is therefore read in place until
-    :meth:`next_frame` returns ``None`` (the leftover partial frame is then copied): do not
-    mutate it before that.
+    once, by :meth:`next_frame`. A fed ``bytearray`` or byte ``memoryview`` is therefore read
+    in place until :meth:`next_frame` returns ``None`` (the leftover partial frame is then
+    copied): do not mutate it before that.
 
     Args:
         max_frame_size: Largest body length a prefix may announce.
@@ -76,7 +76,7 @@ class FrameBuffer:
         Create an empty buffer.
         """
         self.max_frame_size = max_frame_size
-        self._data: bytes | bytearray = b""
+        self._data: Buffer = b""
         self._pos = 0
         # True when _data is a bytearray of our own that may be appended to.
         self._owned = False
@@ -98,9 +98,10 @@ class FrameBuffer:
         if not data:
             return
         if self._pos == len(self._data):
-            # Fast path: reference the fed object (memoryviews are copied: they may be of
-            # any format and outlive their exporter's buffer).
-            self._data = bytes(data) if isinstance(data, memoryview) else data
+            # Fast path: reference the fed object (a memoryview of another format is copied).
+            if isinstance(data, memoryview) and (data.format != "B" or data.ndim != 1):
+                data = bytes(data)
+            self._data = data
             self._pos = 0
             self._owned = False
         elif self._owned:
@@ -117,7 +118,7 @@ class FrameBuffer:
             self._pos = 0
             self._owned = True
 
-    def next_span(self) -> tuple[bytes | bytearray, int, int] | None:
+    def next_span(self) -> tuple[Buffer, int, int] | None:
         """
         Return the next complete frame as ``(buffer, body_start, body_end)``, without a copy.
 

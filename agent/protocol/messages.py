@@ -324,12 +324,12 @@ class MessageScanner:
         self._head_size = self._tail_size = 0
         self._fields: ScannedMessage = (0, 0, False, 0, 0, "", (), 0)
 
-    def scan(self, buf: bytes | bytearray, start: int, end: int) -> ScannedMessage:
+    def scan(self, buf: Buffer, start: int, end: int) -> ScannedMessage:
         """
         Decode the message in ``buf[start:end]`` like :func:`scan_message`.
 
         Args:
-            buf: The buffer holding the message body (``bytes`` or ``bytearray``).
+            buf: The buffer holding the message body.
             start: Offset of the body.
             end: Offset just past the body.
 
@@ -341,8 +341,8 @@ class MessageScanner:
         """
         if (
             end - start == self._size
-            and buf.startswith(self._head, start)
-            and buf.endswith(self._tail, start, end)
+            and buf[start : start + self._head_size] == self._head
+            and buf[end - self._tail_size : end] == self._tail
         ):
             mtype, stream_id, ignorable, _, _, service_id, available, conn = self._fields
             return (

@@ -770,7 +770,7 @@ class TunnelProtocol:
         frames = self._frames
         fresh = not len(frames)
         frames.feed(data)
-        spans: list[tuple[bytes | bytearray, int, int]] = []
+        spans: list[tuple[Buffer, int, int]] = []
         valid = False
         try:
             while (span := frames.next_span()) is not None:
@@ -789,7 +789,7 @@ class TunnelProtocol:
                         else:
                             self._to_forward.append(bytes(memoryview(buf)[start - 2 : end]))
 
-    def _validate(self, buf: bytes | bytearray, start: int, end: int) -> None:  # noqa: C901, PLR0912
+    def _validate(self, buf: Buffer, start: int, end: int) -> None:  # noqa: C901, PLR0912
         """
         Check one frame against data-plane §5 and track streams in the shared table.
 

@@ -68,6 +68,8 @@ class FrameReader:
     Args:
         masked: Whether the peer's frames must be masked (True on the server side).
         max_size: Largest payload taken on the fast path; larger ones go to websockets.
+        buffer_size: Receive buffer; at least a largest frame. The default, room for two,
+            moves fewer partial frames; a smaller one saves memory.
     """
 
     __slots__ = (
@@ -81,14 +83,19 @@ class FrameReader:
         "head_done",
     )
 
-    def __init__(self, *, masked: bool, max_size: int) -> None:
+    def __init__(self, *, masked: bool, max_size: int, buffer_size: int = 0) -> None:
         """
         Create a reader expecting an HTTP head first.
+
+        Raises:
+            ValueError: ``buffer_size`` cannot hold a largest frame.
         """
         self._masked = masked
         self._max_size = max_size
-        # Room for two largest frames: a complete one always fits behind a partial one.
-        self._buffer = bytearray(2 * (max_size + _MAX_HEADER_SIZE))
+        largest = max_size + _MAX_HEADER_SIZE
+        if buffer_size and buffer_size < largest:
+            raise ValueError(f"a {buffer_size}-byte buffer cannot hold a {largest}-byte frame")
+        self._buffer = bytearray(buffer_size or 2 * largest)
         self._view = memoryview(self._buffer)
         self._start = 0  # first byte not yet parsed
         self._end = 0  # end of the received bytes
@@ -104,7 +111,8 @@ class FrameReader:
             self._start = self._end = 0
             return self._view
         if len(self._buffer) - end < len(self._buffer) // 2:
-            # Move the partial frame to the front (memoryview assignment handles the overlap).
+            # Move the partial frame to the front (memoryview assignment handles the overlap):
+            # then a frame that fits the buffer fits behind it.
             self._view[: end - start] = self._view[start:end]
             self._start, self._end = 0, end - start
         return self._view[self._end :]
@@ -162,28 +170,30 @@ class FrameReader:
 
     def feed(self, data: Buffer) -> list[tuple[bool, bytes]]:
         """
-        Copy ``data`` in and return the frames (after the head).
+        Copy ``data`` in and return the frames (after the head), every payload as a copy.
         """
         items: list[tuple[bool, bytes]] = []
         with memoryview(data) as view:
             done = 0
             while done < len(view):
                 done += self.receive_into(view[done:])
-                items += self.frames()
+                items += [(raw, bytes(chunk)) for raw, chunk in self.frames()]
         return items
 
-    def frames(self) -> list[tuple[bool, bytes]]:
+    def frames(self) -> list[tuple[bool, Buffer]]:
         """
         Parse the received bytes; return ``(raw, data)`` items in stream order.
 
         ``raw`` False: the payload of a binary message. ``raw`` True: bytes for websockets'
-        ``receive_data``, always starting at a frame boundary. Every item is a copy.
+        ``receive_data``, always starting at a frame boundary. Raw items and masked payloads are
+        copies; an unmasked payload is a view of the buffer, valid until the next call to
+        :meth:`get_buffer` or :meth:`receive_into`: consume it before, copy what you keep.
         """
         view, start, end = self._view, self._start, self._end
         if self.handed_over:
             self._start = end
             return [(True, bytes(view[start:end]))] if end > start else []
-        items: list[tuple[bool, bytes]] = []
+        items: list[tuple[bool, Buffer]] = []
         masked = self._masked
         while (parsed := _parse_header(view, start, end)) is not None:
             length, payload = parsed
@@ -209,7 +219,8 @@ class FrameReader:
                     (False, apply_mask(view[payload:stop], bytes(view[payload - 4 : payload])))
                 )
             else:
-                items.append((False, bytes(view[payload:stop])))
+                # A view: the tunnel core copies each payload out once (no 128 KB interim).
+                items.append((False, view[payload:stop]))
             start = stop
         self._start = start
         return items
@@ -237,22 +248,24 @@ class FrameWriter:
     """
     Frame binary messages: masked on the client side (RFC 6455 §5.3), plain on the server side.
 
-    Consecutive messages share one WebSocket message up to ``max_size`` bytes; tunnel frames are
-    never split or merged (data-plane §4), so this only saves headers and records.
+    Consecutive messages share one WebSocket message, up to ``max_size`` bytes unmasked and up to
+    4 KB masked (masking a group means joining it first: a copy that only pays off for small
+    messages). Tunnel frames are never split or merged (data-plane §4): grouping only saves
+    headers and records.
 
     Args:
         mask: Whether to mask (True on the client side).
         max_size: Largest WebSocket message to produce.
     """
 
-    __slots__ = ("_keys", "_mask", "_max_size", "_next_key")
+    __slots__ = ("_group_limit", "_keys", "_mask", "_next_key")
 
     def __init__(self, *, mask: bool, max_size: int) -> None:
         """
         Create a writer.
         """
         self._mask = mask
-        self._max_size = max_size
+        self._group_limit = _JOIN_BELOW if mask else max_size
         self._keys = b""
         self._next_key = 0
 
@@ -263,7 +276,7 @@ class FrameWriter:
         out: list[bytes] = []
         group: list[bytes] = []
         size = 0
-        limit = self._max_size
+        limit = self._group_limit
         for message in messages:
             if group and size + len(message) > limit:
                 self._frame(group, size, out)

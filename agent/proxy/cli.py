@@ -15,7 +15,6 @@ import os
 import signal
 import sys
 import types
-from pathlib import Path
 
 from agent import __version__
 from agent.loop import run
@@ -110,9 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-v", "--verbose", type=int, default=4, choices=range(7), help="0 (off) to 6, default 4"
     )
-    parser.add_argument("--config", type=Path, help="file of 'name = value' lines (long flags)")
+    parser.add_argument("--config", help="file of 'name = value' lines (long flags)")
     parser.add_argument(
-        "--config-dir", type=Path, help="directory of files with SERVICE=port lines (mappings)"
+        "--config-dir", help="directory of files with SERVICE=port lines (mappings)"
     )
     parser.add_argument("-V", "--version", action="version", version=f"%(prog)s {__version__}")
     extra = parser.add_argument_group("iot-tunnel-agent extensions")
@@ -127,12 +126,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _config_file(path: Path) -> dict[str, str]:
+def _read_text(path: str) -> str:
+    # os and open, not pathlib: pathlib and what it imports cost the proxy 0.3 MB and 5 ms.
+    with open(path, encoding="utf-8") as file:  # noqa: PTH123
+        return file.read()
+
+
+def _config_file(path: str) -> dict[str, str]:
     """
     Read ``name = value`` lines (``#`` comments), the AWS localproxy's ``--config`` format.
     """
     values: dict[str, str] = {}
-    for line in path.read_text().splitlines():
+    for line in _read_text(path).splitlines():
         stripped = line.split("#", 1)[0].strip()
         if stripped:
             name, sep, value = stripped.partition("=")
@@ -142,11 +147,12 @@ def _config_file(path: Path) -> dict[str, str]:
     return values
 
 
-def _config_dir(path: Path) -> str:
+def _config_dir(path: str) -> str:
     entries: list[str] = []
-    for file in sorted(path.iterdir()):
-        if file.is_file():
-            entries.extend(line.strip() for line in file.read_text().splitlines() if "=" in line)
+    for name in sorted(os.listdir(path)):  # noqa: PTH208
+        file = os.path.join(path, name)  # noqa: PTH118
+        if os.path.isfile(file):  # noqa: PTH113
+            entries.extend(line.strip() for line in _read_text(file).splitlines() if "=" in line)
     return ",".join(entries)
 
 

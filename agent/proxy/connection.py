@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from websockets.http11 import Request
 
     from agent.protocol import TunnelProtocol
+    from agent.protocol.messages import Buffer
 
 
 __all__ = ["HandshakeFailed", "SessionEnd", "TunnelApp", "TunnelConnection"]
@@ -37,6 +38,8 @@ log = logging.getLogger("agent.proxy")
 
 # Bytes queued towards the service before local sockets stop being read (backpressure).
 WS_WRITE_HIGH_WATER = 64 * 1024
+# WebSocket receive buffer: a largest message (131 KB) and room for the next one to start.
+READ_BUFFER_SIZE = 160 * 1024
 # Time allowed for the closing handshake before the TCP connection is aborted.
 CLOSE_TIMEOUT = 2.0
 
@@ -157,7 +160,9 @@ class TunnelConnection(asyncio.BufferedProtocol):
         self._failure = ""
         self._started = False
         self._reading_paused = False
-        self._reader = FrameReader(masked=False, max_size=MAX_WS_MESSAGE_SIZE)
+        self._reader = FrameReader(
+            masked=False, max_size=MAX_WS_MESSAGE_SIZE, buffer_size=READ_BUFFER_SIZE
+        )
         self._writer = FrameWriter(mask=True, max_size=MAX_WS_MESSAGE_SIZE)
 
     # asyncio.Protocol callbacks
@@ -231,12 +236,12 @@ class TunnelConnection(asyncio.BufferedProtocol):
                 handle(tunnel_event)
         self.flush()
 
-    def _receive_ws(self, data: bytes) -> None:
+    def _receive_ws(self, data: Buffer) -> None:
         """
         Feed websockets: the handshake response, control frames, anything unusual.
         """
         ws = self.ws
-        ws.receive_data(data)
+        ws.receive_data(bytes(data))  # raw items are bytes already: no copy
         for event in ws.events_received():
             if isinstance(event, Frame):
                 opcode = event.opcode

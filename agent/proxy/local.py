@@ -40,6 +40,8 @@ log = logging.getLogger("agent.proxy")
 
 # Bytes queued towards a local application before the WebSocket stops being read.
 LOCAL_WRITE_HIGH_WATER = 128 * 1024
+# What a local read may take while the tunnel is congested (see get_buffer).
+PAUSED_READ_SIZE = 1024
 # One read fills exactly four DATA payloads (data-plane §4: 64512 bytes each).
 READ_SIZE = MAX_PAYLOAD_SIZE
 
@@ -96,8 +98,13 @@ class LocalConnection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint: int) -> memoryview:  # noqa: ARG002 - our size is fixed
         """
         Read into the bridge's buffer: one for all connections, as each read is consumed at once.
+
+        While the tunnel is congested, a read can still happen (uvloop reads a new connection
+        once even if paused): it gets a small buffer, so a burst of new connections cannot
+        queue 64 KB each in front of the congested WebSocket.
         """
-        return self.bridge.read_view
+        bridge = self.bridge
+        return bridge.read_view[:PAUSED_READ_SIZE] if bridge.locals_paused else bridge.read_view
 
     def buffer_updated(self, nbytes: int) -> None:
         """

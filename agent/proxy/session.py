@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import ssl
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from websockets.client import ClientProtocol
@@ -55,7 +55,7 @@ def _ssl_context(options: ProxyOptions) -> ssl.SSLContext:
     """
     if options.ca_path is None:
         context = ssl.create_default_context()
-    elif Path(options.ca_path).is_dir():
+    elif os.path.isdir(options.ca_path):  # noqa: PTH112 - pathlib costs memory (cli.py)
         context = ssl.create_default_context(capath=options.ca_path)
     else:
         context = ssl.create_default_context(cafile=options.ca_path)

@@ -36,9 +36,9 @@ def serialize(frame: Frame, *, mask: bool) -> bytes:
     return frame.serialize(mask=mask)
 
 
-def reader(*, masked: bool, max_size: int = MAX_WS_MESSAGE_SIZE) -> FrameReader:
+def reader(*, masked: bool, max_size: int = MAX_WS_MESSAGE_SIZE, buffer: int = 0) -> FrameReader:
     """A reader past the handshake, on the fast path."""
-    frames = FrameReader(masked=masked, max_size=max_size)
+    frames = FrameReader(masked=masked, max_size=max_size, buffer_size=buffer)
     frames.open(fast=True)
     return frames
 
@@ -70,17 +70,27 @@ def split(data: bytes, cuts: list[int]) -> list[bytes]:
 
 
 class TestWriter:
-    @pytest.mark.parametrize("mask", [False, True])
-    def test_groups_up_to_the_websocket_limit_without_splitting(self, mask):
-        """Three 64515-byte frames become two WebSocket messages: two frames, then one."""
+    @pytest.mark.parametrize(("mask", "sizes"), [(False, [129030, 64515]), (True, [64515] * 3)])
+    def test_large_frames_grouped_up_to_the_limit_unmasked_only(self, mask, sizes):
+        """Three 64515-byte frames: two messages from the relay, three from a proxy (no join)."""
         payloads = [bytes([i]) * 64515 for i in range(3)]
 
         chunks = FrameWriter(mask=mask, max_size=MAX_WS_MESSAGE_SIZE).frames(payloads)
         parsed = parse_all(b"".join(chunks), mask=mask)
 
-        assert [f.opcode for f in parsed] == [Opcode.BINARY, Opcode.BINARY]
-        assert [len(f.data) for f in parsed] == [129030, 64515]
-        assert bytes(parsed[0].data) + bytes(parsed[1].data) == b"".join(payloads)
+        assert [f.opcode for f in parsed] == [Opcode.BINARY] * len(sizes)
+        assert [len(f.data) for f in parsed] == sizes
+        assert b"".join(bytes(f.data) for f in parsed) == b"".join(payloads)
+
+    def test_small_masked_frames_share_a_message(self):
+        """Small tunnel frames from a proxy are masked together, up to 4 KB per message."""
+        payloads = [bytes([i]) * 1000 for i in range(6)]
+
+        chunks = FrameWriter(mask=True, max_size=MAX_WS_MESSAGE_SIZE).frames(payloads)
+        parsed = parse_all(b"".join(chunks), mask=True)
+
+        assert [len(f.data) for f in parsed] == [4000, 2000]
+        assert b"".join(bytes(f.data) for f in parsed) == b"".join(payloads)
 
     @pytest.mark.parametrize("mask", [False, True])
     @pytest.mark.parametrize(
@@ -107,15 +117,14 @@ class TestWriter:
 
     def test_masking_keys_change(self):
         """Every frame gets a fresh key (RFC 6455 §5.3), also across the key pool's refills."""
-        writer = FrameWriter(mask=True, max_size=10)
-        chunks = writer.frames([b"abcdefghij"] * 3000)
+        payload = os.urandom(4097)  # over the grouping limit: one message each
+        writer = FrameWriter(mask=True, max_size=MAX_WS_MESSAGE_SIZE)
+        chunks = writer.frames([payload] * 1100)
 
-        keys = [chunk[2:6] for chunk in chunks]
-        assert len(keys) == 3000
-        assert len(set(keys)) > 2990
-        assert (
-            parse_all(b"".join(chunks), mask=True) == [Frame(Opcode.BINARY, b"abcdefghij")] * 3000
-        )
+        keys = [chunk[4:8] for chunk in chunks[::2]]
+        assert len(keys) == 1100
+        assert len(set(keys)) > 1090
+        assert parse_all(b"".join(chunks), mask=True) == [Frame(Opcode.BINARY, payload)] * 1100
 
 
 def receive(frames: FrameReader, data: bytes) -> None:
@@ -242,17 +251,25 @@ class TestReader:
         assert first == second == [(False, b"0123456789" * 10)]
 
     @pytest.mark.parametrize("masked", [False, True])
-    def test_partial_frames_survive_buffer_compaction(self, masked):
-        """Many largest frames in reads that never align with them: every payload intact."""
-        payloads = [os.urandom(MAX_WS_MESSAGE_SIZE) for _ in range(3)] * 4
+    @pytest.mark.parametrize("buffer", [0, MAX_WS_MESSAGE_SIZE + 14, 160 * 1024])
+    @pytest.mark.parametrize("read", [7, 50000, 65536])
+    def test_partial_frames_survive_buffer_compaction(self, masked, buffer, read):
+        """Largest and odd-sized frames in reads that never align with them: all intact."""
+        sizes = [MAX_WS_MESSAGE_SIZE, 1, 70000, MAX_WS_MESSAGE_SIZE, 64515, 0, 125, 126]
+        payloads = [os.urandom(size) for size in sizes]
         stream = b"".join(serialize(Frame(Opcode.BINARY, p), mask=masked) for p in payloads)
-        frames = reader(masked=masked)
+        frames = reader(masked=masked, buffer=buffer)
 
         got = []
-        for start in range(0, len(stream), 50000):
-            got += frames.feed(stream[start : start + 50000])
+        for start in range(0, len(stream), read):
+            got += frames.feed(stream[start : start + read])
 
         assert got == [(False, p) for p in payloads]
+
+    def test_buffer_must_hold_a_largest_frame(self):
+        """A buffer that a valid frame could not fit in is refused up front."""
+        with pytest.raises(ValueError, match="cannot hold"):
+            FrameReader(masked=False, max_size=1000, buffer_size=1000)
 
     @settings(max_examples=2000, deadline=None)
     @given(
