@@ -11,8 +11,10 @@ from agent.proxy.options import ProxyOptions
 
 def test_reads_while_the_tunnel_is_congested_are_small():
     """
-    A read that happens while locals are paused (uvloop reads a new connection once) takes at
-    most 1 KB: a burst of new connections cannot stack 64 KB each behind a full WebSocket.
+    A read while locals are paused takes at most 1 KB.
+
+    uvloop reads a new connection once even if paused: a burst of new connections must not
+    stack 64 KB each behind a full WebSocket.
     """
     bridge = Bridge(ProxyOptions(mode=SOURCE, host="127.0.0.1", port=1, token="t"))
     local = LocalConnection(bridge, "SSH", 1)
