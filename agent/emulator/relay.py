@@ -34,7 +34,7 @@ from agent.protocol import (
     TunnelProtocol,
 )
 from agent.protocol.wsframes import FrameReader, FrameWriter
-from agent.proxy.wsio import write_pending
+from agent.proxy.wsio import route_received, write_pending
 
 
 if TYPE_CHECKING:
@@ -128,29 +128,11 @@ class _Peer(asyncio.BufferedProtocol):
         self._received()
 
     def data_received(self, data: bytes | memoryview) -> None:
-        with memoryview(data) as view:
-            done = 0
-            while done < len(view):
-                done += self.reader.receive_into(view[done:])
-                self._received()
+        self.reader.receive(data, self._received)
 
     def _received(self) -> None:
-        reader = self.reader
-        if not reader.head_done:
-            head = reader.head()
-            if head is None:
-                return
-            self._receive_ws(head)
-            reader.open(fast=self.ws.state is State.OPEN and self.tunnel is not None)
-        for raw, chunk in reader.frames():
-            if not raw:
-                if self.tunnel is not None:
-                    self.tunnel.receive_message(chunk)
-                continue
-            self._receive_ws(chunk)
-            if self.ws.state is not State.OPEN:
-                reader.hand_over()
-                break
+        if not route_received(self.reader, self.ws, self._receive_ws, lambda: self.tunnel):
+            return
         if self.tunnel is not None:
             self._after_messages(self.tunnel)
         self.flush()

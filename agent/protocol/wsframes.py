@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover - wheels ship the extension on our platf
 
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
     from agent.protocol.messages import Buffer
 
@@ -155,29 +155,32 @@ class FrameReader:
         """
         self.handed_over = True
 
-    def receive_into(self, data: memoryview) -> int:
+    def receive(self, data: Buffer, parse: Callable[[], None]) -> None:
         """
-        Copy as much of ``data`` as fits into the buffer (for transports that are not buffered).
+        Copy ``data`` in as a buffered transport would, calling ``parse`` after each piece.
 
-        Returns:
-            The number of bytes taken; call :meth:`head` or :meth:`frames`, then again.
+        For transports that are not buffered; ``parse`` calls :meth:`head` or :meth:`frames`.
         """
-        target = self.get_buffer()
-        n = min(len(target), len(data))
-        target[:n] = data[:n]
-        self._end += n
-        return n
+        with memoryview(data) as source:
+            done = 0
+            while done < len(source):
+                target = self.get_buffer()
+                n = min(len(target), len(source) - done)
+                target[:n] = source[done : done + n]
+                self._end += n
+                done += n
+                parse()
 
     def feed(self, data: Buffer) -> list[tuple[bool, bytes]]:
         """
         Copy ``data`` in and return the frames (after the head), every payload as a copy.
         """
         items: list[tuple[bool, bytes]] = []
-        with memoryview(data) as view:
-            done = 0
-            while done < len(view):
-                done += self.receive_into(view[done:])
-                items += [(raw, bytes(chunk)) for raw, chunk in self.frames()]
+
+        def parse() -> None:
+            items.extend((raw, bytes(chunk)) for raw, chunk in self.frames())
+
+        self.receive(data, parse)
         return items
 
     def frames(self) -> list[tuple[bool, Buffer]]:
@@ -187,7 +190,7 @@ class FrameReader:
         ``raw`` False: the payload of a binary message. ``raw`` True: bytes for websockets'
         ``receive_data``, always starting at a frame boundary. Raw items and masked payloads are
         copies; an unmasked payload is a view of the buffer, valid until the next call to
-        :meth:`get_buffer` or :meth:`receive_into`: consume it before, copy what you keep.
+        :meth:`get_buffer` or :meth:`receive`: consume it before, copy what you keep.
         """
         view, start, end = self._view, self._start, self._end
         if self.handed_over:

@@ -21,7 +21,7 @@ from websockets.protocol import State
 
 from agent.protocol import MAX_WS_MESSAGE_SIZE, Event, ProtocolFailed
 from agent.protocol.wsframes import FrameReader, FrameWriter
-from agent.proxy.wsio import write_pending
+from agent.proxy.wsio import route_received, write_pending
 
 
 if TYPE_CHECKING:
@@ -199,33 +199,15 @@ class TunnelConnection(asyncio.BufferedProtocol):
         """
         Parse what arrived (transports that are not buffered).
         """
-        with memoryview(data) as view:
-            done = 0
-            while done < len(view):
-                done += self._reader.receive_into(view[done:])
-                self._received()
+        self._reader.receive(data, self._received)
 
     def _received(self) -> None:
         """
         Split the stream: tunnel messages to the tunnel core, the rest to websockets.
         """
-        reader = self._reader
-        if not reader.head_done:
-            head = reader.head()
-            if head is None:
-                return
-            self._receive_ws(head)
-            reader.open(fast=self.ws.state is State.OPEN)
         tunnel = self.tunnel
-        for raw, chunk in reader.frames():
-            if not raw:
-                tunnel.receive_message(chunk)
-                continue
-            self._receive_ws(chunk)
-            if self.ws.state is not State.OPEN:
-                # Closing: websockets discards what follows, as RFC 6455 asks.
-                reader.hand_over()
-                break
+        if not route_received(self._reader, self.ws, self._receive_ws, lambda: tunnel):
+            return
         events = tunnel.events_received()
         if events:
             handle = self.app.handle_event

@@ -1,19 +1,61 @@
 """
-Moving websockets' sans-I/O output to an asyncio transport, shared by the proxy and the relay.
+Glue between websockets, the WebSocket fast path and asyncio, shared by the proxy and the relay.
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from websockets.protocol import State
+
 
 if TYPE_CHECKING:
     import asyncio
+    from collections.abc import Callable
 
     from websockets.protocol import Protocol
 
+    from agent.protocol import TunnelProtocol
+    from agent.protocol.messages import Buffer
+    from agent.protocol.wsframes import FrameReader
 
-__all__ = ["write_pending"]
+
+__all__ = ["route_received", "write_pending"]
+
+
+def route_received(
+    reader: FrameReader,
+    ws: Protocol,
+    to_websockets: Callable[[Buffer], None],
+    tunnel: Callable[[], TunnelProtocol | None],
+) -> bool:
+    """
+    Route what ``reader`` holds to websockets or to the tunnel core.
+
+    The HTTP head and raw frames go to websockets; binary payloads to the tunnel core, once the
+    handshake has made one.
+
+    Returns:
+        False while the HTTP head is incomplete.
+    """
+    if not reader.head_done:
+        head = reader.head()
+        if head is None:
+            return False
+        to_websockets(head)
+        reader.open(fast=ws.state is State.OPEN and tunnel() is not None)
+    core = tunnel()
+    for raw, chunk in reader.frames():
+        if not raw:
+            if core is not None:
+                core.receive_message(chunk)
+            continue
+        to_websockets(chunk)
+        if ws.state is not State.OPEN:
+            # Closing: websockets discards what follows, as RFC 6455 asks.
+            reader.hand_over()
+            break
+    return True
 
 
 def write_pending(ws: Protocol, transport: asyncio.Transport) -> bool:

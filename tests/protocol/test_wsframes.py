@@ -252,7 +252,7 @@ class TestReader:
 
     @pytest.mark.parametrize("masked", [False, True])
     @pytest.mark.parametrize("buffer", [0, MAX_WS_MESSAGE_SIZE + 14, 160 * 1024])
-    @pytest.mark.parametrize("read", [7, 50000, 65536])
+    @pytest.mark.parametrize("read", [7, 50000, 65536, 1 << 20])
     def test_partial_frames_survive_buffer_compaction(self, masked, buffer, read):
         """Largest and odd-sized frames in reads that never align with them: all intact."""
         sizes = [MAX_WS_MESSAGE_SIZE, 1, 70000, MAX_WS_MESSAGE_SIZE, 64515, 0, 125, 126]
