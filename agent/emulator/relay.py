@@ -54,6 +54,8 @@ CLIENT_TOKEN = re.compile(r"[a-zA-Z0-9-]{32,128}")
 MAX_REQUEST_SIZE = 4096
 WRITE_HIGH_WATER = 512 * 1024
 CLOSE_TIMEOUT = 2.0
+# Opcodes that carry tunnel bytes: a binary frame and the continuations of a fragmented one.
+_DATA_OPCODES = frozenset((Opcode.BINARY, Opcode.CONT))
 _SUPPORTED = {version.subprotocol: version for version in ProtocolVersion}
 
 
@@ -145,7 +147,12 @@ class _Peer(asyncio.BufferedProtocol):
         ws.receive_data(bytes(data))  # raw items are bytes already: no copy
         for event in ws.events_received():
             if isinstance(event, Frame):
-                if event.opcode is Opcode.BINARY and self.tunnel is not None:
+                if (
+                    event.opcode in _DATA_OPCODES
+                    and self.tunnel is not None
+                    and ws.state is State.OPEN
+                ):
+                    # Fragments go on as they come: tunnel frames may span WebSocket messages.
                     self.tunnel.receive_message(event.data)
                 elif event.opcode is Opcode.TEXT:
                     ws.fail(1003, "binary frames only")

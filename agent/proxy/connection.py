@@ -38,6 +38,8 @@ log = logging.getLogger("agent.proxy")
 
 # Bytes queued towards the service before local sockets stop being read (backpressure).
 WS_WRITE_HIGH_WATER = 64 * 1024
+# Opcodes that carry tunnel bytes: a binary frame and the continuations of a fragmented one.
+_DATA_OPCODES = frozenset((Opcode.BINARY, Opcode.CONT))
 # WebSocket receive buffer: a largest message (131 KB) and room for the next one to start.
 READ_BUFFER_SIZE = 160 * 1024
 # Time allowed for the closing handshake before the TCP connection is aborted.
@@ -227,7 +229,9 @@ class TunnelConnection(asyncio.BufferedProtocol):
         for event in ws.events_received():
             if isinstance(event, Frame):
                 opcode = event.opcode
-                if opcode is Opcode.BINARY:
+                if opcode in _DATA_OPCODES and ws.state is State.OPEN:
+                    # Fragments of a binary message go on as they come: tunnel frames may span
+                    # WebSocket messages (data-plane §4). After a text frame we are closing.
                     self.tunnel.receive_message(event.data)
                 elif opcode is Opcode.PONG:
                     self._pong(bytes(event.data))

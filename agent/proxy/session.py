@@ -47,6 +47,8 @@ _ws_log.setLevel(logging.WARNING)
 
 CONNECT_TIMEOUT = 15.0
 STOP_TIMEOUT = 2.0
+# A session that lasted this long (seconds) worked: after it drops, reconnect without delay.
+STABLE_SESSION = 2.0
 
 
 def _ssl_context(options: ProxyOptions) -> ssl.SSLContext:
@@ -221,6 +223,7 @@ async def run_proxy(options: ProxyOptions, stop: asyncio.Event) -> int:
         SourceBridge(options) if options.mode is SOURCE else DestinationBridge(options)
     )
     session = _Session(options, bridge)
+    loop = asyncio.get_running_loop()
     delays = backoff(initial=0.05, maximum=options.reconnect_delay, jitter=0.5)
     try:
         while not stop.is_set():
@@ -234,12 +237,16 @@ async def run_proxy(options: ProxyOptions, stop: asyncio.Event) -> int:
             except (OSError, ssl.SSLError, TimeoutError) as exc:
                 log.warning("cannot reach %s:%d, retrying: %s", options.host, options.port, exc)
             else:
+                started = loop.time()
                 code = await _run_session(conn, bridge, stop)
                 if code is not None:
                     return code
-                # Reconnect at once after a session that worked; back off if that fails.
-                delays = backoff(initial=0.05, maximum=options.reconnect_delay, jitter=0.5)
-                continue
+                if loop.time() - started >= STABLE_SESSION:
+                    # Reconnect at once after a session that worked; back off if that fails.
+                    delays = backoff(initial=0.05, maximum=options.reconnect_delay, jitter=0.5)
+                    continue
+                # A session that breaks as soon as it opens (a misbehaving service, say) is
+                # retried with backoff like a failed connection: no reconnection storm.
             try:
                 async with asyncio.timeout(next(delays)):
                     await stop.wait()

@@ -183,6 +183,27 @@ class TestForwarding:
         assert got == start + data
         assert dst.close_code == 1008
 
+    def test_fragmented_messages_are_forwarded_and_frames_after_them_too(self, plain_relay):
+        """A message in fragments, cut inside a tunnel frame, arrives whole; so does the next."""
+        tokens = plain_relay.open_tunnel(("SSH",))
+        with (
+            open_ws(plain_relay, "destination", tokens.destination) as dst,
+            open_ws(plain_relay, "source", tokens.source) as src,
+        ):
+            dst.recv(timeout=5)
+            src.recv(timeout=5)
+            start = frame(Message(STREAM_START, stream_id=1, service_id="SSH", connection_id=1))
+            data = frame(
+                Message(DATA, stream_id=1, service_id="SSH", connection_id=1, payload=b"y" * 700)
+            )
+            src.send(iter([start[:5], start[5:] + data[:100], data[100:]]))
+            src.send(data)
+            got = b""
+            while len(got) < len(start + data + data):
+                got += dst.recv(timeout=5)
+
+        assert got == start + data + data
+
     def test_text_frame_closes_1003_and_oversize_1009(self, plain_relay):
         """Text frames and messages over 131076 bytes close the connection."""
         tokens = plain_relay.open_tunnel(("SSH",))

@@ -17,8 +17,20 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
+from websockets.frames import Close, Frame, Opcode
+from websockets.streams import StreamReader
+from websockets.utils import accept_key
 
-from agent.protocol import ProtocolVersion
+from agent.protocol import (
+    DATA,
+    SERVICE_IDS,
+    STREAM_START,
+    Message,
+    ProtocolVersion,
+    decode_message,
+    encode_frame,
+    encode_message,
+)
 from tests.integration.conftest import PAGE
 from tests.integration.dataplane import (
     SCALE,
@@ -612,3 +624,133 @@ class TestLocalSide:
             proxy.stop()
 
         assert tokens.destination not in proxy.log
+
+
+class ScriptedService:
+    """
+    The service end of one WebSocket, frame by frame over a raw socket.
+
+    For frames the relay never sends (fragments, text), which the proxy must leave to websockets.
+    """
+
+    def __init__(self, conn: socket.socket) -> None:
+        self.conn = conn
+        self.reader = StreamReader()
+
+    def accept_upgrade(self) -> str:
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += self.conn.recv(4096)
+        request, _, rest = head.partition(b"\r\n\r\n")
+        assert not rest
+        headers = dict(
+            line.split(": ", 1) for line in request.decode().split("\r\n")[1:] if ": " in line
+        )
+        key = headers["Sec-WebSocket-Key"]
+        self.conn.sendall(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept_key(key).encode() + b"\r\n"
+            b"Sec-WebSocket-Protocol: aws.iot.securetunneling-3.0\r\n\r\n"
+        )
+        return request.split(b"\r\n", 1)[0].decode()
+
+    def send(self, *frames: Frame) -> None:
+        self.conn.sendall(b"".join(frame.serialize(mask=False) for frame in frames))
+
+    def receive(self) -> Frame:
+        parser = Frame.parse(self.reader.read_exact, mask=True)
+        while True:
+            try:
+                next(parser)
+            except StopIteration as done:
+                return done.value  # type: ignore[no-any-return]
+            data = self.conn.recv(65536)
+            assert data, "the proxy closed the connection"
+            self.reader.feed_data(data)
+
+
+def tunnel_frames(*messages: Message) -> bytes:
+    return b"".join(encode_frame(encode_message(message)) for message in messages)
+
+
+class TestUnusualFrames:
+    def test_fragments_pings_and_text_from_the_service(self, echo_server, tmp_path):
+        """
+        Fragments and text from the service reach websockets; data still flows both ways.
+
+        A ping is answered on the fast path; a fragmented message hands the stream to websockets,
+        which still delivers the tunnel's data both ways; a text frame then closes with 1003 and
+        the proxy reconnects once, with backoff, to be refused.
+        """
+        outcome: dict[str, object] = {}
+
+        def service(conn: socket.socket) -> None:
+            if "request" in outcome:
+                # Later connections: the token is spent, as on AWS.
+                body = b"Invalid access token"
+                conn.recv(4096)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 20\r\n\r\n" + body)
+                return
+            ws = ScriptedService(conn)
+            outcome["request"] = ws.accept_upgrade()
+            ws.send(Frame(Opcode.PING, b"1700000000000"))
+            outcome["pong"] = ws.receive()
+            ids = tunnel_frames(Message(SERVICE_IDS, available_service_ids=("ECHO",)))
+            ws.send(
+                Frame(Opcode.BINARY, ids[:3], fin=False),
+                Frame(Opcode.CONT, ids[3:]),
+                Frame(
+                    Opcode.BINARY,
+                    tunnel_frames(
+                        Message(STREAM_START, stream_id=1, service_id="ECHO", connection_id=1),
+                        Message(
+                            DATA, stream_id=1, service_id="ECHO", connection_id=1, payload=b"hi!"
+                        ),
+                    ),
+                ),
+            )
+            echoed = b""
+            while echoed != b"hi!":
+                frame = ws.receive()
+                assert frame.opcode is Opcode.BINARY
+                for message in decode_tunnel_frames(frame.data):
+                    if message.type == DATA:
+                        echoed += message.payload
+            outcome["echoed"] = echoed
+            ws.send(Frame(Opcode.TEXT, b"not binary"))
+            close = Close.parse(ws.receive().data)
+            outcome["close"] = close
+            ws.send(Frame(Opcode.CLOSE, close.serialize()))
+            outcome["eof"] = conn.recv(1)
+
+        server = ThreadedServer(service)
+        proxy = ProxyProcess(
+            ["-e", f"127.0.0.1:{server.port}", "--no-tls", "-d", f"ECHO={echo_server.port}"],
+            token="t",
+            log_file=tmp_path / "d.log",
+        )
+        try:
+            code = proxy.wait(15)
+        finally:
+            proxy.stop()
+            server.close()
+
+        assert outcome["request"] == "GET /tunnel?local-proxy-mode=destination HTTP/1.1"
+        assert outcome["pong"] == Frame(Opcode.PONG, b"1700000000000")
+        assert outcome["echoed"] == b"hi!"
+        assert outcome["close"] == Close(1003, "")
+        assert outcome["eof"] == b""
+        # A violation ends the session like a drop: one reconnection, refused, exit 0.
+        assert "connection lost (text frame received), reconnecting" in proxy.log
+        assert server.accepted == 2
+        assert code == 0
+
+
+def decode_tunnel_frames(data: bytes) -> list[Message]:
+    messages = []
+    pos = 0
+    while pos < len(data):
+        size = data[pos] << 8 | data[pos + 1]
+        messages.append(decode_message(data[pos + 2 : pos + 2 + size]))
+        pos += 2 + size
+    return messages
