@@ -34,7 +34,7 @@ from agent.protocol import (
     TunnelProtocol,
 )
 from agent.protocol.wsframes import FrameReader, FrameWriter
-from agent.proxy.wsio import route_received, write_pending
+from agent.proxy.wsio import DATA_OPCODES, route_received, write_pending
 
 
 if TYPE_CHECKING:
@@ -54,8 +54,6 @@ CLIENT_TOKEN = re.compile(r"[a-zA-Z0-9-]{32,128}")
 MAX_REQUEST_SIZE = 4096
 WRITE_HIGH_WATER = 512 * 1024
 CLOSE_TIMEOUT = 2.0
-# Opcodes that carry tunnel bytes: a binary frame and the continuations of a fragmented one.
-_DATA_OPCODES = frozenset((Opcode.BINARY, Opcode.CONT))
 _SUPPORTED = {version.subprotocol: version for version in ProtocolVersion}
 
 
@@ -148,7 +146,7 @@ class _Peer(asyncio.BufferedProtocol):
         for event in ws.events_received():
             if isinstance(event, Frame):
                 if (
-                    event.opcode in _DATA_OPCODES
+                    event.opcode in DATA_OPCODES
                     and self.tunnel is not None
                     and ws.state is State.OPEN
                 ):

@@ -21,7 +21,7 @@ from websockets.protocol import State
 
 from agent.protocol import MAX_WS_MESSAGE_SIZE, Event, ProtocolFailed
 from agent.protocol.wsframes import FrameReader, FrameWriter
-from agent.proxy.wsio import route_received, write_pending
+from agent.proxy.wsio import DATA_OPCODES, route_received, write_pending
 
 
 if TYPE_CHECKING:
@@ -38,8 +38,6 @@ log = logging.getLogger("agent.proxy")
 
 # Bytes queued towards the service before local sockets stop being read (backpressure).
 WS_WRITE_HIGH_WATER = 64 * 1024
-# Opcodes that carry tunnel bytes: a binary frame and the continuations of a fragmented one.
-_DATA_OPCODES = frozenset((Opcode.BINARY, Opcode.CONT))
 # WebSocket receive buffer: a largest message (131 KB) and room for the next one to start.
 READ_BUFFER_SIZE = 160 * 1024
 # Time allowed for the closing handshake before the TCP connection is aborted.
@@ -229,7 +227,7 @@ class TunnelConnection(asyncio.BufferedProtocol):
         for event in ws.events_received():
             if isinstance(event, Frame):
                 opcode = event.opcode
-                if opcode in _DATA_OPCODES and ws.state is State.OPEN:
+                if opcode in DATA_OPCODES and ws.state is State.OPEN:
                     # Fragments of a binary message go on as they come: tunnel frames may span
                     # WebSocket messages (data-plane §4). After a text frame we are closing.
                     self.tunnel.receive_message(event.data)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from websockets.frames import Opcode
 from websockets.protocol import State
 
 
@@ -20,7 +21,10 @@ if TYPE_CHECKING:
     from agent.protocol.wsframes import FrameReader
 
 
-__all__ = ["route_received", "write_pending"]
+__all__ = ["DATA_OPCODES", "route_received", "write_pending"]
+
+# Opcodes that carry tunnel bytes: a binary frame and the continuations of a fragmented one.
+DATA_OPCODES = frozenset((Opcode.BINARY, Opcode.CONT))
 
 
 def route_received(

@@ -718,10 +718,8 @@ class TestUnusualFrames:
                         echoed += message.payload
             outcome["echoed"] = echoed
             ws.send(Frame(Opcode.TEXT, b"not binary"))
-            close = Close.parse(ws.receive().data)
-            outcome["close"] = close
-            ws.send(Frame(Opcode.CLOSE, close.serialize()))
-            outcome["eof"] = conn.recv(1)
+            outcome["close"] = Close.parse(ws.receive().data)
+            # The proxy closes the TCP connection right after its close frame: nothing to answer.
 
         server = ThreadedServer(service)
         proxy = ProxyProcess(
@@ -739,7 +737,6 @@ class TestUnusualFrames:
         assert outcome["pong"] == Frame(Opcode.PONG, b"1700000000000")
         assert outcome["echoed"] == b"hi!"
         assert outcome["close"] == Close(1003, "")
-        assert outcome["eof"] == b""
         # A violation ends the session like a drop: one reconnection, refused, exit 0.
         assert "connection lost (text frame received), reconnecting" in proxy.log
         assert server.accepted == 2
