@@ -159,6 +159,19 @@ class TestHead:
         assert first is None
         assert frames.head() == b"GET /tunnel HTTP/1.1\r\nHost: x\r\n\r\n"
 
+    def test_head_byte_by_byte(self):
+        """A head trickling in one byte at a time is returned once, when its blank line ends."""
+        frames = FrameReader(masked=True, max_size=MAX_WS_MESSAGE_SIZE)
+        request = b"GET /tunnel HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\n\r\n"
+
+        heads = []
+        for byte in request + b"\x82":
+            receive(frames, bytes([byte]))
+            if not frames.head_done:
+                heads.append(frames.head())
+
+        assert heads == [None] * (len(request) - 1) + [request]
+
     def test_oversized_head_goes_to_websockets_whole(self):
         """A head with no end in sight is returned for websockets to refuse."""
         frames = FrameReader(masked=True, max_size=MAX_WS_MESSAGE_SIZE)
