@@ -4,6 +4,7 @@ Tests for the emulator's relay with a raw WebSocket client: handshake checks, fr
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 from typing import TYPE_CHECKING
 
@@ -21,7 +22,7 @@ from agent.protocol import (
     encode_frame,
     encode_message,
 )
-from tests.integration.dataplane import RelayThread
+from tests.integration.dataplane import RelayThread, TunnelTokens
 
 
 if TYPE_CHECKING:
@@ -158,24 +159,43 @@ class TestHandshake:
         assert subprotocol == v1
 
 
+def start_and_data(payload: bytes) -> tuple[bytes, bytes]:
+    """A STREAM_START frame and a DATA frame on stream 1 of SSH."""
+    start = frame(Message(STREAM_START, stream_id=1, service_id="SSH", connection_id=1))
+    data = frame(Message(DATA, stream_id=1, service_id="SSH", connection_id=1, payload=payload))
+    return start, data
+
+
+@contextlib.contextmanager
+def attached_pair(
+    relay: RelayThread, tokens: TunnelTokens | None = None
+) -> Iterator[tuple[ClientConnection, ClientConnection]]:
+    """A destination and a source on an SSH tunnel (a new one by default), past SERVICE_IDS."""
+    tokens = tokens or relay.open_tunnel(("SSH",))
+    with (
+        open_ws(relay, "destination", tokens.destination) as dst,
+        open_ws(relay, "source", tokens.source) as src,
+    ):
+        dst.recv(timeout=5)
+        src.recv(timeout=5)
+        yield dst, src
+
+
+def recv_bytes(ws: ClientConnection, size: int) -> bytes:
+    """Binary messages received until ``size`` bytes, joined."""
+    got = b""
+    while len(got) < size:
+        got += ws.recv(timeout=5)
+    return got
+
+
 class TestForwarding:
     def test_frames_cross_byte_for_byte_and_violations_close_1008(self, plain_relay):
         """Valid frames reach the peer unchanged; a destination STREAM_START closes it (1008)."""
-        tokens = plain_relay.open_tunnel(("SSH",))
-        with (
-            open_ws(plain_relay, "destination", tokens.destination) as dst,
-            open_ws(plain_relay, "source", tokens.source) as src,
-        ):
-            dst.recv(timeout=5)
-            src.recv(timeout=5)
-            start = frame(Message(STREAM_START, stream_id=1, service_id="SSH", connection_id=1))
-            data = frame(
-                Message(DATA, stream_id=1, service_id="SSH", connection_id=1, payload=b"x" * 9000)
-            )
+        start, data = start_and_data(b"x" * 9000)
+        with attached_pair(plain_relay) as (dst, src):
             src.send(start + data)
-            got = dst.recv(timeout=5)
-            while len(got) < len(start + data):
-                got += dst.recv(timeout=5)
+            got = recv_bytes(dst, len(start + data))
             dst.send(frame(Message(STREAM_START, stream_id=2, service_id="SSH")))
             with pytest.raises(ConnectionClosed):
                 dst.recv(timeout=5)
@@ -185,22 +205,11 @@ class TestForwarding:
 
     def test_fragmented_messages_are_forwarded_and_frames_after_them_too(self, plain_relay):
         """A message in fragments, cut inside a tunnel frame, arrives whole; so does the next."""
-        tokens = plain_relay.open_tunnel(("SSH",))
-        with (
-            open_ws(plain_relay, "destination", tokens.destination) as dst,
-            open_ws(plain_relay, "source", tokens.source) as src,
-        ):
-            dst.recv(timeout=5)
-            src.recv(timeout=5)
-            start = frame(Message(STREAM_START, stream_id=1, service_id="SSH", connection_id=1))
-            data = frame(
-                Message(DATA, stream_id=1, service_id="SSH", connection_id=1, payload=b"y" * 700)
-            )
+        start, data = start_and_data(b"y" * 700)
+        with attached_pair(plain_relay) as (dst, src):
             src.send(iter([start[:5], start[5:] + data[:100], data[100:]]))
             src.send(data)
-            got = b""
-            while len(got) < len(start + data + data):
-                got += dst.recv(timeout=5)
+            got = recv_bytes(dst, len(start + data + data))
 
         assert got == start + data + data
 
@@ -244,12 +253,7 @@ class TestForwarding:
     def test_close_tunnel_sends_1000_to_both(self, plain_relay):
         """CloseTunnel closes both WebSockets with 1000 and marks both DISCONNECTED."""
         tokens = plain_relay.open_tunnel(("SSH",))
-        with (
-            open_ws(plain_relay, "destination", tokens.destination) as dst,
-            open_ws(plain_relay, "source", tokens.source) as src,
-        ):
-            dst.recv(timeout=5)
-            src.recv(timeout=5)
+        with attached_pair(plain_relay, tokens) as (dst, src):
             plain_relay.close_tunnel(tokens.tunnel_id)
             for ws in (src, dst):
                 with pytest.raises(ConnectionClosed):
