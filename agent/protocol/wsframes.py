@@ -10,7 +10,7 @@ this reader does not vouch for (fragmented, text, reserved bits set, wrong maski
 limit) hands the rest of the stream to websockets for good, so anything unusual gets websockets'
 own handling and close code.
 
-Sans-I/O: bytes in, ``(raw, bytes)`` items out; frames out as lists of bytes to write.
+Sans-I/O: bytes in, ``(raw, data)`` items out; frames out as lists of bytes to write.
 """
 
 from __future__ import annotations
