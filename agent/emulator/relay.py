@@ -34,7 +34,7 @@ from agent.protocol import (
     TunnelProtocol,
 )
 from agent.protocol.wsframes import FrameReader, FrameWriter
-from agent.proxy.wsio import DATA_OPCODES, route_received, write_pending
+from agent.proxy.wsio import route_received, websocket_events, write_pending
 
 
 if TYPE_CHECKING:
@@ -141,19 +141,10 @@ class _Peer(asyncio.BufferedProtocol):
         """
         Feed websockets: the upgrade request, control frames, anything unusual.
         """
-        ws = self.ws
-        ws.receive_data(bytes(data))  # raw items are bytes already: no copy
-        for event in ws.events_received():
+        for event in websocket_events(self.ws, data, self.tunnel):
             if isinstance(event, Frame):
-                if (
-                    event.opcode in DATA_OPCODES
-                    and self.tunnel is not None
-                    and ws.state is State.OPEN
-                ):
-                    # Fragments go on as they come: tunnel frames may span WebSocket messages.
-                    self.tunnel.receive_message(event.data)
-                elif event.opcode is Opcode.TEXT:
-                    ws.fail(1003, "binary frames only")
+                if event.opcode is Opcode.TEXT:
+                    self.ws.fail(1003, "binary frames only")
             elif isinstance(event, Request):
                 self._handshake(event)
 
@@ -229,11 +220,16 @@ class _Peer(asyncio.BufferedProtocol):
         """
         Send what this peer's tunnel core queued (SERVICE_IDS, resets).
         """
+        self.write_messages(self.tunnel.messages_to_send() if self.tunnel is not None else [])
+
+    def write_messages(self, messages: list[bytes]) -> None:
+        """
+        Send what websockets queued (a pong, say) first, then tunnel messages as binary frames.
+
+        Several tunnel frames share one WebSocket message, up to the size limit.
+        """
         self.flush()
-        if self.tunnel is None or self.ws.state is not State.OPEN or self.transport is None:
-            return
-        messages = self.tunnel.messages_to_send()
-        if messages:
+        if messages and self.ws.state is State.OPEN and self.transport is not None:
             self.transport.writelines(self.writer.frames(messages))
 
     def close(self, code: int, reason: str) -> None:
@@ -249,12 +245,7 @@ class _Peer(asyncio.BufferedProtocol):
         if other is None or other.ws.state is not State.OPEN:
             # Peer absent: the frame is dropped (data-plane §6 [choice]).
             return
-        # Whatever websockets queued for this peer (a pong, say) goes out first, in order.
-        other.flush()
-        transport = other.transport
-        if transport is not None:
-            # One WebSocket message carries several tunnel frames, up to the size limit.
-            transport.writelines(other.writer.frames(messages))
+        other.write_messages(messages)
 
     def _reject(self, request: Request, status: int, reason: str) -> None:
         del request

@@ -21,7 +21,7 @@ from websockets.protocol import State
 
 from agent.protocol import MAX_WS_MESSAGE_SIZE, Event, ProtocolFailed
 from agent.protocol.wsframes import FrameReader, FrameWriter
-from agent.proxy.wsio import DATA_OPCODES, route_received, write_pending
+from agent.proxy.wsio import route_received, websocket_events, write_pending
 
 
 if TYPE_CHECKING:
@@ -222,18 +222,11 @@ class TunnelConnection(asyncio.BufferedProtocol):
         """
         Feed websockets: the handshake response, control frames, anything unusual.
         """
-        ws = self.ws
-        ws.receive_data(bytes(data))  # raw items are bytes already: no copy
-        for event in ws.events_received():
+        for event in websocket_events(self.ws, data, self.tunnel):
             if isinstance(event, Frame):
-                opcode = event.opcode
-                if opcode in DATA_OPCODES and ws.state is State.OPEN:
-                    # Fragments of a binary message go on as they come: tunnel frames may span
-                    # WebSocket messages (data-plane §4). After a text frame we are closing.
-                    self.tunnel.receive_message(event.data)
-                elif opcode is Opcode.PONG:
+                if event.opcode is Opcode.PONG:
                     self._pong(bytes(event.data))
-                elif opcode is Opcode.TEXT:
+                elif event.opcode is Opcode.TEXT:
                     # Binary frames only (data-plane §3).
                     self._fail_session("text frame received", 1003)
             elif isinstance(event, Response):

@@ -6,14 +6,15 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from websockets.frames import Opcode
+from websockets.frames import Frame, Opcode
 from websockets.protocol import State
 
 
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import Callable
+    from collections.abc import Callable, Iterator
 
+    from websockets.http11 import Request, Response
     from websockets.protocol import Protocol
 
     from agent.protocol import TunnelProtocol
@@ -21,10 +22,10 @@ if TYPE_CHECKING:
     from agent.protocol.wsframes import FrameReader
 
 
-__all__ = ["DATA_OPCODES", "route_received", "write_pending"]
+__all__ = ["route_received", "websocket_events", "write_pending"]
 
 # Opcodes that carry tunnel bytes: a binary frame and the continuations of a fragmented one.
-DATA_OPCODES = frozenset((Opcode.BINARY, Opcode.CONT))
+_DATA_OPCODES = frozenset((Opcode.BINARY, Opcode.CONT))
 
 
 def route_received(
@@ -60,6 +61,25 @@ def route_received(
             reader.hand_over()
             break
     return True
+
+
+def websocket_events(
+    ws: Protocol, data: Buffer, tunnel: TunnelProtocol | None
+) -> Iterator[Frame | Request | Response]:
+    """
+    Feed websockets; give the tunnel core the data frames, yield every other event.
+
+    Binary frames and continuations go on as they come, fragments included: tunnel frames may
+    span WebSocket messages (data-plane §4). They go only while the connection is open: once the
+    caller has failed it (on a text frame, say), websockets' closing rules apply.
+    """
+    ws.receive_data(bytes(data))  # raw items are bytes already: no copy
+    for event in ws.events_received():
+        if isinstance(event, Frame) and event.opcode in _DATA_OPCODES:
+            if tunnel is not None and ws.state is State.OPEN:
+                tunnel.receive_message(event.data)
+        else:
+            yield event
 
 
 def write_pending(ws: Protocol, transport: asyncio.Transport) -> bool:
