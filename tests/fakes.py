@@ -7,6 +7,7 @@ Test doubles for the agent's two seams, and a real stand-in proxy process.
 - ``FakeProxyLauncher``: an in-memory SEAM 2 launcher whose proxies exit on command.
 - ``write_fake_proxy()``: a tiny executable standing in for ``tunnel-localproxy``;
   it records its argv/environment to a 0600 JSON file and follows a plan.
+- ``all_cmdlines()``: every process' command line, to check that no secret is on one.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
     "FakeProxyLauncher",
     "LogCapture",
     "SocketNotificationSource",
+    "all_cmdlines",
     "notification",
     "read_runs",
     "reset_logging",
@@ -323,6 +325,16 @@ def _agent_main(argv: list[str]) -> int:
         settings, reload=lambda: load_settings(config), source=SocketNotificationSource(sock)
     )
     return asyncio.run(daemon.run())
+
+
+def all_cmdlines() -> bytes:
+    """Every process' command line, concatenated."""
+    chunks = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                chunks.append((entry / "cmdline").read_bytes())
+    return b"\n".join(chunks)
 
 
 if __name__ == "__main__":

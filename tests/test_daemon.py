@@ -27,6 +27,7 @@ from tests.fakes import (
     MS,
     FakeNotificationSource,
     FakeProxyLauncher,
+    all_cmdlines,
     notification,
     read_runs,
     send_datagram,
@@ -375,15 +376,6 @@ def alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return state != "Z"
-
-
-def all_cmdlines() -> bytes:
-    chunks = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                chunks.append((entry / "cmdline").read_bytes())
-    return b"\n".join(chunks)
 
 
 class AgentProcess:

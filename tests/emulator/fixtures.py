@@ -39,6 +39,7 @@ __all__ = [
     "SCALE",
     "EmulatorThread",
     "MqttPki",
+    "alive",
     "broker",
     "emulator",
     "emulator_thread",
@@ -48,6 +49,15 @@ __all__ = [
 ]
 
 SCALE = float(os.environ.get("TEST_TIME_SCALE", "1.0"))
+
+
+def alive(pid: int) -> bool:
+    """Whether process ``pid`` still exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 async def refused(host: str, port: int) -> bool:

@@ -19,7 +19,7 @@ from agent.emulator.broker import notify_topic
 from agent.mqtt_common import AsyncMqttClient
 from agent.settings import check_files, load_settings
 from tests.emulator import fixtures
-from tests.emulator.fixtures import SCALE, refused
+from tests.emulator.fixtures import SCALE, alive, refused
 
 
 if TYPE_CHECKING:
@@ -58,14 +58,6 @@ def _mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def _env_file(path: Path) -> dict[str, str]:
     lines = path.read_text().splitlines()
     return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))
@@ -87,7 +79,7 @@ class TestLifecycle:
         assert listening == [True, True, True]
         assert closed == [True, True, True]
         assert broker_pid is not None
-        assert not _alive(broker_pid)
+        assert not alive(broker_pid)
         assert running["mqtt"] == [host, mqtt_port]
         assert running["api"] == emu.api_url
         assert not emu.endpoints_file.exists()

@@ -23,7 +23,7 @@ from agent.emulator.broker import (
 )
 from agent.mqtt_common import MqttConnectError
 from tests.emulator import fixtures
-from tests.emulator.fixtures import SCALE, make_pki, mqtt_client
+from tests.emulator.fixtures import SCALE, alive, make_pki, mqtt_client
 
 
 broker = fixtures.broker
@@ -49,14 +49,6 @@ async def _log_containing(instance: Broker, text: str) -> str:
         while text not in (log := instance.log_file.read_text()):  # noqa: ASYNC110
             await asyncio.sleep(0.02)
     return log
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 class TestAcl:
@@ -252,7 +244,7 @@ class TestLifecycle:
         await instance.stop()
 
         assert pid is not None
-        assert not _alive(pid)
+        assert not alive(pid)
         assert instance.pid is None
         assert "mosquitto version" in instance.log_file.read_text()
 

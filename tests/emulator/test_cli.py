@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
 import stat
@@ -15,7 +14,7 @@ import pytest
 
 from agent.emulator.cli import main
 from agent.settings import load_settings
-from tests.emulator.fixtures import SCALE, refused
+from tests.emulator.fixtures import SCALE, alive, refused
 
 
 READY = "Ctrl-C to stop."
@@ -27,14 +26,6 @@ def _mode(path: Path) -> int:
 
 def _is_dir(path: Path) -> bool:
     return path.is_dir()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 async def _spawn(*args: str) -> asyncio.subprocess.Process:
@@ -103,7 +94,7 @@ class TestForeground:
         assert _mode(directory / "pki" / "ca.key") == 0o600
         assert _mode(directory) == 0o700
         assert not (directory / "emulator.json").exists()
-        assert not _alive(running["broker_pid"])
+        assert not alive(running["broker_pid"])
 
     async def test_sigint_and_temporary_directory(self, tmp_path):
         """Ctrl-C (SIGINT) stops cleanly, and the default temporary directory is removed."""

@@ -24,6 +24,7 @@ import boto3
 import pytest
 
 from tests.emulator.fixtures import EmulatorThread
+from tests.fakes import all_cmdlines
 from tests.integration.conftest import PAGE
 from tests.integration.dataplane import ProxyProcess
 
@@ -56,16 +57,6 @@ def children(pid: int) -> list[int]:
                 if int(fields[1]) == pid:
                     found.append(int(entry.name))
     return found
-
-
-def all_cmdlines() -> bytes:
-    """Every process' command line, concatenated."""
-    chunks = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError):
-                chunks.append((entry / "cmdline").read_bytes())
-    return b"\n".join(chunks)
 
 
 def wait_until(predicate, timeout: float = 15, what: str = "condition", log: Any = None) -> Any:
