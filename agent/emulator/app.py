@@ -216,6 +216,25 @@ class Emulator:
     def _url_host(self) -> str:
         return f"[{self.host}]" if ":" in self.host else self.host
 
+    def api_client(self, *, secret_key: str | None = None) -> Any:
+        """
+        A boto3 ``iotsecuretunneling`` client for this emulator, with its operator credentials.
+
+        Args:
+            secret_key: Another secret key (to be refused: signatures are checked).
+        """
+        import boto3  # noqa: PLC0415 - only callers that talk to the API pay for boto3
+        from botocore.config import Config  # noqa: PLC0415
+
+        return boto3.client(
+            "iotsecuretunneling",
+            endpoint_url=self.api_url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key,
+            config=Config(retries={"total_max_attempts": 1}),
+        )
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:

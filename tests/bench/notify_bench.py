@@ -27,9 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-import boto3
 import structlog
-from botocore.config import Config
 
 from agent.emulator.app import Emulator
 from agent.notify.mqtt import MqttNotificationSource
@@ -52,14 +50,7 @@ async def measure(emulator: Emulator, tunnels: int) -> dict[str, Any]:
     """Open ``tunnels`` tunnels one by one and time each notification's arrival."""
     bundle = emulator.bundle("bench-thing")
     host, port = emulator.mqtt_endpoint
-    client = boto3.client(
-        "iotsecuretunneling",
-        endpoint_url=emulator.api_url,
-        region_name="us-east-1",
-        aws_access_key_id=emulator.access_key,
-        aws_secret_access_key=emulator.secret_key,
-        config=Config(retries={"total_max_attempts": 1}),
-    )
+    client = emulator.api_client()
     config = {"thingName": "bench-thing", "services": ["SSH"]}
     arrivals: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
     source = MqttNotificationSource(

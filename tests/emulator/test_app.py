@@ -12,7 +12,6 @@ from typing import TYPE_CHECKING
 
 import boto3
 import pytest
-from botocore.config import Config
 
 from agent.emulator.app import Emulator
 from agent.emulator.broker import notify_topic
@@ -27,17 +26,6 @@ if TYPE_CHECKING:
 
 emulator = fixtures.emulator
 emulator_thread = fixtures.emulator_thread
-
-
-def _api(emu: Emulator):
-    return boto3.client(
-        "iotsecuretunneling",
-        endpoint_url=emu.api_url,
-        region_name="us-east-1",
-        aws_access_key_id=emu.access_key,
-        aws_secret_access_key=emu.secret_key,
-        config=Config(retries={"total_max_attempts": 1}),
-    )
 
 
 def _device(emu: Emulator, name: str) -> AsyncMqttClient:
@@ -207,7 +195,7 @@ class TestNotification:
         async with _device(emulator, "thing1") as device:
             codes = await device.subscribe(notify_topic("thing1"))
             response = await asyncio.to_thread(
-                _api(emulator).open_tunnel,
+                emulator.api_client().open_tunnel,
                 destinationConfig={"thingName": "thing1", "services": ["SSH"]},
             )
             async with asyncio.timeout(5 * SCALE):
@@ -245,14 +233,7 @@ class TestNotification:
 
     async def test_wrong_secret_refused(self, emulator):
         """With signature checks on, a client with another secret key is refused."""
-        client = boto3.client(
-            "iotsecuretunneling",
-            endpoint_url=emulator.api_url,
-            region_name="us-east-1",
-            aws_access_key_id=emulator.access_key,
-            aws_secret_access_key="not-the-secret",
-            config=Config(retries={"total_max_attempts": 1}),
-        )
+        client = emulator.api_client(secret_key="not-the-secret")
 
         with pytest.raises(client.exceptions.ClientError) as caught:
             await asyncio.to_thread(client.list_tunnels)
@@ -269,7 +250,7 @@ class TestState:
             before = (first.access_key, first.secret_key, first.ca_file.read_bytes())
         async with Emulator(tmp_path / "emu") as second:
             described = await asyncio.to_thread(
-                _api(second).describe_tunnel, tunnelId=tunnel.tunnel_id
+                second.api_client().describe_tunnel, tunnelId=tunnel.tunnel_id
             )
             after = (second.access_key, second.secret_key, second.ca_file.read_bytes())
             async with _device(second, "thing1") as device:
@@ -297,7 +278,7 @@ class TestState:
 class TestThread:
     def test_blocking_callers(self, emulator_thread):
         """The threaded fixture serves blocking boto3 calls from the test thread."""
-        client = _api(emulator_thread.emulator)
+        client = emulator_thread.emulator.api_client()
 
         opened = client.open_tunnel()
         described = client.describe_tunnel(tunnelId=opened["tunnelId"])

@@ -20,7 +20,6 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-import boto3
 import pytest
 
 from tests.emulator.fixtures import EmulatorThread
@@ -157,13 +156,7 @@ class World:
             self.thread.close_loop()
             raise
         emulator = self.thread.emulator
-        self.client = boto3.client(
-            "iotsecuretunneling",
-            endpoint_url=emulator.api_url,
-            aws_access_key_id=emulator.access_key,
-            aws_secret_access_key=emulator.secret_key,
-            region_name="us-east-1",
-        )
+        self.client = emulator.api_client()
         self.agents: list[Agent] = []
         self.proxies: list[ProxyProcess] = []
 
