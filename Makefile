@@ -47,7 +47,7 @@ demo: deps venv
 # Figures, not pass/fail. Each script takes --json; tunnel_bench.py also --localproxy PATH.
 bench: deps venv
 	$(PY) -m compileall -q agent  # measure as installed: pip and the .deb compile bytecode
-	$(PY) tests/bench/tunnel_bench.py
+	$(PY) tests/bench/tunnel_bench.py --floor
 	$(PY) tests/bench/api_bench.py
 	$(PY) tests/bench/notify_bench.py
 	$(PY) tests/bench/agent_bench.py

@@ -3,7 +3,9 @@ Data-plane benchmark: throughput, latency, setup time, memory and CPU of a tunne
 
 source proxy -> relay (own process, TLS) -> destination proxy -> local services, with the same
 transfers over plain loopback TCP as the reference. ``--localproxy PATH`` runs source and
-destination with another binary taking the AWS localproxy flags (e.g. the AWS C++ localproxy). MB =
+destination with another binary taking the AWS localproxy flags (e.g. the AWS C++ localproxy).
+``--floor`` also runs the transfers and the echo through three bare uvloop forwarders standing where
+source, relay and destination stand (forwarder.py): the least any asyncio design pays here. MB =
 10^6 bytes.
 """
 
@@ -26,6 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from agent.emulator.pki import CertificateAuthority, KeyPair
 from agent.emulator.targets import stop_process
 
 
@@ -107,6 +110,14 @@ def send(port: int, size: int) -> None:
         while left:
             n = sock.send(CHUNK[: min(left, len(CHUNK))])
             left -= n
+
+
+def upload(port: int, size: int, sink: Server) -> None:
+    """
+    Send ``size`` bytes to ``port`` and wait until ``sink`` has them all.
+    """
+    send(port, size)
+    sink.done.acquire(timeout=600)
 
 
 def receive(port: int, size: int) -> int:
@@ -207,6 +218,74 @@ class Proxy:
         stop_process(self.proc)
 
 
+class Floor:
+    """
+    Three bare forwarders (forwarder.py) in the places of source, relay and destination.
+
+    TCP in, TLS out; TLS in and out; TLS in, TCP out: the tunnel's sockets and TLS, no tunnel.
+    """
+
+    ROLES = ("source", "relay", "destination")
+
+    def __init__(self, pki: KeyPair, ca: Path, service_port: int) -> None:
+        tls_in = ["--cert", str(pki.cert), "--key", str(pki.key)]
+        tls_out = ["--ca", str(ca)]
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        port = service_port
+        for role, flags in zip(
+            reversed(self.ROLES), (tls_in, [*tls_in, *tls_out], tls_out), strict=True
+        ):
+            proc = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("forwarder.py")), "--to", str(port),
+                 *flags],
+                stdout=subprocess.PIPE, cwd=ROOT,
+            )  # fmt: skip
+            self.procs[role] = proc
+            assert proc.stdout
+            port = int(proc.stdout.readline())
+        self.port = port
+        self.pids = {role: proc.pid for role, proc in self.procs.items()}
+
+    def stop(self) -> None:
+        for proc in self.procs.values():
+            stop_process(proc)
+
+
+def floor_figures(size: int, echo_count: int, workdir: Path) -> dict[str, float]:
+    """
+    Throughput, CPU per GB and echo latency through a :class:`Floor` chain.
+    """
+    ca = CertificateAuthority(workdir / "floor-ca")
+    ca.load_or_create()
+    pki = ca.issue_server(KeyPair(workdir / "floor.crt", workdir / "floor.key"))
+    sink, sender, echo = Server("sink"), Server("send", size), Server("echo")
+    figures: dict[str, float] = {}
+    gb = size / 1e9
+    for direction, server in (("up", sink), ("down", sender)):
+        floor = Floor(pki, ca.cert_file, server.port)
+        try:
+            if direction == "up":
+                elapsed, cpu = measure(floor.pids, lambda port=floor.port: upload(port, size, sink))
+                assert sink.received[-1] == size, sink.received
+            else:
+                elapsed, cpu = measure(floor.pids, lambda port=floor.port: receive(port, size))
+            figures[f"floor_{direction}_MBps"] = size / elapsed / 1e6
+            for name, seconds in cpu.items():
+                figures[f"floor_{direction}_cpu_s_per_GB_{name}"] = seconds / gb
+        finally:
+            floor.stop()
+    floor = Floor(pki, ca.cert_file, echo.port)
+    try:
+        lat = echo_latencies(floor.port, echo_count)
+    finally:
+        floor.stop()
+    figures["floor_echo_p50_us"] = percentile(lat, 0.5)
+    figures["floor_echo_p99_us"] = percentile(lat, 0.99)
+    for server in (sink, sender, echo):
+        server.close()
+    return figures
+
+
 def measure(pids: dict[str, int], action: Any) -> tuple[float, dict[str, float]]:
     before = {name: cpu_seconds(pid) for name, pid in pids.items()}
     start = time.perf_counter()
@@ -241,11 +320,7 @@ def one_run(args: argparse.Namespace, relay: Relay, workdir: Path, run: int) -> 
             pids = {"source": src.proc.pid, "relay": relay.proc.pid, "destination": dst.proc.pid}
             gb = size / 1e9
 
-            def upload() -> None:
-                send(ports["BULK"], size)
-                sink.done.acquire(timeout=600)
-
-            elapsed, cpu = measure(pids, upload)
+            elapsed, cpu = measure(pids, lambda: upload(ports["BULK"], size, sink))
             assert sink.received[-1] == size, sink.received
             figures["up_MBps"] = size / elapsed / 1e6
             for name, seconds in cpu.items():
@@ -279,7 +354,7 @@ def one_run(args: argparse.Namespace, relay: Relay, workdir: Path, run: int) -> 
         dst.stop()
         relay.request(f"close {tunnel['tunnel_id']}")
     if not args.skip_reference:
-        elapsed, _ = measure({}, lambda: (send(sink.port, size), sink.done.acquire(timeout=600)))
+        elapsed, _ = measure({}, lambda: upload(sink.port, size, sink))
         figures["tcp_up_MBps"] = size / elapsed / 1e6
         elapsed, _ = measure({}, lambda: receive(sender.port, size))
         figures["tcp_down_MBps"] = size / elapsed / 1e6
@@ -305,6 +380,11 @@ def main() -> int:
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--echo-count", type=int, default=2000)
     parser.add_argument("--skip-reference", action="store_true", help="no plain-TCP reference")
+    parser.add_argument(
+        "--floor",
+        action="store_true",
+        help="also measure bare uvloop TLS forwarders in the proxies' and relay's places",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     if args.localproxy == BUNDLED:
@@ -315,6 +395,10 @@ def main() -> int:
         relay = Relay(workdir / "relay")
         try:
             runs = [one_run(args, relay, workdir, i) for i in range(args.runs)]
+            if args.floor:
+                size = args.size * 1024 * 1024
+                for i, figures in enumerate(runs):
+                    figures.update(floor_figures(size, args.echo_count, workdir / f"floor{i}"))
         finally:
             relay.stop()
     result = {key: statistics.median(run[key] for run in runs) for key in runs[0]}
