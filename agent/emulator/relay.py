@@ -106,6 +106,9 @@ class _Peer(asyncio.BufferedProtocol):
         self.tunnel: TunnelProtocol | None = None
         self._blocked: _Peer | None = None
         self._close_handle: asyncio.TimerHandle | None = None
+        # websockets was fed bytes or failed since its output was last written. Every other call
+        # into it is followed by flush at once; this spares the data path that call per message.
+        self._ws_dirty = False
         self.reader = FrameReader(masked=True, max_size=MAX_WS_MESSAGE_SIZE)
         self.writer = FrameWriter(mask=False, max_size=MAX_WS_MESSAGE_SIZE)
 
@@ -135,12 +138,14 @@ class _Peer(asyncio.BufferedProtocol):
             return
         if self.tunnel is not None:
             self._after_messages(self.tunnel)
-        self.flush()
+        if self._ws_dirty:
+            self.flush()
 
     def _receive_ws(self, data: Buffer) -> None:
         """
         Feed websockets: the upgrade request, control frames, anything unusual.
         """
+        self._ws_dirty = True
         for event in websocket_events(self.ws, data, self.tunnel):
             if isinstance(event, Frame):
                 if event.opcode is Opcode.TEXT:
@@ -163,6 +168,7 @@ class _Peer(asyncio.BufferedProtocol):
                 )
                 if self.ws.state is State.OPEN:
                     self.ws.fail(event.code, event.reason)
+                    self._ws_dirty = True
         messages = tunnel.messages_to_forward()
         if messages:
             self._forward(messages)
@@ -206,6 +212,7 @@ class _Peer(asyncio.BufferedProtocol):
             self.transport.resume_reading()
 
     def flush(self) -> None:
+        self._ws_dirty = False
         transport = self.transport
         if (
             transport is not None
@@ -228,7 +235,8 @@ class _Peer(asyncio.BufferedProtocol):
 
         Several tunnel frames share one WebSocket message, up to the size limit.
         """
-        self.flush()
+        if self._ws_dirty:
+            self.flush()
         if messages and self.ws.state is State.OPEN and self.transport is not None:
             self.transport.writelines(self.writer.frames(messages))
 

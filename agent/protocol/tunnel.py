@@ -323,7 +323,8 @@ class TunnelProtocol:
         Raises:
             LocalProtocolError: Called on the CLIENT side.
         """
-        self._require(SERVICE, "messages_to_forward")
+        if self.side is not SERVICE:  # checked inline: the relay asks once per message
+            self._require(SERVICE, "messages_to_forward")
         messages, self._to_forward = self._to_forward, []
         return messages
 
