@@ -213,6 +213,19 @@ class TestForwarding:
 
         assert got == start + data + data
 
+    def test_pings_between_data_are_answered(self, plain_relay):
+        """A ping among data frames gets its pong at once, and the data still crosses."""
+        start, data = start_and_data(b"z" * 300)
+        with attached_pair(plain_relay) as (dst, src):
+            src.send(start + data)
+            answered = [src.ping(b"p1"), src.ping(b"p2")]
+            src.send(data)
+            got = recv_bytes(dst, len(start + data + data))
+            pongs = [event.wait(timeout=5) for event in answered]
+
+        assert got == start + data + data
+        assert pongs == [True, True]
+
     def test_text_frame_closes_1003_and_oversize_1009(self, plain_relay):
         """Text frames and messages over 131076 bytes close the connection."""
         tokens = plain_relay.open_tunnel(("SSH",))
