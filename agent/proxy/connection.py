@@ -162,7 +162,7 @@ class TunnelConnection(asyncio.BufferedProtocol):
         self._reading_paused = False
         # websockets was fed bytes since its output was last written. Every other call into it is
         # followed by _flush_ws at once; this spares the data path that call per message.
-        self._ws_fed = False
+        self._ws_dirty = False
         self._reader = FrameReader(
             masked=False, max_size=MAX_WS_MESSAGE_SIZE, buffer_size=READ_BUFFER_SIZE
         )
@@ -225,7 +225,7 @@ class TunnelConnection(asyncio.BufferedProtocol):
         """
         Feed websockets: the handshake response, control frames, anything unusual.
         """
-        self._ws_fed = True
+        self._ws_dirty = True
         for event in websocket_events(self.ws, data, self.tunnel):
             if isinstance(event, Frame):
                 if event.opcode is Opcode.PONG:
@@ -282,7 +282,7 @@ class TunnelConnection(asyncio.BufferedProtocol):
         """
         Send what websockets queued (pongs, close), then the tunnel core's messages.
         """
-        if self._ws_fed:
+        if self._ws_dirty:
             self._flush_ws()
         messages = self.tunnel.messages_to_send()
         if messages and self.ws.state is State.OPEN and self.transport is not None:
@@ -316,7 +316,7 @@ class TunnelConnection(asyncio.BufferedProtocol):
     # Internals
 
     def _flush_ws(self) -> None:
-        self._ws_fed = False
+        self._ws_dirty = False
         if self.transport is not None and write_pending(self.ws, self.transport):
             self._arm_close_timeout()
 

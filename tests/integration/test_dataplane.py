@@ -154,6 +154,17 @@ def send_stream(port: int, size: int) -> str:
     return digest.hexdigest()
 
 
+def sink_pair(
+    relay: RelayThread, tmp_path: Path, pairs: list[Pair], service: str = "BULK", delay: float = 0.0
+) -> tuple[Sink, Pair]:
+    """A new tunnel whose one service is a fresh :class:`Sink`, with its pair of proxies."""
+    sink = Sink(delay=delay)
+    tokens = relay.open_tunnel((service,))
+    pair = Pair(relay, tmp_path, tokens, f"{service}={sink.port}", f"{service}=0")
+    pairs.append(pair)
+    return sink, pair
+
+
 def vm_hwm_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -226,10 +237,7 @@ class TestServices:
 
     def test_short_connections_deliver_everything_before_the_reset(self, relay, tmp_path, pairs):
         """Connections that send and close at once lose nothing, even before the local connect."""
-        sink = Sink()
-        tokens = relay.open_tunnel(("BULK",))
-        pair = Pair(relay, tmp_path, tokens, f"BULK={sink.port}", "BULK=0")
-        pairs.append(pair)
+        sink, pair = sink_pair(relay, tmp_path, pairs)
         port = pair.source.port("BULK")
         sizes = [1, 1000, 64512, 64513, 200_000] * 8
 
@@ -246,10 +254,7 @@ class TestServices:
     @pytest.mark.slow
     def test_256_mib_one_way_arrives_intact(self, relay, tmp_path, pairs):
         """256 MiB sent through the tunnel hash the same at the sink."""
-        sink = Sink()
-        tokens = relay.open_tunnel(("BULK",))
-        pair = Pair(relay, tmp_path, tokens, f"BULK={sink.port}", "BULK=0")
-        pairs.append(pair)
+        sink, pair = sink_pair(relay, tmp_path, pairs)
         port = pair.source.port("BULK")
 
         sent = send_stream(port, 256 * 1024 * 1024)
@@ -264,10 +269,7 @@ class TestServices:
         self, relay, tmp_path, pairs
     ):
         """A service that stops reading for 30 s gets every byte afterwards; proxies stay small."""
-        sink = Sink(delay=30 * SCALE)
-        tokens = relay.open_tunnel(("SLOW",))
-        pair = Pair(relay, tmp_path, tokens, f"SLOW={sink.port}", "SLOW=0")
-        pairs.append(pair)
+        sink, pair = sink_pair(relay, tmp_path, pairs, "SLOW", delay=30 * SCALE)
         port = pair.source.port("SLOW")
         size = 64 * 1024 * 1024
 
