@@ -27,15 +27,15 @@ from typing import TYPE_CHECKING, Any, get_args, get_origin
 from pydantic import BaseModel
 
 from agent import __version__
-from agent.exceptions import AgentError, ConfigError
-from agent.settings import (
+from agent.daemon.settings import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_RUNTIME_DIR,
     AgentSettings,
     check_files,
     load_settings,
 )
-from agent.state import format_status, read_status
+from agent.daemon.status import format_status, read_status
+from agent.exceptions import AgentError, ConfigError
 
 
 if TYPE_CHECKING:
@@ -52,7 +52,7 @@ EXIT_CONFIG = 78
 # Sub-commands implemented elsewhere; imported only when used.
 _LAZY = {
     "emulator": ("agent.emulator.cli", "run the Secure Tunneling emulator (development)"),
-    "connect": ("agent.operator", "open a tunnel and connect to a device (operator side)"),
+    "connect": ("agent.connect.command", "open a tunnel and connect to a device (operator side)"),
 }
 _SKIPPED_FIELDS = frozenset({"services"})
 
@@ -168,7 +168,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     # Imported here: `status` and `check-config` need neither asyncio apps nor SDKs.
-    from agent.daemon import build_daemon  # noqa: PLC0415
+    from agent.daemon.lifecycle import build_daemon  # noqa: PLC0415
     from agent.logging import configure_logging  # noqa: PLC0415
 
     settings = _load(args)

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Self
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from agent.supervisor import ProxySpec
+    from agent.daemon.supervisor import ProxySpec
 
 from agent.notify.base import RawNotification
 
@@ -314,9 +314,9 @@ def reset_logging() -> None:
 
 def _agent_main(argv: list[str]) -> int:
     """``python -m tests.fakes agent CONFIG SOCKET``: a real daemon fed by a socket."""
-    from agent.daemon import build_daemon
+    from agent.daemon.lifecycle import build_daemon
+    from agent.daemon.settings import load_settings
     from agent.logging import configure_logging
-    from agent.settings import load_settings
 
     config, sock = Path(argv[0]), Path(argv[1])
     settings = load_settings(config)

@@ -12,8 +12,8 @@ import pytest
 
 from agent import __version__
 from agent.cli import EXIT_CONFIG, main
-from agent.state import StatusFile
-from agent.tunnels import TunnelInfo
+from agent.daemon.status import StatusFile
+from agent.daemon.tunnels import TunnelInfo
 
 
 ROOT = Path(__file__).parent.parent
@@ -197,7 +197,7 @@ class TestStatus:
 class TestLazy:
     def test_missing_module(self, capsys, monkeypatch):
         """A lazy sub-command whose module is absent exits 1 with a message, not a traceback."""
-        monkeypatch.setitem(sys.modules, "agent.operator", None)
+        monkeypatch.setitem(sys.modules, "agent.connect.command", None)
 
         code = main(["connect", "--help"])
 
@@ -209,7 +209,7 @@ class TestLazy:
         seen = []
         module = type(sys)("fake_operator")
         module.main = lambda argv: seen.append(argv) or 7
-        monkeypatch.setitem(sys.modules, "agent.operator", module)
+        monkeypatch.setitem(sys.modules, "agent.connect.command", module)
 
         assert main(["connect", "--thing", "dev-1"]) == 7
         assert seen == [["--thing", "dev-1"]]

@@ -46,9 +46,9 @@ from typing import IO, TYPE_CHECKING, Any, Self
 
 import structlog
 
+from agent.emulator.mqtt_client import AsyncMqttClient, MqttConnectError
 from agent.emulator.pki import PRIVILEGED_IDENTITY, THING_NAME_PATTERN, KeyPair
 from agent.exceptions import AgentError
-from agent.mqtt_common import AsyncMqttClient, MqttConnectError
 
 
 if TYPE_CHECKING:

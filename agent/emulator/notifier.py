@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Self
 import structlog
 
 from agent.emulator.broker import notify_topic
+from agent.emulator.mqtt_client import AsyncMqttClient, call_in_loop
 from agent.emulator.pki import PRIVILEGED_IDENTITY
-from agent.mqtt_common import AsyncMqttClient, call_in_loop
 
 
 if TYPE_CHECKING:

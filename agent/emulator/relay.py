@@ -33,8 +33,8 @@ from agent.protocol import (
     StreamTable,
     TunnelProtocol,
 )
-from agent.protocol.wsframes import FrameReader, FrameWriter
-from agent.proxy.wsio import route_received, websocket_events, write_pending
+from agent.ws.frames import FrameReader, FrameWriter
+from agent.ws.routing import route_received, websocket_events, write_pending
 
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ def _select_subprotocol(
     return Subprotocol(max(offered).subprotocol) if offered else None
 
 
-class _Session:
+class _TunnelPair:
     """
     One tunnel's two WebSockets and the stream table they share.
     """
@@ -101,7 +101,7 @@ class _Peer(asyncio.BufferedProtocol):
             logger=_ws_log,
         )
         self.transport: asyncio.Transport | None = None
-        self.session: _Session | None = None
+        self.session: _TunnelPair | None = None
         self.mode: Mode | None = None
         self.tunnel: TunnelProtocol | None = None
         self._blocked: _Peer | None = None
@@ -362,7 +362,7 @@ class Relay:
         self.port = port
         self._ssl = ssl_context
         self._server: asyncio.Server | None = None
-        self.sessions: dict[str, _Session] = {}
+        self.sessions: dict[str, _TunnelPair] = {}
         self.peers: set[_Peer] = set()
         self._all_gone = asyncio.Event()
         self.ids = itertools.count(1)
@@ -416,13 +416,13 @@ class Relay:
         if not self.peers:
             self._all_gone.set()
 
-    def session(self, tunnel_id: str) -> _Session:
+    def session(self, tunnel_id: str) -> _TunnelPair:
         """
         The tunnel's session, created on first use.
         """
         session = self.sessions.get(tunnel_id)
         if session is None:
-            session = self.sessions[tunnel_id] = _Session(tunnel_id)
+            session = self.sessions[tunnel_id] = _TunnelPair(tunnel_id)
         return session
 
     def attach(self, peer: _Peer) -> None:

@@ -3,7 +3,7 @@ SEAM 1: the interface every tunnel-notification source implements.
 
 A source connects and subscribes in ``__aenter__``, disconnects in ``__aexit__``
 and yields :class:`RawNotification` objects from ``async for``. It never parses
-the payload: validation lives only in the pure :mod:`agent.notification`
+the payload: validation lives only in the pure :mod:`agent.daemon.notification`
 (STYLE §3), so the MQTT and Greengrass sources stay thin and cannot disagree.
 
 SDK callbacks arrive on CRT threads; implementations hand them to the event
@@ -30,7 +30,7 @@ class RawNotification:
 
     Attributes:
         topic: The topic the message arrived on.
-        payload: The raw bytes; parsed and validated only by :mod:`agent.notification`.
+        payload: The raw bytes; parsed and validated only by :mod:`agent.daemon.notification`.
     """
 
     topic: str

@@ -9,7 +9,7 @@ that topic (packaging/greengrass/recipe.yaml).
 
 Invariants: this module never parses a payload (STYLE §3): every message, even a
 malformed one, is handed over raw as a :class:`RawNotification` and validated
-downstream by :mod:`agent.notification`. SDK callbacks run on the SDK's threads;
+downstream by :mod:`agent.daemon.notification`. SDK callbacks run on the SDK's threads;
 they only ever call ``loop.call_soon_threadsafe``. A stream that closes while the
 source is open is re-established with backoff, on a fresh IPC connection.
 """
@@ -24,9 +24,9 @@ from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import structlog
 
+from agent.common.retry import backoff
 from agent.exceptions import ConfigError, NotificationError
 from agent.notify.base import RawNotification
-from agent.retry import backoff
 
 
 if TYPE_CHECKING:

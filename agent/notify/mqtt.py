@@ -12,7 +12,7 @@ awscrt reconnects by itself, with exponential backoff and jitter between the
 configured minimum and maximum delays. Its callbacks run on CRT threads: they
 only hand data to the event loop (``call_soon_threadsafe``), into a bounded queue
 that drops the oldest notification when full (a newer one carries a fresher
-token). Payloads are handed over raw; parsing lives in :mod:`agent.notification`
+token). Payloads are handed over raw; parsing lives in :mod:`agent.daemon.notification`
 (STYLE §3). Nothing here logs a payload: it carries the access token.
 """
 
@@ -27,8 +27,8 @@ import structlog
 from awscrt import mqtt5
 
 from agent.exceptions import ConfigError, NotificationError
-from agent.mqtt_common import build_client, call_in_loop, proxy_options
 from agent.notify.base import RawNotification
+from agent.notify.mqtt_client import build_client, call_in_loop, proxy_options
 
 
 if TYPE_CHECKING:
@@ -188,7 +188,6 @@ class MqttNotificationSource:
             min_reconnect_delay=self._reconnect_delays[0],
             max_reconnect_delay=self._reconnect_delays[1],
             http_proxy=self._http_proxy,
-            validation="aws",
             on_publish=self._on_publish,
             on_success=lambda d: call_in_loop(loop, self._connected, d),
             on_failure=lambda d: call_in_loop(loop, self._connect_failed, d),

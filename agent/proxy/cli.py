@@ -17,7 +17,7 @@ import sys
 import types
 
 from agent import __version__
-from agent.loop import run
+from agent.common.loop import run
 from agent.protocol import DESTINATION, SOURCE, Mode, ProtocolVersion
 from agent.proxy.mapping import MappingError, Target, parse_destination_map, parse_source_map
 from agent.proxy.options import (
@@ -264,7 +264,7 @@ def _setup_logging(verbosity: int) -> None:
 
 
 async def _run(options: ProxyOptions) -> int:
-    from agent.proxy.session import run_proxy  # noqa: PLC0415 - keeps --help fast
+    from agent.proxy.runner import run_proxy  # noqa: PLC0415 - keeps --help fast
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -30,8 +30,8 @@ from agent.protocol import (
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from agent.proxy.connection import TunnelConnection
     from agent.proxy.options import ProxyOptions
+    from agent.proxy.websocket import TunnelWebSocket
 
 
 __all__ = ["Bridge", "LocalConnection"]
@@ -197,7 +197,7 @@ class Bridge:
         Start with no session and no local connection.
         """
         self.options = options
-        self.conn: TunnelConnection | None = None
+        self.conn: TunnelWebSocket | None = None
         self.locals: dict[tuple[str, int], LocalConnection] = {}
         self.locals_paused = False
         self.read_view = memoryview(bytearray(READ_SIZE))
@@ -214,7 +214,7 @@ class Bridge:
 
     # TunnelApp
 
-    def session_started(self, conn: TunnelConnection) -> None:
+    def session_started(self, conn: TunnelWebSocket) -> None:
         """
         Use this session for every new local connection.
         """

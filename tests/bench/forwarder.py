@@ -17,7 +17,7 @@ import ssl
 import sys
 from typing import cast
 
-from agent.loop import run
+from agent.common.loop import run
 
 
 READ_SIZE = 64 * 1024

@@ -16,10 +16,10 @@ import ssl
 import sys
 from pathlib import Path
 
+from agent.common.loop import run
 from agent.emulator.pki import CertificateAuthority, KeyPair
 from agent.emulator.relay import Relay
 from agent.emulator.store import TunnelStore
-from agent.loop import run
 
 
 async def main() -> None:

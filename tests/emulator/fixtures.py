@@ -26,8 +26,8 @@ import pytest
 
 from agent.emulator.app import Emulator
 from agent.emulator.broker import Broker
+from agent.emulator.mqtt_client import AsyncMqttClient
 from agent.emulator.pki import PRIVILEGED_IDENTITY, CertificateAuthority, KeyPair
-from agent.mqtt_common import AsyncMqttClient
 
 
 if TYPE_CHECKING:

@@ -13,10 +13,10 @@ from typing import TYPE_CHECKING
 import boto3
 import pytest
 
+from agent.daemon.settings import check_files, load_settings
 from agent.emulator.app import Emulator
 from agent.emulator.broker import notify_topic
-from agent.mqtt_common import AsyncMqttClient
-from agent.settings import check_files, load_settings
+from agent.emulator.mqtt_client import AsyncMqttClient
 from tests.emulator import fixtures
 from tests.emulator.fixtures import SCALE, alive, refused
 

@@ -21,7 +21,7 @@ from agent.emulator.broker import (
     notify_topic,
     register_things,
 )
-from agent.mqtt_common import MqttConnectError
+from agent.emulator.mqtt_client import MqttConnectError
 from tests.emulator import fixtures
 from tests.emulator.fixtures import SCALE, alive, make_pki, mqtt_client
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from agent.daemon.settings import load_settings
 from agent.emulator.cli import main
-from agent.settings import load_settings
 from tests.emulator.fixtures import SCALE, alive, refused
 
 

@@ -9,7 +9,7 @@ import subprocess
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from agent.mqtt_common import AsyncMqttClient
+from agent.emulator.mqtt_client import AsyncMqttClient
 from tests.integration.test_agent_e2e import World, alive, wait_until
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli, settings
+from agent import cli
+from agent.daemon import settings
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -224,7 +225,7 @@ class TestDirectives:
 MDWE_PROBE = textwrap.dedent(
     """
     import ctypes, mmap, sys
-    import agent.cli, agent.daemon, agent.supervisor, agent.tunnels
+    import agent.cli, agent.daemon.lifecycle, agent.daemon.supervisor, agent.daemon.tunnels
     import agent.notify.mqtt, agent.notify.greengrass, agent.proxy.cli
     from awscrt import io, mqtt5
     elg = io.EventLoopGroup(1)
@@ -232,8 +233,8 @@ MDWE_PROBE = textwrap.dedent(
     tls = io.ClientTlsContext(io.TlsContextOptions())
     client = mqtt5.Client(mqtt5.ClientOptions(
         host_name="127.0.0.1", port=1, bootstrap=bootstrap, tls_ctx=tls))
-    import agent.loop, asyncio
-    agent.loop.run(asyncio.sleep(0))  # uvloop where installed, as the daemon runs
+    import agent.common.loop, asyncio
+    agent.common.loop.run(asyncio.sleep(0))  # uvloop where installed, as the daemon runs
     libc = ctypes.CDLL(None, use_errno=True)
     assert libc.prctl(66, 0, 0, 0, 0) == 1, "MDWE not inherited"
     try:

@@ -163,7 +163,7 @@ class TestFootprint:
             "import sys\n"
             "from agent.proxy.cli import defer_unused_imports\n"
             "defer_unused_imports()\n"
-            "import agent.proxy.session\n"
+            "import agent.proxy.runner\n"
             "print(sorted(m for m in ('google.protobuf', 'email', 'csv') if m in sys.modules))\n"
             "import importlib.metadata\n"
             "print(importlib.metadata.version('websockets') != '')\n"

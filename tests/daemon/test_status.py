@@ -1,4 +1,4 @@
-"""Tests for agent.state: the 0600 status file and its rendering."""
+"""Tests for agent.daemon.status: the 0600 status file and its rendering."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import sys
 
 import pytest
 
+from agent.daemon.status import StatusFile, format_status, read_status
+from agent.daemon.tunnels import TunnelInfo
 from agent.exceptions import AgentError
-from agent.state import StatusFile, format_status, read_status
-from agent.tunnels import TunnelInfo
 
 
 INFO = TunnelInfo(

@@ -1,4 +1,4 @@
-"""Tests for agent.retry: the pure backoff generator."""
+"""Tests for agent.common.retry: the pure backoff generator."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import itertools
 import pytest
 from hypothesis import given, strategies as st
 
-from agent.retry import backoff
+from agent.common.retry import backoff
 
 
 class TestBackoff:

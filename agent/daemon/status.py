@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping, Sequence
     from pathlib import Path
 
-    from agent.tunnels import TunnelInfo
+    from agent.daemon.tunnels import TunnelInfo
 
 
 __all__ = ["STATUS_FILE", "StatusFile", "format_status", "read_status"]

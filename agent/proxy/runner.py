@@ -19,6 +19,7 @@ from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
 from agent import __version__
+from agent.common.retry import backoff
 from agent.protocol import (
     MAX_WS_MESSAGE_SIZE,
     SOURCE,
@@ -26,11 +27,10 @@ from agent.protocol import (
     Side,
     TunnelProtocol,
 )
-from agent.proxy.connection import HandshakeFailed, TunnelConnection
 from agent.proxy.destination import DestinationBridge
 from agent.proxy.httpproxy import ProxyConnectError, open_tunnel, proxy_from_environment
 from agent.proxy.source import SourceBridge
-from agent.retry import backoff
+from agent.proxy.websocket import HandshakeFailed, TunnelWebSocket
 
 
 if TYPE_CHECKING:
@@ -67,7 +67,7 @@ def _ssl_context(options: ProxyOptions) -> ssl.SSLContext:
     return context
 
 
-class _Session:
+class _Dialer:
     """
     Builds and opens one WebSocket session.
     """
@@ -83,7 +83,7 @@ class _Session:
             f"{scheme}://{host}:{options.port}/tunnel?local-proxy-mode={options.mode.query}"
         )
 
-    def _connection(self) -> TunnelConnection:
+    def _connection(self) -> TunnelWebSocket:
         options = self.options
         ws = ClientProtocol(
             self.uri,
@@ -107,11 +107,11 @@ class _Session:
             version=options.version if options.mode is SOURCE else ProtocolVersion.V3,
             max_connections=options.max_connections,
         )
-        return TunnelConnection(
+        return TunnelWebSocket(
             ws, tunnel, request, self.bridge, ping_interval=options.ping_interval
         )
 
-    async def open(self) -> TunnelConnection:
+    async def open(self) -> TunnelWebSocket:
         loop = asyncio.get_running_loop()
         options = self.options
         conn = self._connection()
@@ -146,7 +146,7 @@ class _Session:
         return conn
 
 
-async def _wait_session(conn: TunnelConnection, bridge: Bridge, stop: asyncio.Event) -> str:
+async def _wait_session(conn: TunnelWebSocket, bridge: Bridge, stop: asyncio.Event) -> str:
     """
     Wait until the session ends, the proxy is asked to stop, or the bridge hits a fatal error.
     """
@@ -164,7 +164,7 @@ async def _wait_session(conn: TunnelConnection, bridge: Bridge, stop: asyncio.Ev
     return "stop" if stop.is_set() else "fatal"
 
 
-async def _close(conn: TunnelConnection, code: int, reason: str) -> None:
+async def _close(conn: TunnelWebSocket, code: int, reason: str) -> None:
     conn.close(code, reason)
     try:
         async with asyncio.timeout(STOP_TIMEOUT + 0.5):
@@ -174,7 +174,7 @@ async def _close(conn: TunnelConnection, code: int, reason: str) -> None:
             conn.transport.abort()
 
 
-async def _run_session(conn: TunnelConnection, bridge: Bridge, stop: asyncio.Event) -> int | None:
+async def _run_session(conn: TunnelWebSocket, bridge: Bridge, stop: asyncio.Event) -> int | None:
     """
     Carry one WebSocket session to its end.
 
@@ -222,7 +222,7 @@ async def run_proxy(options: ProxyOptions, stop: asyncio.Event) -> int:
     bridge: SourceBridge | DestinationBridge = (
         SourceBridge(options) if options.mode is SOURCE else DestinationBridge(options)
     )
-    session = _Session(options, bridge)
+    session = _Dialer(options, bridge)
     loop = asyncio.get_running_loop()
     delays = backoff(initial=0.05, maximum=options.reconnect_delay, jitter=0.5)
     try:

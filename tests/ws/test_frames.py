@@ -1,5 +1,5 @@
 """
-Tests for agent.protocol.wsframes: the WebSocket fast path, with websockets' own parser as oracle.
+Tests for agent.ws.frames: the WebSocket fast path, with websockets' own parser as oracle.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from websockets.frames import Close, Frame, Opcode
 from websockets.streams import StreamReader
 
 from agent.protocol import MAX_WS_MESSAGE_SIZE
-from agent.protocol.wsframes import MAX_HEAD_SIZE, FrameReader, FrameWriter
+from agent.ws.frames import MAX_HEAD_SIZE, FrameReader, FrameWriter
 
 
 def parse_all(data: bytes, *, mask: bool) -> list[Frame]:

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
 
     from agent.protocol import TunnelProtocol
     from agent.protocol.messages import Buffer
-    from agent.protocol.wsframes import FrameReader
+    from agent.ws.frames import FrameReader
 
 
 __all__ = ["route_received", "websocket_events", "write_pending"]

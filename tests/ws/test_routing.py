@@ -8,7 +8,7 @@ from websockets.frames import Frame, Opcode
 from websockets.protocol import OPEN
 from websockets.server import ServerProtocol
 
-from agent.proxy.wsio import write_pending
+from agent.ws.routing import write_pending
 
 
 class RecordingTransport:

@@ -1,4 +1,4 @@
-"""Tests for agent.settings: sources, validation messages and file checks."""
+"""Tests for agent.daemon.settings: sources, validation messages and file checks."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from agent import settings as settings_module
-from agent.exceptions import ConfigError
-from agent.settings import (
+from agent.daemon import settings as settings_module
+from agent.daemon.settings import (
     AgentSettings,
     check_files,
     load_settings,
     parse_duration,
     parse_service_target,
 )
+from agent.exceptions import ConfigError
 
 
 MINIMAL = """\
@@ -102,7 +102,7 @@ class TestDefaults:
 
     def test_example_config_valid(self):
         """config/config.example.toml parses (its placeholder paths aside)."""
-        example = Path(__file__).parent.parent / "config" / "config.example.toml"
+        example = Path(__file__).parents[2] / "config" / "config.example.toml"
 
         settings = load_settings(example)
 
@@ -112,7 +112,7 @@ class TestDefaults:
 
     def test_example_documents_every_field(self):
         """Every setting appears in config/config.example.toml (set or commented out)."""
-        example = (Path(__file__).parent.parent / "config" / "config.example.toml").read_text()
+        example = (Path(__file__).parents[2] / "config" / "config.example.toml").read_text()
         sections = {"mqtt", "proxy", "logging", "limits"}
         missing = []
         for name, info in AgentSettings.model_fields.items():

@@ -2,7 +2,7 @@
 One WebSocket session of a local proxy: bytes between an asyncio transport and the sans-I/O cores.
 
 websockets' ``ClientProtocol`` does the HTTP upgrade, control frames and closing; binary messages
-take the fast path of ``agent.protocol.wsframes``; ``TunnelProtocol`` does the tunnel frames. This
+take the fast path of ``agent.ws.frames``; ``TunnelProtocol`` does the tunnel frames. This
 module only moves bytes, keeps the session alive with pings (data-plane §3) and turns transport
 flow control into calls on the application (the ``Bridge``).
 """
@@ -20,8 +20,8 @@ from websockets.http11 import Response
 from websockets.protocol import State
 
 from agent.protocol import MAX_WS_MESSAGE_SIZE, Event, ProtocolFailed
-from agent.protocol.wsframes import FrameReader, FrameWriter
-from agent.proxy.wsio import route_received, websocket_events, write_pending
+from agent.ws.frames import FrameReader, FrameWriter
+from agent.ws.routing import route_received, websocket_events, write_pending
 
 
 if TYPE_CHECKING:
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from agent.protocol.messages import Buffer
 
 
-__all__ = ["HandshakeFailed", "SessionEnd", "TunnelApp", "TunnelConnection"]
+__all__ = ["HandshakeFailed", "SessionEnd", "TunnelApp", "TunnelWebSocket"]
 
 log = logging.getLogger("agent.proxy")
 
@@ -94,7 +94,7 @@ class TunnelApp(Protocol):
     What a session drives: the source or destination side of the proxy.
     """
 
-    def session_started(self, conn: TunnelConnection) -> None:
+    def session_started(self, conn: TunnelWebSocket) -> None:
         """
         The handshake succeeded; ``conn.tunnel`` is ready.
         """
@@ -120,7 +120,7 @@ class TunnelApp(Protocol):
         """
 
 
-class TunnelConnection(asyncio.BufferedProtocol):
+class TunnelWebSocket(asyncio.BufferedProtocol):
     """
     asyncio glue for one WebSocket session.
     """

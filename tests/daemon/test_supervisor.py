@@ -1,4 +1,4 @@
-"""Tests for agent.supervisor: argv/env building and a real proxy child process."""
+"""Tests for agent.daemon.supervisor: argv/env building and a real proxy child process."""
 
 from __future__ import annotations
 
@@ -14,9 +14,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from agent.exceptions import ProxyStartError
-from agent.logging import secrets
-from agent.supervisor import (
+from agent.daemon.supervisor import (
     ProxySpec,
     SubprocessLauncher,
     build_argv,
@@ -24,6 +22,8 @@ from agent.supervisor import (
     new_client_token,
     proxy_command,
 )
+from agent.exceptions import ProxyStartError
+from agent.logging import secrets
 from tests.fakes import MS, read_runs, wait_for, write_fake_proxy
 
 
@@ -271,7 +271,7 @@ ORPHAN_PARENT = """
 import asyncio, sys
 import structlog
 from pathlib import Path
-from agent.supervisor import ProxySpec, SubprocessLauncher, build_env
+from agent.daemon.supervisor import ProxySpec, SubprocessLauncher, build_env
 
 async def main():
     directory = Path(sys.argv[1])

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from agent.operator import ServiceRequest, parse_service
+from agent.connect.command import ServiceRequest, parse_service
 from tests.emulator.fixtures import SCALE
 
 

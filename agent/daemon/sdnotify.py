@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
 __all__ = ["SdNotifier", "watchdog_interval"]
 
-log = structlog.get_logger("agent.sdnotify")
+log = structlog.get_logger("agent.daemon.sdnotify")
 
 
 class SdNotifier:

@@ -1,4 +1,4 @@
-"""Tests for agent.sdnotify against a real Unix datagram socket."""
+"""Tests for agent.daemon.sdnotify against a real Unix datagram socket."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from agent.sdnotify import SdNotifier, watchdog_interval
+from agent.daemon.sdnotify import SdNotifier, watchdog_interval
 
 
 @pytest.fixture

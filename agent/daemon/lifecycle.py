@@ -22,21 +22,21 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from agent.daemon.notification import parse_notification
+from agent.daemon.sdnotify import SdNotifier, watchdog_interval
+from agent.daemon.status import StatusFile
+from agent.daemon.supervisor import SubprocessLauncher, proxy_command
+from agent.daemon.tunnels import Limits, SpawnConfig, TunnelManager
 from agent.exceptions import ConfigError, InvalidNotification
-from agent.notification import parse_notification
 from agent.notify import load_source_class, resolve_kind
-from agent.sdnotify import SdNotifier, watchdog_interval
-from agent.state import StatusFile
-from agent.supervisor import SubprocessLauncher, proxy_command
-from agent.tunnels import Limits, ProxyOptions, TunnelManager
 
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
+    from agent.daemon.settings import AgentSettings
+    from agent.daemon.supervisor import ProxyLauncher
     from agent.notify.base import NotificationSource, RawNotification
-    from agent.settings import AgentSettings
-    from agent.supervisor import ProxyLauncher
 
 
 __all__ = [
@@ -47,7 +47,7 @@ __all__ = [
     "build_daemon",
     "build_source",
     "limits_from",
-    "proxy_options_from",
+    "spawn_config_from",
 ]
 
 log = structlog.get_logger("agent.daemon")
@@ -301,7 +301,7 @@ def limits_from(settings: AgentSettings) -> Limits:
     )
 
 
-def proxy_options_from(settings: AgentSettings) -> ProxyOptions:
+def spawn_config_from(settings: AgentSettings) -> SpawnConfig:
     """
     Extract how proxies are started from the settings.
 
@@ -313,7 +313,7 @@ def proxy_options_from(settings: AgentSettings) -> ProxyOptions:
     """
     proxy = settings.proxy
     http_proxy = settings.mqtt.http_proxy
-    return ProxyOptions(
+    return SpawnConfig(
         command=tuple(proxy_command(proxy.binary)),
         endpoint=proxy.endpoint,
         ca=proxy.ca,
@@ -382,7 +382,7 @@ def build_daemon(
         launcher=launcher or SubprocessLauncher(),
         services=settings.services,
         limits=limits_from(settings),
-        options=proxy_options_from(settings),
+        options=spawn_config_from(settings),
         on_change=lambda: holder[0].changed() if holder else None,
     )
 

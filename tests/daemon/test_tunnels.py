@@ -1,4 +1,4 @@
-"""Tests for agent.tunnels: admission policy, lifetime and restart policy (fake launcher)."""
+"""Tests for agent.daemon.tunnels: admission policy, lifetime and restart policy (fake launcher)."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import signal
 import pytest
 from pydantic import SecretStr
 
+from agent.daemon.notification import TunnelRequest
+from agent.daemon.tunnels import Limits, Outcome, SpawnConfig, TunnelManager
 from agent.logging import secrets
-from agent.notification import TunnelRequest
-from agent.tunnels import Limits, Outcome, ProxyOptions, TunnelManager
 from tests.fakes import MS, FakeProxyLauncher, wait_for
 
 
@@ -44,7 +44,7 @@ async def make(launcher):
             launcher=launcher,
             services=SERVICES,
             limits=limits or Limits(),
-            options=ProxyOptions(**opts),
+            options=SpawnConfig(**opts),
         )
         managers.append(manager)
         return manager
@@ -385,7 +385,7 @@ class TestClose:
             launcher=launcher,
             services=SERVICES,
             limits=Limits(),
-            options=ProxyOptions(command=("lp",)),
+            options=SpawnConfig(command=("lp",)),
             on_change=lambda: calls.append(len(manager.tunnels())),
         )
         await manager.open(request())

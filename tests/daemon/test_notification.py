@@ -1,4 +1,4 @@
-"""Tests for agent.notification: the pure notify-payload parser."""
+"""Tests for agent.daemon.notification: the pure notify-payload parser."""
 
 from __future__ import annotations
 
@@ -8,13 +8,13 @@ import json
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from agent.exceptions import InvalidNotification
-from agent.notification import (
+from agent.daemon.notification import (
     MAX_PAYLOAD_SIZE,
     MAX_TOKEN_LENGTH,
     TunnelRequest,
     parse_notification,
 )
+from agent.exceptions import InvalidNotification
 from tests.fakes import notification
 
 

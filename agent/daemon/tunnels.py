@@ -1,7 +1,7 @@
 """
 TunnelManager: which tunnels run, for how long, and what happens when a proxy exits.
 
-No I/O of its own: processes come from a :class:`~agent.supervisor.ProxyLauncher`.
+No I/O of its own: processes come from a :class:`~agent.daemon.supervisor.ProxyLauncher`.
 Policy, in one place (STYLE §3):
 
 - **Dedupe**: a notification whose token was seen recently is ignored
@@ -35,10 +35,10 @@ from typing import TYPE_CHECKING, Literal
 
 import structlog
 
+from agent.common.retry import backoff
+from agent.daemon.supervisor import ProxySpec, build_argv, build_env, new_client_token
 from agent.exceptions import ProxyStartError
 from agent.logging import register_secret, unregister_secret
-from agent.retry import backoff
-from agent.supervisor import ProxySpec, build_argv, build_env, new_client_token
 
 
 if TYPE_CHECKING:
@@ -47,13 +47,13 @@ if TYPE_CHECKING:
 
     from pydantic import SecretStr
 
-    from agent.notification import TunnelRequest
-    from agent.supervisor import ProxyHandle, ProxyLauncher
+    from agent.daemon.notification import TunnelRequest
+    from agent.daemon.supervisor import ProxyHandle, ProxyLauncher
 
 
-__all__ = ["Limits", "Outcome", "ProxyOptions", "TunnelInfo", "TunnelManager"]
+__all__ = ["Limits", "Outcome", "SpawnConfig", "TunnelInfo", "TunnelManager"]
 
-log = structlog.get_logger("agent.tunnels")
+log = structlog.get_logger("agent.daemon.tunnels")
 
 # How many recent token digests are remembered for dedupe (a few hours of tunnels).
 _RECENT_TOKENS = 256
@@ -88,12 +88,12 @@ class Limits:
 
 
 @dataclass(frozen=True, slots=True)
-class ProxyOptions:
+class SpawnConfig:
     """
     How proxies are started and restarted; fixed for the agent's life.
 
     Attributes:
-        command: Binary and leading arguments (:func:`~agent.supervisor.proxy_command`).
+        command: Binary and leading arguments (:func:`~agent.daemon.supervisor.proxy_command`).
         endpoint: ``-e`` override, else ``-r`` with the notification's region.
         ca: ``-c`` CA file or directory.
         no_verify: ``-k`` (emulator only).
@@ -199,7 +199,7 @@ class TunnelManager:
         launcher: ProxyLauncher,
         services: Mapping[str, str],
         limits: Limits,
-        options: ProxyOptions,
+        options: SpawnConfig,
         on_change: Callable[[], None] | None = None,
     ) -> None:
         """
@@ -316,7 +316,7 @@ class TunnelManager:
         Start a tunnel for a validated request, unless policy says otherwise.
 
         Args:
-            request: From :func:`agent.notification.parse_notification`.
+            request: From :func:`agent.daemon.notification.parse_notification`.
 
         Returns:
             What was done; every refusal is also logged.

@@ -1,4 +1,4 @@
-"""Tests for agent.daemon: lifecycle, signals, systemd notify, status, and a real agent process."""
+"""Tests for agent.daemon.lifecycle: signals, systemd notify, status, and a real agent process."""
 
 from __future__ import annotations
 
@@ -16,13 +16,19 @@ from pathlib import Path
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from agent.daemon import Daemon, build_daemon, build_source, limits_from, proxy_options_from
+from agent.daemon.lifecycle import (
+    Daemon,
+    build_daemon,
+    build_source,
+    limits_from,
+    spawn_config_from,
+)
+from agent.daemon.sdnotify import SdNotifier
+from agent.daemon.settings import load_settings
+from agent.daemon.status import StatusFile
+from agent.daemon.tunnels import Limits, SpawnConfig, TunnelManager
 from agent.exceptions import ConfigError
 from agent.notify.mqtt import MqttNotificationSource
-from agent.sdnotify import SdNotifier
-from agent.settings import load_settings
-from agent.state import StatusFile
-from agent.tunnels import Limits, ProxyOptions, TunnelManager
 from tests.fakes import (
     MS,
     FakeNotificationSource,
@@ -77,7 +83,7 @@ class Harness:
             launcher=self.launcher,
             services=SERVICES,
             limits=Limits(),
-            options=ProxyOptions(command=("lp",)),
+            options=SpawnConfig(command=("lp",)),
             on_change=lambda: self.daemon.changed(),  # noqa: PLW0108 - daemon made below
         )
         self.daemon = Daemon(
@@ -319,7 +325,7 @@ class TestWiring:
         settings = self.settings(tmp_path, mqtt={"http_proxy": "http://p:3128"})
 
         limits = limits_from(settings)
-        options = proxy_options_from(settings)
+        options = spawn_config_from(settings)
 
         assert limits == Limits(max_concurrent=10, max_lifetime=1800.0, on_limit="stop_oldest")
         assert options.command == (sys.executable, "-m", "agent.proxy")
@@ -400,7 +406,7 @@ class AgentProcess:
             [sys.executable, "-m", "tests.fakes", "agent", str(self.config), str(self.socket)],
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
-            cwd=Path(__file__).parent.parent,
+            cwd=Path(__file__).parents[2],
         )
 
     def events(self, name: str | None = None) -> list[dict]:
