@@ -35,19 +35,15 @@ from agent.daemon.settings import (
     load_settings,
 )
 from agent.daemon.status import format_status, read_status
-from agent.exceptions import AgentError, ConfigError
+from agent.exceptions import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, AgentError, ConfigError
 
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
 
-__all__ = ["EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "EXIT_USAGE", "main"]
+__all__ = ["main"]
 
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_USAGE = 2
-EXIT_CONFIG = 78
 
 # Sub-commands implemented elsewhere; imported only when used.
 _LAZY = {

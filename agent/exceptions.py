@@ -9,15 +9,14 @@ A module of its own so that every layer can import it without cycles::
     │   ├── LocalProtocolError
     │   └── RemoteProtocolError
     │       └── FrameTooLarge
-    ├── InvalidState (also AssertionError)
-    ├── TunnelClosed
-    │   ├── TunnelClosedOK
-    │   └── TunnelClosedError
     ├── NotificationError
     │   └── InvalidNotification
-    └── ProxyError
-        ├── ProxyStartError
-        └── ProxyExited
+    └── ProxyStartError
+
+Each part roots its own errors here too (the emulator's ``StoreError``, the
+proxy's ``MappingError`` ...), so ``except AgentError`` catches everything this
+package raises on purpose. The exit statuses of the commands live here as well,
+beside the errors that cause them.
 """
 
 from __future__ import annotations
@@ -26,22 +25,30 @@ from typing import Any, Self
 
 
 __all__ = [
+    "EXIT_CONFIG",
+    "EXIT_FAILURE",
+    "EXIT_OK",
+    "EXIT_USAGE",
     "AgentError",
     "ConfigError",
     "FrameTooLarge",
     "InvalidNotification",
-    "InvalidState",
     "LocalProtocolError",
     "NotificationError",
     "ProtocolError",
-    "ProxyError",
-    "ProxyExited",
     "ProxyStartError",
     "RemoteProtocolError",
-    "TunnelClosed",
-    "TunnelClosedError",
-    "TunnelClosedOK",
 ]
+
+#: Stopped on request, or the command did what it was asked.
+EXIT_OK = 0
+#: A runtime failure.
+EXIT_FAILURE = 1
+#: Bad command-line usage (argparse's own status).
+EXIT_USAGE = 2
+#: EX_CONFIG: the configuration is invalid. The unit's RestartPreventExitStatus=78
+#: stops systemd from restarting into the same error forever.
+EXIT_CONFIG = 78
 
 
 class AgentError(Exception):
@@ -88,48 +95,6 @@ class FrameTooLarge(RemoteProtocolError):
     """
 
 
-class InvalidState(AgentError, AssertionError):
-    """
-    An operation was attempted in a state that does not allow it.
-    """
-
-
-class TunnelClosed(AgentError):
-    """
-    The tunnel's WebSocket is closed.
-
-    Attributes:
-        code: WebSocket close code (1006 when no close frame was received).
-        reason: Close reason sent by the peer, possibly empty.
-    """
-
-    def __init__(self, code: int, reason: str = "") -> None:
-        """
-        Record the close code and reason.
-        """
-        super().__init__(code, reason)
-        self.code = code
-        self.reason = reason
-
-    def __str__(self) -> str:
-        """
-        Render as ``code reason``.
-        """
-        return f"{self.code} {self.reason}".rstrip()
-
-
-class TunnelClosedOK(TunnelClosed):
-    """
-    The tunnel was closed normally (1000 or 1001).
-    """
-
-
-class TunnelClosedError(TunnelClosed):
-    """
-    The tunnel was closed abnormally or with an error code.
-    """
-
-
 class NotificationError(AgentError):
     """
     A tunnel notification could not be handled.
@@ -142,29 +107,7 @@ class InvalidNotification(NotificationError):
     """
 
 
-class ProxyError(AgentError):
-    """
-    A local proxy process failed.
-    """
-
-
-class ProxyStartError(ProxyError):
+class ProxyStartError(AgentError):
     """
     A local proxy process could not be started.
     """
-
-
-class ProxyExited(ProxyError):
-    """
-    A local proxy process exited.
-
-    Attributes:
-        returncode: The process' exit status (negative: killed by that signal).
-    """
-
-    def __init__(self, returncode: int) -> None:
-        """
-        Record the exit status.
-        """
-        super().__init__(returncode)
-        self.returncode = returncode

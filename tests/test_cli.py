@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 
 from agent import __version__
-from agent.cli import EXIT_CONFIG, main
+from agent.cli import main
 from agent.daemon.status import StatusFile
 from agent.daemon.tunnels import TunnelInfo
+from agent.exceptions import EXIT_CONFIG
 
 
 ROOT = Path(__file__).parent.parent

@@ -21,6 +21,9 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from agent.exceptions import AgentError
+from agent.protocol.ids import SERVICE_ID
+
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -29,7 +32,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ServiceRequest", "main", "parse_service"]
 
-_SERVICE = re.compile(r"([a-zA-Z0-9_-]{1,128})(?:=(\d{1,5}))?")
+_SERVICE = re.compile(rf"({SERVICE_ID.pattern})(?:=([0-9]{{1,5}}))?", re.ASCII)
 _LISTENING = re.compile(r"Listening for new connection on port (\d+) service=(\S+)")
 POLL_INTERVAL = 1.0
 
@@ -114,7 +117,7 @@ def _say(text: str) -> None:
     sys.stdout.flush()
 
 
-class _Interrupted(Exception):
+class _Interrupted(AgentError):
     pass
 
 

@@ -27,7 +27,7 @@ from agent.daemon.sdnotify import SdNotifier, watchdog_interval
 from agent.daemon.status import StatusFile
 from agent.daemon.supervisor import SubprocessLauncher, proxy_command
 from agent.daemon.tunnels import Limits, SpawnConfig, TunnelManager
-from agent.exceptions import ConfigError, InvalidNotification
+from agent.exceptions import EXIT_FAILURE, EXIT_OK, ConfigError, InvalidNotification
 from agent.notify import load_source_class, resolve_kind
 
 
@@ -40,9 +40,6 @@ if TYPE_CHECKING:
 
 
 __all__ = [
-    "EXIT_CONFIG",
-    "EXIT_FAILURE",
-    "EXIT_OK",
     "Daemon",
     "build_daemon",
     "build_source",
@@ -51,10 +48,6 @@ __all__ = [
 ]
 
 log = structlog.get_logger("agent.daemon")
-
-EXIT_OK = 0
-EXIT_FAILURE = 1
-EXIT_CONFIG = 78  # EX_CONFIG: systemd's RestartPreventExitStatus stops a restart loop.
 
 
 class Daemon:

@@ -15,13 +15,13 @@ the access token; the token only leaves a :class:`TunnelRequest` through
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from pydantic import SecretStr
 
 from agent.exceptions import InvalidNotification
+from agent.protocol.ids import ACCESS_TOKEN, API_SERVICE, MAX_TOKEN_LENGTH, REGION, SERVICE_ID
 
 
 if TYPE_CHECKING:
@@ -31,7 +31,6 @@ if TYPE_CHECKING:
 __all__ = [
     "MAX_PAYLOAD_SIZE",
     "MAX_SERVICES",
-    "MAX_TOKEN_LENGTH",
     "TunnelRequest",
     "parse_notification",
 ]
@@ -39,20 +38,8 @@ __all__ = [
 # A real notification is ~1 KiB (a <1 KB token plus three ids); 16 KiB leaves room and
 # bounds the JSON parser's work on hostile input.
 MAX_PAYLOAD_SIZE = 16 * 1024
-# localproxy caps tokens at 4096 characters (control-plane §5).
-MAX_TOKEN_LENGTH = 4096
 # Services per tunnel (control-plane §7).
 MAX_SERVICES = 3
-
-# AWS partitions: us-east-1, us-gov-west-1, cn-north-1, us-isob-east-1. Anchored and
-# strict so the region can never carry a host name into the data-plane endpoint.
-_REGION = re.compile(r"[a-z]{2}(-gov|-iso[a-z]*)?-[a-z]+-\d{1,2}")
-# URL-safe token characters (control-plane §5: URL-safe base64); '+', '/' and '=' are
-# accepted too since standard base64 is equally safe in an environment variable.
-_TOKEN = re.compile(r"[A-Za-z0-9_\-.~+/=]+")
-# The API pattern without ':' because the id becomes a localproxy map id (data-plane §8).
-_SERVICE_ID = re.compile(r"[a-zA-Z0-9_-]{1,128}")
-_API_SERVICE_ID = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,7 +119,7 @@ def _check_token(value: object) -> SecretStr:
         raise InvalidNotification(
             f"clientAccessToken is {len(value)} characters, more than {MAX_TOKEN_LENGTH}"
         )
-    if not _TOKEN.fullmatch(value):
+    if not ACCESS_TOKEN.fullmatch(value):
         raise InvalidNotification("clientAccessToken contains characters outside the URL-safe set")
     return SecretStr(value)
 
@@ -140,7 +127,7 @@ def _check_token(value: object) -> SecretStr:
 def _check_region(value: object, secret: object) -> str:
     if not isinstance(value, str):
         raise InvalidNotification("region is missing or not a string")
-    if not _REGION.fullmatch(value):
+    if not REGION.fullmatch(value):
         raise InvalidNotification(f"region {_show(value, secret)} does not look like an AWS region")
     return value
 
@@ -156,11 +143,11 @@ def _check_services(
         )
     services: list[str] = []
     for item in value:
-        if not isinstance(item, str) or not _API_SERVICE_ID.fullmatch(item):
+        if not isinstance(item, str) or not API_SERVICE.fullmatch(item):
             raise InvalidNotification(
                 f"service {_show(item, secret)} does not match [a-zA-Z0-9:_-]{{1,128}}"
             )
-        if not _SERVICE_ID.fullmatch(item):
+        if not SERVICE_ID.fullmatch(item):
             raise InvalidNotification(
                 f"service {_show(item, secret)} contains ':', which localproxy cannot map"
             )

@@ -38,6 +38,7 @@ from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDi
 
 from agent.exceptions import ConfigError
 from agent.notify import NotifyKind, resolve_kind
+from agent.protocol.ids import SERVICE_ID, THING_NAME
 
 
 if TYPE_CHECKING:
@@ -63,10 +64,6 @@ __all__ = [
 DEFAULT_CONFIG_PATH = Path("/etc/iot-tunnel-agent/config.toml")
 DEFAULT_RUNTIME_DIR = Path("/run/iot-tunnel-agent")
 
-# The AWS IoT thing-name pattern (CreateThing API).
-_THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
-# localproxy map ids: the API pattern minus ':' (data-plane §8).
-_SERVICE_ID = re.compile(r"[a-zA-Z0-9_-]{1,128}")
 # host[:port] for the proxy endpoint override, as localproxy accepts it (data-plane §8).
 _ENDPOINT = re.compile(r"[a-z0-9.\[\]-]+(:[0-9]{1,5})?")
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\]")
@@ -134,7 +131,7 @@ def parse_duration(value: object) -> object:
 
 
 def _check_service_name(value: str) -> str:
-    if not _SERVICE_ID.fullmatch(value):
+    if not SERVICE_ID.fullmatch(value):
         raise ValueError(
             "a service name must match [a-zA-Z0-9_-]{1,128} (localproxy map ids cannot contain ':')"
         )
@@ -305,7 +302,7 @@ class AgentSettings(BaseSettings):
     @field_validator("thing_name")
     @classmethod
     def _check_thing_name(cls, value: str) -> str:
-        if not _THING_NAME.fullmatch(value):
+        if not THING_NAME.fullmatch(value):
             raise ValueError("must match [a-zA-Z0-9:_-]{1,128}")
         return value
 

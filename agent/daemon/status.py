@@ -15,6 +15,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from agent.common.files import write_private
 from agent.exceptions import AgentError
 
 
@@ -82,12 +83,7 @@ class StatusFile:
             ],
         }
         self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        temporary = self.path.with_name(f".{STATUS_FILE}.{os.getpid()}")
-        # O_EXCL-free but created 0600 from the start: never a moment with a wider mode.
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as file:
-            json.dump(document, file, indent=1)
-        temporary.replace(self.path)
+        write_private(self.path, json.dumps(document, indent=1).encode())
 
     def remove(self) -> None:
         """

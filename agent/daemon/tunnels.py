@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import hashlib
 import secrets
 import time
 from collections import OrderedDict
@@ -39,6 +38,7 @@ from agent.common.retry import backoff
 from agent.daemon.supervisor import ProxySpec, build_argv, build_env, new_client_token
 from agent.exceptions import ProxyStartError
 from agent.logging import register_secret, unregister_secret
+from agent.protocol.ids import token_digest
 
 
 if TYPE_CHECKING:
@@ -183,11 +183,6 @@ class _Tunnel:
         self.stop_event.set()
 
 
-def _digest(token: SecretStr) -> str:
-    # Dedupe on a hash so the manager keeps no token after its tunnel ends.
-    return hashlib.sha256(token.get_secret_value().encode()).hexdigest()
-
-
 class TunnelManager:
     """
     Admits tunnel requests and supervises one proxy per tunnel until it ends.
@@ -327,7 +322,8 @@ class TunnelManager:
         if unknown:
             log.warning("notification_rejected", reason="unknown_service", services=unknown)
             return Outcome.REFUSED_SERVICE
-        digest = _digest(request.token)
+        # Dedupe on a hash so the manager keeps no token after its tunnel ends.
+        digest = token_digest(request.token.get_secret_value())
         if self._is_duplicate(digest):
             log.info("notification_duplicate", services=list(request.services))
             return Outcome.DUPLICATE

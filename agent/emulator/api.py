@@ -23,7 +23,6 @@ from agent.emulator.store import StoreError, ValidationFailed
 from agent.emulator.validation import (
     DESCRIPTION,
     MAX_PAGE_SIZE,
-    THING_NAME,
     TUNNEL_ID,
     SerializationFailed,
     Shape,
@@ -31,6 +30,7 @@ from agent.emulator.validation import (
     decode_next_token,
     encode_next_token,
 )
+from agent.protocol.ids import THING_NAME
 
 
 if TYPE_CHECKING:

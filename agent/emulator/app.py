@@ -36,17 +36,17 @@ from typing import TYPE_CHECKING, Any, Self
 
 import structlog
 
+from agent.common.files import write_private
 from agent.emulator.broker import Broker, BrokerError, register_things
 from agent.emulator.notifier import Notifier
 from agent.emulator.pki import (
     DEFAULT_SERVER_HOSTS,
     PRIVILEGED_IDENTITY,
-    THING_NAME_PATTERN,
     CertificateAuthority,
     KeyPair,
-    write_private,
 )
 from agent.emulator.store import StoreEvent, TunnelStore
+from agent.protocol.ids import THING_NAME
 
 
 if TYPE_CHECKING:
@@ -424,7 +424,7 @@ class Emulator:
         return bundle
 
     def _write_bundle(self, name: str, services: Mapping[str, str | int] | None) -> ThingBundle:
-        if not THING_NAME_PATTERN.fullmatch(name):
+        if not THING_NAME.fullmatch(name):
             raise ValueError(f"invalid thing name {name!r}: must match [a-zA-Z0-9:_-]{{1,128}}")
         bundle = self.bundle(name)
         bundle.directory.mkdir(mode=0o700, parents=True, exist_ok=True)

@@ -47,8 +47,9 @@ from typing import IO, TYPE_CHECKING, Any, Self
 import structlog
 
 from agent.emulator.mqtt_client import AsyncMqttClient, MqttConnectError
-from agent.emulator.pki import PRIVILEGED_IDENTITY, THING_NAME_PATTERN, KeyPair
+from agent.emulator.pki import PRIVILEGED_IDENTITY, KeyPair
 from agent.exceptions import AgentError
+from agent.protocol.ids import THING_NAME
 
 
 if TYPE_CHECKING:
@@ -62,6 +63,7 @@ __all__ = [
     "BrokerError",
     "find_dynsec_plugin",
     "find_mosquitto",
+    "free_port",
     "notify_topic",
     "register_things",
 ]
@@ -129,7 +131,10 @@ def find_dynsec_plugin() -> str:
     raise BrokerError("mosquitto_dynamic_security.so not found: mosquitto >= 2.0 is required")
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str = "127.0.0.1") -> int:
+    """
+    Return a TCP port that was free on ``host`` a moment ago.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
@@ -183,7 +188,7 @@ def _dynsec_config(things: Iterable[str]) -> dict[str, Any]:
 
 
 def _check_thing_name(name: str) -> None:
-    if not THING_NAME_PATTERN.fullmatch(name):
+    if not THING_NAME.fullmatch(name):
         raise ValueError(f"invalid thing name {name!r}: must match [a-zA-Z0-9:_-]{{1,128}}")
 
 
@@ -301,7 +306,7 @@ class Broker:
         pick = self.port == 0
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             if pick:
-                self.port = _free_port(self.host)
+                self.port = free_port(self.host)
             self._write_files(plugin)
             try:
                 await self._spawn(binary)
@@ -531,7 +536,7 @@ class Broker:
         return True
 
 
-class _PortInUseError(Exception):
+class _PortInUseError(AgentError):
     """
     mosquitto could not bind its port (internal: triggers another port choice).
     """

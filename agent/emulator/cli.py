@@ -27,7 +27,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from agent.exceptions import AgentError, ConfigError
+from agent.exceptions import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, AgentError, ConfigError
 
 
 if TYPE_CHECKING:
@@ -37,11 +37,6 @@ if TYPE_CHECKING:
 
 
 __all__ = ["main"]
-
-_EXIT_OK = 0
-_EXIT_FAILURE = 1
-_EXIT_USAGE = 2
-_EXIT_CONFIG = 78
 
 
 def _port(text: str) -> int:
@@ -160,14 +155,14 @@ async def _serve(args: argparse.Namespace, directory: Path) -> int:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
     _out("tunnel emulator stopped")
-    return _EXIT_OK
+    return EXIT_OK
 
 
 def _run(argv: list[str]) -> int:
     try:
         args = _run_parser().parse_args(argv)
     except SystemExit as exc:
-        return int(exc.code or 0) and _EXIT_USAGE
+        return int(exc.code or 0) and EXIT_USAGE
     from agent.logging import configure_logging  # noqa: PLC0415
 
     configure_logging(level=args.log_level, stream=sys.stderr)
@@ -177,10 +172,10 @@ def _run(argv: list[str]) -> int:
         return asyncio.run(_serve(args, directory))
     except ConfigError as exc:
         _err(str(exc))
-        return _EXIT_CONFIG
+        return EXIT_CONFIG
     except (AgentError, OSError) as exc:
         _err(f"cannot start: {exc}")
-        return _EXIT_FAILURE
+        return EXIT_FAILURE
     finally:
         if temporary:
             shutil.rmtree(directory, ignore_errors=True)
@@ -190,7 +185,7 @@ def _add_thing(argv: list[str]) -> int:
     try:
         args = _add_thing_parser().parse_args(argv)
     except SystemExit as exc:
-        return int(exc.code or 0) and _EXIT_USAGE
+        return int(exc.code or 0) and EXIT_USAGE
     from agent.emulator.app import Emulator  # noqa: PLC0415
 
     services: dict[str, str] = {}
@@ -198,20 +193,20 @@ def _add_thing(argv: list[str]) -> int:
         name, sep, target = entry.partition("=")
         if not sep or not name or not target:
             _err(f"--service {entry!r}: expected NAME=TARGET")
-            return _EXIT_USAGE
+            return EXIT_USAGE
         services[name] = target
     try:
         emulator = Emulator(args.dir)
         bundle = emulator.add_thing(args.name, services=services or None)
     except ValueError as exc:
         _err(str(exc))
-        return _EXIT_USAGE
+        return EXIT_USAGE
     except ConfigError as exc:
         _err(str(exc))
-        return _EXIT_CONFIG
+        return EXIT_CONFIG
     except (AgentError, OSError) as exc:
         _err(str(exc))
-        return _EXIT_FAILURE
+        return EXIT_FAILURE
     _out(f"thing {bundle.name}")
     _out(f"  certificate  {bundle.cert}")
     _out(f"  key          {bundle.key}")
@@ -220,7 +215,7 @@ def _add_thing(argv: list[str]) -> int:
         _out(f"  config       {bundle.config}")
     else:
         _out(f"  config       {bundle.config} (written when the emulator starts)")
-    return _EXIT_OK
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -239,4 +234,4 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _add_thing(arguments[1:])
     with contextlib.suppress(KeyboardInterrupt):
         return _run(arguments)
-    return _EXIT_FAILURE
+    return EXIT_FAILURE

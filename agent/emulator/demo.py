@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from agent.emulator.targets import Sshd, WebServer
+from agent.exceptions import AgentError
 
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ PAGE = b"<!doctype html><title>demo-device</title><h1>Hello from demo-device</h1
 AGENT = [sys.executable, "-m", "agent"]
 
 
-class DemoError(Exception):
+class DemoError(AgentError):
     """
     A step of the demo failed.
     """

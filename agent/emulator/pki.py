@@ -26,7 +26,6 @@ import datetime as dt
 import fcntl
 import ipaddress
 import os
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -36,6 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from agent.common.files import write_private
 from agent.exceptions import ConfigError
 
 
@@ -47,11 +47,9 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_SERVER_HOSTS",
     "PRIVILEGED_IDENTITY",
-    "THING_NAME_PATTERN",
     "CertificateAuthority",
     "KeyPair",
     "KeyType",
-    "write_private",
 ]
 
 KeyType = Literal["ec", "rsa"]
@@ -60,7 +58,6 @@ KeyType = Literal["ec", "rsa"]
 PRIVILEGED_IDENTITY = "iot-tunnel-emulator.service"
 
 #: ThingName shape of control-plane §3.
-THING_NAME_PATTERN = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 
 DEFAULT_SERVER_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
 
@@ -86,28 +83,6 @@ class KeyPair:
 
     cert: Path
     key: Path
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """
-    Atomically write ``data`` to ``path`` with mode 0600.
-
-    The temporary file is created 0600 before any byte is written, so the
-    secret is never readable by others, not even briefly.
-
-    Args:
-        path: Destination file; its directory must exist.
-        data: File contents.
-    """
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    tmp.replace(path)
 
 
 def _write_public(path: Path, data: bytes) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import re
 import secrets
 from typing import TYPE_CHECKING, cast
 from urllib.parse import parse_qs, urlsplit
@@ -33,6 +32,7 @@ from agent.protocol import (
     StreamTable,
     TunnelProtocol,
 )
+from agent.protocol.ids import CLIENT_TOKEN
 from agent.ws.frames import FrameReader, FrameWriter
 from agent.ws.routing import route_received, websocket_events, write_pending
 
@@ -50,7 +50,6 @@ log = logging.getLogger("agent.emulator.relay")
 _ws_log = logging.getLogger("agent.emulator.relay.websocket")
 _ws_log.setLevel(logging.WARNING)  # websockets logs request headers (tokens) at DEBUG
 
-CLIENT_TOKEN = re.compile(r"[a-zA-Z0-9-]{32,128}")
 MAX_REQUEST_SIZE = 4096
 WRITE_HIGH_WATER = 512 * 1024
 CLOSE_TIMEOUT = 2.0

@@ -16,26 +16,23 @@ Invariants (the control plane, the relay and the notifier all rely on them):
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
-import os
-import re
 import secrets
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal, cast
 
 import structlog
 
+from agent.common.files import write_private
 from agent.exceptions import AgentError, ConfigError
+from agent.protocol.ids import CLIENT_TOKEN, token_digest
 
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterable, Mapping, Sequence
+    from pathlib import Path
 
 
 __all__ = [
@@ -85,7 +82,6 @@ REJECT_CLIENT_ID_FORMAT = (
     "Invalid client token: The client token must match ^[a-zA-Z0-9-]{32,128}$."
 )
 
-_CLIENT_TOKEN_RE = re.compile(r"[a-zA-Z0-9-]{32,128}")
 _STATE_VERSION = 1
 
 
@@ -150,10 +146,6 @@ class HandshakeRejected(StoreError):
         """
         super().__init__(message)
         self.status = status
-
-
-def _digest(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def _mint_token() -> str:
@@ -409,7 +401,7 @@ class TunnelStore:
         self._tunnels[tunnel_id] = tunnel
         self._by_arn[tunnel.arn] = tunnel_id
         for mode in MODES:
-            self._tokens[_digest(tunnel.endpoint(mode).token)] = (tunnel_id, mode)
+            self._tokens[token_digest(tunnel.endpoint(mode).token)] = (tunnel_id, mode)
         log.info("tunnel_opened", tunnel_id=tunnel_id, thing_name=tunnel.thing_name)
         self._changed(
             StoreEvent("opened", tunnel, destination_config=tunnel.has_destination_config)
@@ -478,11 +470,11 @@ class TunnelStore:
         for mode in rotated:
             old = tunnel.endpoint(mode)
             # Revocation drops the token and its client-token binding together (§4 Rotate).
-            self._tokens.pop(_digest(old.token), None)
+            self._tokens.pop(token_digest(old.token), None)
             old.token = _mint_token()
             old.client_token = None
             old.used = False
-            self._tokens[_digest(old.token)] = (tunnel_id, mode)
+            self._tokens[token_digest(old.token)] = (tunnel_id, mode)
         if services is not None:
             tunnel.thing_name = thing_name
             tunnel.services = tuple(services)
@@ -535,7 +527,7 @@ class TunnelStore:
         Raises:
             HandshakeRejected: 400 with the reason text of data-plane §2.
         """
-        entry = self._tokens.get(_digest(token))
+        entry = self._tokens.get(token_digest(token))
         if entry is None:
             raise HandshakeRejected(400, REJECT_CAT_INVALID)
         # Only OPEN tunnels have indexed tokens: closing drops them (invariants above).
@@ -544,7 +536,7 @@ class TunnelStore:
             raise HandshakeRejected(400, REJECT_EXPIRED)
         if entry[1] != mode:
             raise HandshakeRejected(400, REJECT_MODE_MISMATCH)
-        if client_token is not None and not _CLIENT_TOKEN_RE.fullmatch(client_token):
+        if client_token is not None and not CLIENT_TOKEN.fullmatch(client_token):
             raise HandshakeRejected(400, REJECT_CLIENT_ID_FORMAT)
         ep = tunnel.endpoint(mode)
         if ep.used:
@@ -632,7 +624,7 @@ class TunnelStore:
         tunnel.closed_at = now
         for mode in MODES:
             ep = tunnel.endpoint(mode)
-            self._tokens.pop(_digest(ep.token), None)
+            self._tokens.pop(token_digest(ep.token), None)
             ep.client_token = None
             if ep.connected:
                 ep.connected = False
@@ -640,7 +632,7 @@ class TunnelStore:
 
     def _remove(self, tunnel: Tunnel) -> None:
         for mode in MODES:
-            self._tokens.pop(_digest(tunnel.endpoint(mode).token), None)
+            self._tokens.pop(token_digest(tunnel.endpoint(mode).token), None)
         self._tunnels.pop(tunnel.tunnel_id, None)
         self._by_arn.pop(tunnel.arn, None)
 
@@ -662,20 +654,8 @@ class TunnelStore:
             "version": _STATE_VERSION,
             "tunnels": [_tunnel_to_json(t) for t in self._tunnels.values()],
         }
-        directory = self.state_file.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        # Write a 0600 temporary file and rename it, so a crash never leaves a torn file and the
-        # tokens inside are never readable by others, not even for a moment.
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.state_file.name}.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                os.fchmod(f.fileno(), 0o600)
-                json.dump(data, f, separators=(",", ":"))
-            Path(tmp).replace(self.state_file)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                Path(tmp).unlink()
-            raise
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        write_private(self.state_file, json.dumps(data, separators=(",", ":")).encode())
 
     def _load(self, path: Path) -> None:
         try:
@@ -695,7 +675,7 @@ class TunnelStore:
                     ep.connected = False
                     ep.last_updated_at = now
                 if tunnel.status == "OPEN":
-                    self._tokens[_digest(ep.token)] = (tunnel.tunnel_id, mode)
+                    self._tokens[token_digest(ep.token)] = (tunnel.tunnel_id, mode)
             self._tunnels[tunnel.tunnel_id] = tunnel
             self._by_arn[tunnel.arn] = tunnel.tunnel_id
 

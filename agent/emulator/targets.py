@@ -18,6 +18,8 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, ClassVar
 
+from agent.emulator.broker import free_port
+
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -42,12 +44,6 @@ def stop_process(proc: subprocess.Popen[bytes], grace: float = 5.0) -> int:
         except subprocess.TimeoutExpired:
             proc.kill()
     return proc.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 class Sshd:
@@ -77,7 +73,7 @@ class Sshd:
         authorized = directory / "authorized_keys"
         authorized.write_bytes(self.user_key.with_suffix(".pub").read_bytes())
         authorized.chmod(0o600)
-        self.port = _free_port()
+        self.port = free_port()
         self.user = "root" if os.geteuid() == 0 else getpass.getuser()
         if os.geteuid() == 0:
             # sshd's privilege separation directory; absent on a machine that never ran sshd.

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import regex
 
 from agent.emulator.store import StoreError, ValidationFailed
+from agent.protocol.ids import THING_NAME
 
 
 if TYPE_CHECKING:
@@ -37,7 +38,6 @@ MAX_PAGE_SIZE = 100
 
 # §3 patterns. `re` has no \p{..} classes, so the Unicode ones use the `regex` module.
 TUNNEL_ID = re.compile(r"[a-zA-Z0-9_\-+=:]{1,128}")
-THING_NAME = re.compile(r"[a-zA-Z0-9:_-]+")
 NEXT_TOKEN = re.compile(r"[a-zA-Z0-9_=-]{1,4096}")
 DESCRIPTION = regex.compile(r"[^\p{C}]{1,2048}")
 TAG_TEXT = regex.compile(r"[\p{L}\p{Z}\p{N}_.:/=+\-@]*")

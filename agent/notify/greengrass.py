@@ -19,14 +19,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import structlog
 
 from agent.common.retry import backoff
 from agent.exceptions import ConfigError, NotificationError
-from agent.notify.base import RawNotification
+from agent.notify.base import NotificationQueue, RawNotification
+from agent.protocol.ids import THING_NAME
 
 
 if TYPE_CHECKING:
@@ -45,7 +45,6 @@ _log = structlog.get_logger(__name__)
 # The nucleus sets this for every component it runs (Greengrass "component environment").
 _THING_NAME_ENV = "AWS_IOT_THING_NAME"
 # The AWS IoT thing-name pattern (CreateThing API).
-_THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 # awsiot.greengrasscoreipc.model.QOS.AT_LEAST_ONCE: a notification published while the
 # stream was briefly down is redelivered rather than lost (control-plane §6).
 QOS_AT_LEAST_ONCE = "1"
@@ -100,15 +99,6 @@ def default_client_factory() -> IpcClient:
     return client
 
 
-class _Closed:
-    """
-    Queue sentinel: the source was closed; iteration ends.
-    """
-
-
-_CLOSED = _Closed()
-
-
 class GreengrassNotificationSource:
     """
     A :class:`~agent.notify.base.NotificationSource` fed by Greengrass IPC.
@@ -148,16 +138,14 @@ class GreengrassNotificationSource:
                 f"the Greengrass notification source needs a thing name (${_THING_NAME_ENV})"
             )
         # The name goes into a topic: MQTT wildcards or '/' would widen the subscription.
-        if not _THING_NAME.fullmatch(name):
+        if not THING_NAME.fullmatch(name):
             raise ConfigError(f"thing name {name!r} does not match [a-zA-Z0-9:_-]{{1,128}}")
-        if queue_size < 1:
-            raise ValueError("queue_size must be >= 1")
         self.thing_name = name
         self.topic = f"$aws/things/{name}/tunnels/notify"
         self._factory = client_factory
         self._retry_initial = retry_initial
         self._retry_max = retry_max
-        self._queue: asyncio.Queue[RawNotification | _Closed] = asyncio.Queue(queue_size)
+        self._queue = NotificationQueue(queue_size, source="greengrass")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: IpcClient | None = None
         self._operation: Any = None
@@ -165,7 +153,6 @@ class GreengrassNotificationSource:
         self._generation = 0
         self._closing = False
         self._resubscriber: asyncio.Task[None] | None = None
-        self.dropped = 0
         self.resubscriptions = 0
 
     async def __aenter__(self) -> Self:
@@ -193,22 +180,20 @@ class GreengrassNotificationSource:
             # cancellation of this coroutine itself still propagates (STYLE §4).
             await asyncio.gather(task, return_exceptions=True)
         await self._disconnect()
-        self._put(_CLOSED)
+        self._queue.close()
 
     def __aiter__(self) -> AsyncIterator[RawNotification]:
         """
         Return an iterator over received notifications, ending once closed.
         """
-        return self._iterate()
+        return aiter(self._queue)
 
-    async def _iterate(self) -> AsyncIterator[RawNotification]:
-        while True:
-            item = await self._queue.get()
-            if isinstance(item, _Closed):
-                # Leave the sentinel for any other iterator still waiting.
-                self._put(_CLOSED)
-                return
-            yield item
+    @property
+    def dropped(self) -> int:
+        """
+        Notifications dropped because the queue was full.
+        """
+        return self._queue.dropped
 
     # -- connection management (event loop) ---------------------------------------
 
@@ -274,15 +259,6 @@ class GreengrassNotificationSource:
         if not task.cancelled() and task.exception() is not None:
             _log.error("notify_resubscribe_crashed", source="greengrass", exc_info=task.exception())
 
-    def _put(self, item: RawNotification | _Closed) -> None:
-        # Bounded queue (interfaces.md, SEAM 1): drop the oldest, keep the newest.
-        if self._queue.full():
-            dropped = self._queue.get_nowait()
-            if isinstance(dropped, RawNotification):
-                self.dropped += 1
-                _log.warning("notification_dropped", source="greengrass", reason="queue_full")
-        self._queue.put_nowait(item)
-
     # -- SDK callbacks (SDK threads) --------------------------------------------------
 
     def _call_in_loop(self, callback: Callable[..., None], *args: object) -> None:
@@ -306,7 +282,7 @@ class GreengrassNotificationSource:
 
     def _deliver(self, generation: int, notification: RawNotification) -> None:
         if generation == self._generation and not self._closing:
-            self._put(notification)
+            self._queue.put(notification)
 
     def _on_stream_error(self, generation: int, error: Exception) -> bool:
         self._call_in_loop(self._log_stream_error, generation, type(error).__name__, str(error))

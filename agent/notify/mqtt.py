@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import re
 from typing import TYPE_CHECKING, Self
 
 import structlog
 from awscrt import mqtt5
 
 from agent.exceptions import ConfigError, NotificationError
-from agent.notify.base import RawNotification
+from agent.notify.base import NotificationQueue, RawNotification
 from agent.notify.mqtt_client import build_client, call_in_loop, proxy_options
+from agent.protocol.ids import THING_NAME
 
 
 if TYPE_CHECKING:
@@ -44,17 +44,7 @@ _log = structlog.get_logger(__name__)
 
 #: Shortest session expiry accepted: an hour of queued notifications (the AWS IoT default).
 MIN_SESSION_EXPIRY = 3600
-_THING_NAME = re.compile(r"[a-zA-Z0-9:_-]{1,128}")
 _STOP_TIMEOUT = 5.0
-
-
-class _Closed:
-    """
-    Queue sentinel: the source was closed; iteration ends.
-    """
-
-
-_CLOSED = _Closed()
 
 
 def _code_name(codes: type[enum.IntEnum], value: int | None) -> str | None:
@@ -122,7 +112,7 @@ class MqttNotificationSource:
         Validate and record the settings; nothing connects before ``__aenter__``.
         """
         # The name goes into a topic: a wildcard or '/' would widen the subscription.
-        if not _THING_NAME.fullmatch(thing_name):
+        if not THING_NAME.fullmatch(thing_name):
             raise ConfigError(f"thing name {thing_name!r} does not match [a-zA-Z0-9:_-]{{1,128}}")
         if session_expiry < MIN_SESSION_EXPIRY:
             raise ConfigError(f"session_expiry must be >= {MIN_SESSION_EXPIRY} seconds")
@@ -142,7 +132,7 @@ class MqttNotificationSource:
         # Fail on a bad proxy URL now, at configuration time, not inside __aenter__.
         if http_proxy is not None:
             proxy_options(http_proxy)
-        self._queue: asyncio.Queue[RawNotification | _Closed] = asyncio.Queue(queue_size)
+        self._queue = NotificationQueue(queue_size, source="mqtt")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt5.Client | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -153,7 +143,6 @@ class MqttNotificationSource:
         self.subscribed = False
         self.connections = 0
         self.subscriptions = 0
-        self.dropped = 0
 
     # -- NotificationSource ---------------------------------------------------------------------
 
@@ -216,13 +205,20 @@ class MqttNotificationSource:
         """
         self._closing = True
         await self._stop_client()
-        self._put(_CLOSED)
+        self._queue.close()
 
     def __aiter__(self) -> AsyncIterator[RawNotification]:
         """
         Return an iterator over received notifications, ending once the source is closed.
         """
-        return self._iterate()
+        return aiter(self._queue)
+
+    @property
+    def dropped(self) -> int:
+        """
+        Notifications dropped because the queue was full.
+        """
+        return self._queue.dropped
 
     async def wait_subscribed(self) -> None:
         """
@@ -235,14 +231,6 @@ class MqttNotificationSource:
             await asyncio.shield(self._ready)
 
     # -- internals (event loop) -----------------------------------------------------------------
-
-    async def _iterate(self) -> AsyncIterator[RawNotification]:
-        while True:
-            item = await self._queue.get()
-            if isinstance(item, _Closed):
-                self._put(_CLOSED)  # for any other iterator still waiting
-                return
-            yield item
 
     async def _stop_client(self) -> None:
         client, self._client = self._client, None
@@ -258,18 +246,9 @@ class MqttNotificationSource:
         if self._ready is not None and not self._ready.done():
             self._ready.cancel()
 
-    def _put(self, item: RawNotification | _Closed) -> None:
-        # Bounded queue (interfaces.md, SEAM 1): drop the oldest, keep the newest.
-        if self._queue.full():
-            dropped = self._queue.get_nowait()
-            if isinstance(dropped, RawNotification):
-                self.dropped += 1
-                _log.warning("notification_dropped", source="mqtt", reason="queue_full")
-        self._queue.put_nowait(item)
-
     def _deliver(self, notification: RawNotification) -> None:
         if not self._closing:
-            self._put(notification)
+            self._queue.put(notification)
 
     def _connected(self, data: mqtt5.LifecycleConnectSuccessData) -> None:
         if self._closing:

@@ -18,20 +18,15 @@ import types
 
 from agent import __version__
 from agent.common.loop import run
+from agent.exceptions import EXIT_USAGE, AgentError
 from agent.protocol import DESTINATION, SOURCE, Mode, ProtocolVersion
+from agent.protocol.ids import CLIENT_TOKEN, MAX_TOKEN_LENGTH
 from agent.proxy.mapping import MappingError, Target, parse_destination_map, parse_source_map
-from agent.proxy.options import (
-    CLIENT_TOKEN,
-    MAX_TOKEN_LENGTH,
-    ProxyOptions,
-    endpoint_for_region,
-    parse_endpoint,
-)
+from agent.proxy.options import ProxyOptions, endpoint_for_region, parse_endpoint
 
 
 __all__ = ["build_parser", "main", "options_from_args"]
 
-EXIT_USAGE = 2
 # -v levels of the AWS localproxy: 0 off ... 4 info (default) ... 6 trace.
 _LEVELS = {
     0: logging.CRITICAL + 10,
@@ -46,7 +41,7 @@ _LEVELS = {
 log = logging.getLogger("agent.proxy")
 
 
-class UsageError(Exception):
+class UsageError(AgentError):
     """
     The command line or environment is invalid.
     """

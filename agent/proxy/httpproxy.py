@@ -10,13 +10,15 @@ import os
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
+from agent.exceptions import AgentError
+
 
 __all__ = ["HttpProxy", "ProxyConnectError", "open_tunnel", "proxy_from_environment"]
 
 MAX_RESPONSE_HEAD = 16 * 1024
 
 
-class ProxyConnectError(OSError):
+class ProxyConnectError(AgentError, OSError):
     """
     The outbound proxy refused or botched the CONNECT request.
     """

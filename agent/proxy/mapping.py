@@ -7,9 +7,11 @@ source; ``22``, ``host:22``, ``SSH1=22,SSH2=10.0.0.1:80`` or a Unix socket path 
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import TypeVar
+
+from agent.exceptions import AgentError
+from agent.protocol.ids import SERVICE_ID
 
 
 __all__ = [
@@ -23,10 +25,8 @@ __all__ = [
 # Map ids are stricter than the API's service names: no ':' (spec §8).
 _T = TypeVar("_T")
 
-_SERVICE_ID = re.compile(r"[a-zA-Z0-9_-]{1,128}")
 
-
-class MappingError(ValueError):
+class MappingError(AgentError, ValueError):
     """
     A ``-s``/``-d`` map is malformed, or does not fit the tunnel's services.
     """
@@ -61,7 +61,7 @@ def _split(spec: str) -> list[tuple[str, str]]:
         name, sep, value = item.partition("=")
         if not sep:
             name, value = "", item
-        elif not _SERVICE_ID.fullmatch(name):
+        elif not SERVICE_ID.fullmatch(name):
             raise MappingError(f"invalid service id {name!r}: expected [a-zA-Z0-9_-]{{1,128}}")
         if any(existing == name for existing, _ in pairs):
             # The AWS localproxy keeps the first mapping of a duplicated id.

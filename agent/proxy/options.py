@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from agent.protocol import Mode, ProtocolVersion
+from agent.protocol.ids import REGION
 
 
 if TYPE_CHECKING:
@@ -17,17 +18,14 @@ if TYPE_CHECKING:
 
 __all__ = ["ProxyOptions", "endpoint_for_region", "parse_endpoint"]
 
-_REGION = re.compile(r"[a-z0-9-]+")
 _ENDPOINT = re.compile(r"[a-zA-Z0-9.:\[\]-]+")
-CLIENT_TOKEN = re.compile(r"[a-zA-Z0-9-]{32,128}")
-MAX_TOKEN_LENGTH = 4096
 
 
 def endpoint_for_region(region: str) -> tuple[str, int]:
     """
     Return the data-plane host and port of an AWS region (data-plane spec §1).
     """
-    if not _REGION.fullmatch(region):
+    if not REGION.fullmatch(region):
         raise ValueError(f"invalid region {region!r}")
     suffix = "amazonaws.com.cn" if region.startswith("cn-") else "amazonaws.com"
     return f"data.tunneling.iot.{region}.{suffix}", 443

@@ -19,6 +19,7 @@ from websockets.frames import Close, Frame, Opcode
 from websockets.http11 import Response
 from websockets.protocol import State
 
+from agent.exceptions import AgentError
 from agent.protocol import MAX_WS_MESSAGE_SIZE, Event, ProtocolFailed
 from agent.ws.frames import FrameReader, FrameWriter
 from agent.ws.routing import route_received, websocket_events, write_pending
@@ -44,7 +45,7 @@ READ_BUFFER_SIZE = 160 * 1024
 CLOSE_TIMEOUT = 2.0
 
 
-class HandshakeFailed(Exception):
+class HandshakeFailed(AgentError):
     """
     The service refused the WebSocket upgrade (data-plane §2).
 

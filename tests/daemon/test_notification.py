@@ -10,11 +10,11 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from agent.daemon.notification import (
     MAX_PAYLOAD_SIZE,
-    MAX_TOKEN_LENGTH,
     TunnelRequest,
     parse_notification,
 )
 from agent.exceptions import InvalidNotification
+from agent.protocol.ids import MAX_TOKEN_LENGTH
 from tests.fakes import notification
 
 

@@ -17,12 +17,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agent.emulator.pki import (
     PRIVILEGED_IDENTITY,
-    THING_NAME_PATTERN,
     CertificateAuthority,
     KeyPair,
-    write_private,
 )
 from agent.exceptions import ConfigError
+from agent.protocol.ids import THING_NAME
 
 
 if TYPE_CHECKING:
@@ -266,19 +265,5 @@ class TestClientCertificate:
 class TestNames:
     def test_privileged_identity_is_not_a_thing_name(self):
         """No thing can be named like the emulator's privileged MQTT identity."""
-        assert THING_NAME_PATTERN.fullmatch(PRIVILEGED_IDENTITY) is None
-        assert THING_NAME_PATTERN.fullmatch("thing-1:a_b") is not None
-
-
-class TestWritePrivate:
-    def test_mode_and_content(self, tmp_path):
-        """write_private replaces a world-readable file with a 0600 one holding the data."""
-        target = tmp_path / "secret"
-        target.write_text("old")
-        target.chmod(0o644)
-
-        write_private(target, b"new-secret")
-
-        assert target.read_bytes() == b"new-secret"
-        assert _mode(target) == 0o600
-        assert [p.name for p in tmp_path.iterdir()] == ["secret"]
+        assert THING_NAME.fullmatch(PRIVILEGED_IDENTITY) is None
+        assert THING_NAME.fullmatch("thing-1:a_b") is not None

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from agent import cli
 from agent.daemon import settings
+from agent.exceptions import EXIT_CONFIG
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -177,7 +177,7 @@ class TestDirectives:
             "Service.NotifyAccess": ["main"],
             "Service.WatchdogSec": ["30"],
             "Service.Restart": ["on-failure"],
-            "Service.RestartPreventExitStatus": [str(cli.EXIT_CONFIG)],
+            "Service.RestartPreventExitStatus": [str(EXIT_CONFIG)],
             "Service.ExecReload": ["/bin/kill -HUP $MAINPID"],
             "Service.ExecStart": [
                 f"/usr/bin/tunnel-agent run --config {settings.DEFAULT_CONFIG_PATH}"

@@ -101,14 +101,22 @@ class TestOptions:
             (["-r", "us-east-1", "-d", "22"], {}, "no access token"),
             (["-d", "22"], {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN}, "no endpoint"),
             (["-r", "x", "-e", "h", "-d", "22"], {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN}, "either"),
-            (["-r", "x", "-s", "1", "-d", "2"], {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN}, "exclusive"),
-            (["-r", "x"], {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN}, "give -s MAP"),
+            (
+                ["-r", "us-east-1", "-s", "1", "-d", "2"],
+                {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN},
+                "exclusive",
+            ),
+            (["-r", "us-east-1"], {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN}, "give -s MAP"),
             (
                 ["-r", "x", "-d", "22", "-i", "short"],
                 {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN},
                 "client token",
             ),
-            (["-r", "x", "-d", "S:1=22"], {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN}, "service id"),
+            (
+                ["-r", "us-east-1", "-d", "S:1=22"],
+                {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN},
+                "service id",
+            ),
             (["-r", "x", "-d", "22"], {"AWSIOT_TUNNEL_ACCESS_TOKEN": "a\nb"}, "malformed"),
         ],
     )
