@@ -1,11 +1,17 @@
 """
 structlog setup, configured once by the CLI, and the redaction processor.
 
-Output goes to stdout: JSON lines (with ``dict_tracebacks``) when stdout is not
-a terminal, so journald stores one structured record per event; the
-``ConsoleRenderer`` on a terminal. Routing and rotation are journald's job
-(STYLE §7). Records from the standard library's ``logging`` (asyncio, SDKs) go
-through the same processors.
+Three sinks, chosen at start:
+
+* under systemd (``$JOURNAL_STREAM`` names our stdout), the journal's native
+  protocol: one datagram per event, with a ``PRIORITY`` from the event's level
+  and every key as a journal field (``journalctl -p warning``,
+  ``journalctl TUNNEL_KEY=...``); ``MESSAGE`` stays the JSON line;
+* elsewhere, when stdout is not a terminal, JSON lines (with ``dict_tracebacks``);
+* on a terminal, the ``ConsoleRenderer``.
+
+Routing and rotation are journald's job. Records from the standard library's
+``logging`` (asyncio, SDKs) go through the same processors.
 
 Redaction runs after exceptions are rendered and before the renderer: it masks
 any key matching ``token|secret|password|authorization|cookie`` and any
@@ -15,8 +21,12 @@ inside any value, so even a proxy's stderr line echoing a token is masked.
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import re
+import socket
+import struct
 import sys
 import threading
 from typing import TYPE_CHECKING, Any, Literal, TextIO
@@ -29,10 +39,13 @@ if TYPE_CHECKING:
 
 
 __all__ = [
+    "JOURNAL_SOCKET",
     "MASK",
     "SECRET_KEY",
+    "JournalLogger",
     "SecretRegistry",
     "configure_logging",
+    "journal_fields",
     "redact",
     "register_secret",
     "secrets",
@@ -45,6 +58,10 @@ SECRET_KEY = re.compile(r"token|secret|password|authorization|cookie", re.IGNORE
 # would mask ordinary words).
 _MIN_SECRET_LENGTH = 8
 _HANDLER_NAME = "tunnel-agent"
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+# syslog priorities of structlog's levels (sd-daemon(3)).
+_PRIORITY = {"critical": 2, "exception": 3, "error": 3, "warning": 4, "warn": 4, "info": 6}
+_FIELD = re.compile(r"[^A-Z0-9_]")
 
 
 class SecretRegistry:
@@ -184,6 +201,122 @@ def redact(_logger: WrappedLogger, _method_name: str, event_dict: EventDict) -> 
     return event_dict
 
 
+def journal_fields(event_dict: EventDict, message: str) -> bytes:
+    """
+    Encode one event as a journal native-protocol datagram.
+
+    Every key becomes an upper-case field (``tunnel_key`` -> ``TUNNEL_KEY``);
+    values that are not strings are JSON. A value holding a newline uses the
+    protocol's length-prefixed form, so no value can inject a field.
+
+    Args:
+        event_dict: The event, already redacted.
+        message: The rendered line, stored as ``MESSAGE``.
+
+    Returns:
+        The datagram.
+    """
+    fields: dict[str, str] = {
+        "MESSAGE": message,
+        "PRIORITY": str(_PRIORITY.get(str(event_dict.get("level", "info")), 7)),
+        "SYSLOG_IDENTIFIER": "tunnel-agent",
+    }
+    for key, value in event_dict.items():
+        name = _FIELD.sub("_", str(key).upper()).lstrip("_")[:64]
+        if name and name not in fields:
+            fields[name] = value if isinstance(value, str) else json.dumps(value, default=str)
+    out = bytearray()
+    for name, value in fields.items():
+        data = value.encode("utf-8", "replace")
+        if b"\n" in data:
+            out += name.encode() + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += name.encode() + b"=" + data + b"\n"
+    return bytes(out)
+
+
+class JournalLogger:
+    """
+    A structlog logger that sends each datagram to journald's native socket.
+
+    A datagram journald refuses (too large for one, journald gone) is written to
+    the fallback stream instead, so no event is lost.
+
+    Args:
+        path: The journal socket.
+        fallback: Where an event goes when the socket refuses it.
+    """
+
+    def __init__(self, path: str, fallback: TextIO) -> None:
+        """
+        Open an unconnected datagram socket.
+        """
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        self._path = path
+        self._fallback = fallback
+        self._lock = threading.Lock()
+
+    def msg(self, rendered: str) -> None:
+        """
+        Send one event (the datagram's bytes as a latin-1 string).
+        """
+        datagram = rendered.encode("latin-1")
+        try:
+            self._sock.sendto(datagram, self._path)
+        except OSError:
+            with self._lock:
+                line = datagram.partition(b"\n")[0].removeprefix(b"MESSAGE=")
+                self._fallback.write(line.decode("utf-8", "replace") + "\n")
+                self._fallback.flush()
+
+    debug = info = warning = warn = error = critical = exception = fatal = log = msg
+
+    def close(self) -> None:
+        """
+        Close the socket; later events go to the fallback stream.
+        """
+        self._sock.close()
+
+
+class _JournalHandler(logging.Handler):
+    # Records of the standard library's logging, formatted into datagrams by structlog.
+    def __init__(self, journal: JournalLogger) -> None:
+        super().__init__()
+        self._journal = journal
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self._journal.msg(self.format(record))
+        except Exception:
+            self.handleError(record)
+
+    def close(self) -> None:
+        self._journal.close()
+        super().close()
+
+
+def _journal_renderer(renderer: Processor) -> Processor:
+    # A str carrying the datagram's bytes one to one (latin-1): structlog's stdlib
+    # formatter only passes strings on.
+    def render(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> str:
+        message = renderer(logger, method_name, dict(event_dict))
+        return journal_fields(event_dict, str(message)).decode("latin-1")
+
+    return render
+
+
+def _journal_stream(out: TextIO) -> bool:
+    # systemd sets JOURNAL_STREAM=dev:ino of the stream it connected; a child that
+    # redirected its output must not write to the journal behind its caller's back.
+    value = os.environ.get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    try:
+        st = os.fstat(out.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return f"{st.st_dev}:{st.st_ino}" == f"{device}:{inode}"
+
+
 def _shared_processors() -> list[Processor]:
     return [
         structlog.contextvars.merge_contextvars,
@@ -198,6 +331,7 @@ def configure_logging(
     level: str = "info",
     fmt: Literal["auto", "json", "console"] = "auto",
     stream: TextIO | None = None,
+    journal_socket: str | None = None,
 ) -> None:
     """
     Configure structlog and the standard library's logging; call once at startup.
@@ -206,6 +340,9 @@ def configure_logging(
         level: Minimum level: ``debug``, ``info``, ``warning`` or ``error``.
         fmt: ``json``, ``console``, or ``auto`` (JSON unless ``stream`` is a TTY).
         stream: Where lines go; ``sys.stdout`` by default.
+        journal_socket: Send events to this journal socket; by default the
+            journal's own when ``$JOURNAL_STREAM`` names ``stream`` and ``fmt`` is
+            ``auto``, else none.
     """
     out = sys.stdout if stream is None else stream
     use_json = fmt == "json" or (fmt == "auto" and not out.isatty())
@@ -219,10 +356,20 @@ def configure_logging(
         if use_json
         else structlog.dev.ConsoleRenderer(colors=out.isatty())
     )
+    if journal_socket is None and fmt == "auto" and _journal_stream(out):
+        journal_socket = JOURNAL_SOCKET
+    if journal_socket is not None:
+        structlog_renderer = _journal_renderer(structlog.processors.JSONRenderer())
+        journal = JournalLogger(journal_socket, out)
+        factory: Any = lambda *_args: journal  # noqa: E731 - one shared socket
+        exceptions = structlog.processors.dict_tracebacks
+    else:
+        structlog_renderer = renderer
+        factory = structlog.WriteLoggerFactory(file=out)
     structlog.configure(
-        processors=[*_shared_processors(), exceptions, redact, renderer],
+        processors=[*_shared_processors(), exceptions, redact, structlog_renderer],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.WriteLoggerFactory(file=out),
+        logger_factory=factory,
         cache_logger_on_first_use=False,
     )
     formatter = structlog.stdlib.ProcessorFormatter(
@@ -231,10 +378,12 @@ def configure_logging(
             structlog.stdlib.ProcessorFormatter.remove_processors_meta,
             exceptions,
             redact,
-            renderer,
+            structlog_renderer,
         ],
     )
-    handler = logging.StreamHandler(out)
+    handler: logging.Handler = (
+        logging.StreamHandler(out) if journal_socket is None else _JournalHandler(journal)
+    )
     handler.setFormatter(formatter)
     root = logging.getLogger()
     # Named, so a second configure_logging() (tests, reload) replaces it, not stacks it.
@@ -242,6 +391,7 @@ def configure_logging(
     for old in root.handlers[:]:
         if old.get_name() == _HANDLER_NAME:
             root.removeHandler(old)
+            old.close()
     root.addHandler(handler)
     root.setLevel(numeric)
     # asyncio's debug mode reports every subprocess and pipe at INFO: noise, not events.

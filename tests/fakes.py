@@ -308,6 +308,7 @@ def reset_logging() -> None:
     for handler in root.handlers[:]:
         if handler.get_name() == "tunnel-agent":
             root.removeHandler(handler)
+            handler.close()
     root.setLevel(logging.WARNING)
     logging.getLogger("asyncio").setLevel(logging.NOTSET)
 

@@ -198,3 +198,129 @@ class TestRedaction:
         event = redact(None, "info", {"event": "e", "pid": 3, "services": ["SSH"], "token": None})
 
         assert event == {"event": "e", "pid": 3, "services": ["SSH"], "token": MASK}
+
+
+def parse_datagram(data: bytes) -> dict[str, str]:
+    """Decode the journal's native protocol (simple and length-prefixed fields)."""
+    fields: dict[str, str] = {}
+    while data:
+        line, sep, rest = data.partition(b"\n")
+        assert sep, "every field ends with a newline"
+        if b"=" in line:
+            name, _, value = line.partition(b"=")
+            fields[name.decode()] = value.decode()
+            data = rest
+        else:
+            size = int.from_bytes(rest[:8], "little")
+            fields[line.decode()] = rest[8 : 8 + size].decode()
+            assert rest[8 + size : 9 + size] == b"\n"
+            data = rest[9 + size :]
+    return fields
+
+
+@pytest.fixture
+def journal(tmp_path):
+    """A datagram socket standing where journald's native socket stands."""
+    import socket
+
+    path = tmp_path / "journal.socket"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(5)
+    yield path, sock
+    sock.close()
+
+
+class TestJournal:
+    def test_datagram_byte_for_byte(self):
+        """Keys become upper-case fields, values JSON unless strings, newlines length-prefixed."""
+        from agent.logging import journal_fields
+
+        event = {"event": "proxy_output", "level": "warning", "tunnel_key": "k1", "n": 3}
+        event["line"] = "a\nb"
+
+        data = journal_fields(event, '{"event": "proxy_output"}')
+
+        assert data == (
+            b'MESSAGE={"event": "proxy_output"}\n'
+            b"PRIORITY=4\n"
+            b"SYSLOG_IDENTIFIER=tunnel-agent\n"
+            b"EVENT=proxy_output\n"
+            b"LEVEL=warning\n"
+            b"TUNNEL_KEY=k1\n"
+            b"N=3\n"
+            b"LINE\n\x03\x00\x00\x00\x00\x00\x00\x00a\nb\n"
+        )
+
+    def test_a_value_cannot_inject_a_field(self):
+        """A newline followed by PRIORITY=0 inside a value stays inside that value."""
+        from agent.logging import journal_fields
+
+        fields = parse_datagram(
+            journal_fields({"event": "x", "level": "info", "v": "x\nPRIORITY=0"}, "m")
+        )
+
+        assert fields["PRIORITY"] == "6"
+        assert fields["V"] == "x\nPRIORITY=0"
+
+    def test_events_reach_the_socket_with_priority_and_fields(self, journal):
+        """A warning event arrives as one datagram: PRIORITY 4, its keys as fields, token masked."""
+        path, sock = journal
+        secrets.register(TOKEN)
+        configure_logging(level="info", journal_socket=str(path))
+
+        structlog.get_logger().warning("proxy_not_connected", tunnel_key="abc", line=f"x {TOKEN}")
+        logging.getLogger("asyncio").error("loop trouble")
+        first = parse_datagram(sock.recv(65536))
+        second = parse_datagram(sock.recv(65536))
+
+        assert first["PRIORITY"] == "4"
+        assert first["TUNNEL_KEY"] == "abc"
+        assert first["EVENT"] == "proxy_not_connected"
+        assert TOKEN not in first["LINE"]
+        assert MASK in first["LINE"]
+        assert json.loads(first["MESSAGE"])["event"] == "proxy_not_connected"
+        assert second["PRIORITY"] == "3"
+        assert second["EVENT"] == "loop trouble"
+
+    def test_journal_chosen_when_journal_stream_names_stdout(self, journal, tmp_path, monkeypatch):
+        """With $JOURNAL_STREAM naming the output stream, events go to the journal socket."""
+        import os
+
+        import agent.logging
+
+        path, sock = journal
+        out = (tmp_path / "stdout").open("w")
+        st = os.fstat(out.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+        monkeypatch.setattr(agent.logging, "JOURNAL_SOCKET", str(path))
+        configure_logging(level="info", stream=out)
+
+        structlog.get_logger().info("tunnel_started", tunnel_key="t1")
+
+        assert parse_datagram(sock.recv(65536))["TUNNEL_KEY"] == "t1"
+        out.close()
+        assert (tmp_path / "stdout").read_text() == ""
+
+    def test_other_stream_keeps_json_lines(self, journal, tmp_path, monkeypatch):
+        """$JOURNAL_STREAM naming another stream (output redirected) keeps JSON lines."""
+        import agent.logging
+
+        path, _ = journal
+        monkeypatch.setenv("JOURNAL_STREAM", "1:2")
+        monkeypatch.setattr(agent.logging, "JOURNAL_SOCKET", str(path))
+        stream = io.StringIO()
+        configure_logging(level="info", stream=stream)
+
+        structlog.get_logger().info("tunnel_started")
+
+        assert json.loads(stream.getvalue())["event"] == "tunnel_started"
+
+    def test_refused_datagram_falls_back_to_the_stream(self, tmp_path):
+        """When journald is gone the event is written to the stream, not lost."""
+        stream = io.StringIO()
+        configure_logging(level="info", stream=stream, journal_socket=str(tmp_path / "none"))
+
+        structlog.get_logger().error("broker_gone", port=1)
+
+        assert json.loads(stream.getvalue())["event"] == "broker_gone"
