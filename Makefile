@@ -32,6 +32,7 @@ venv: $(STAMP)
 lint: venv
 	$(VENV)/bin/ruff check agent tests
 	$(VENV)/bin/ruff format --check agent tests
+	$(VENV)/bin/lint-imports --no-cache --no-logo  # the import contracts in pyproject.toml
 
 typecheck: venv
 	$(VENV)/bin/mypy agent
