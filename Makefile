@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := mosquitto mosquitto-clients openssh-server openssh-client systemd systemd-container dpkg-dev lintian debootstrap python3-venv procps
 STAMP := $(VENV)/.installed
 
-.PHONY: all test lint typecheck pytest demo bench deb proto clean deps venv
+.PHONY: all test test-fast lint typecheck pytest demo bench deb proto clean deps venv
 
 all: test
 
@@ -32,6 +32,7 @@ venv: $(STAMP)
 lint: venv
 	$(VENV)/bin/ruff check agent tests
 	$(VENV)/bin/ruff format --check agent tests
+	$(VENV)/bin/lint-imports --no-cache --no-logo  # the import contracts in pyproject.toml
 
 typecheck: venv
 	$(VENV)/bin/mypy agent
@@ -40,6 +41,12 @@ pytest: venv deps
 	PYTHONASYNCIODEBUG=1 $(VENV)/bin/pytest -q -p no:randomly tests $(PYTEST_ARGS)
 
 test: deps venv lint typecheck pytest
+
+# The inner loop: unit and in-process tests, without tests/packaging and without the tests marked
+# integration or slow (`make test` runs everything). `make test-fast PYTEST_ARGS=--lf` reruns failures.
+test-fast: venv deps
+	PYTHONASYNCIODEBUG=1 $(VENV)/bin/pytest -q -p no:randomly -m "not integration and not slow and not aws" \
+	  --ignore=tests/packaging tests $(PYTEST_ARGS)
 
 demo: deps venv
 	$(PY) -m agent.emulator.demo
@@ -60,4 +67,4 @@ deb: deps venv
 	bash packaging/debian/build.sh
 
 clean:
-	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache
+	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -15,8 +15,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
 
 
-# The emulator fixtures (emulator, emulator_thread, broker, mqtt_pki ...) are available everywhere.
-pytest_plugins = ["tests.emulator.fixtures"]
+# The emulator's fixtures (tests/emulator/fixtures.py) are not plugins here: importing them loads
+# the emulator, aiohttp and cryptography. The directories that use them import them themselves.
 
 
 @pytest.fixture(autouse=True)

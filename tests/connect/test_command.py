@@ -16,11 +16,15 @@ from typing import TYPE_CHECKING
 import pytest
 
 from agent.connect.command import ServiceRequest, parse_service
+from tests.emulator import fixtures
 from tests.emulator.fixtures import SCALE
 
 
 if TYPE_CHECKING:
     from tests.emulator.fixtures import EmulatorThread
+
+
+emulator_thread = fixtures.emulator_thread
 
 
 def connect_env(emulator, **overrides: str) -> dict[str, str]:

@@ -18,6 +18,7 @@ from botocore.config import Config
 
 from agent.emulator.api import ControlPlaneApi
 from agent.emulator.store import TunnelStore
+from tests.emulator import fixtures
 
 
 if TYPE_CHECKING:
@@ -29,6 +30,12 @@ ACCESS_KEY = "AKIAEMULATORTEST0001"
 SECRET_KEY = "emulator/secret+key/for-tests"
 CREDENTIALS = {ACCESS_KEY: SECRET_KEY}
 SCALE = float(os.environ.get("TEST_TIME_SCALE", "1.0"))
+
+# The shared fixtures, for every test in this directory.
+broker = fixtures.broker
+emulator = fixtures.emulator
+emulator_thread = fixtures.emulator_thread
+mqtt_pki = fixtures.mqtt_pki
 
 
 class FakeClock:
