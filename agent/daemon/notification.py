@@ -7,9 +7,11 @@ The payload arrives on ``$aws/things/<thing>/tunnels/notify`` (control-plane §6
      "region": "us-east-1", "services": ["SSH"]}
 
 Invariants: :func:`parse_notification` raises nothing but
-:class:`InvalidNotification`, whatever the bytes; no error message ever contains
-the access token; the token only leaves a :class:`TunnelRequest` through
-``get_secret_value()``.
+:class:`InvalidNotification`, whatever the bytes; an error message names the
+field and the rule it broke and never quotes a value from the payload (a token
+put in the wrong field, even slightly altered, must not reach a log), only its
+type, length and a 6-digit hash to tell two rejections apart; the token only
+leaves a :class:`TunnelRequest` through ``get_secret_value()``.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from typing import TYPE_CHECKING, Any
 from pydantic import SecretStr
 
 from agent.exceptions import InvalidNotification
-from agent.protocol.ids import ACCESS_TOKEN, API_SERVICE, MAX_TOKEN_LENGTH, REGION, SERVICE_ID
+from agent.protocol.ids import (
+    ACCESS_TOKEN,
+    API_SERVICE,
+    MAX_TOKEN_LENGTH,
+    REGION,
+    SERVICE_ID,
+    token_digest,
+)
 
 
 if TYPE_CHECKING:
@@ -67,7 +76,7 @@ def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     result: dict[str, Any] = {}
     for key, value in pairs:
         if key in result:
-            raise InvalidNotification(f"payload repeats the key {key[:64]!r}")
+            raise InvalidNotification(f"payload repeats a key ({_describe(key)})")
         result[key] = value
     return result
 
@@ -92,21 +101,16 @@ def _decode(payload: bytes, max_size: int) -> dict[str, Any]:
     return document
 
 
-def _show(value: object, secret: object) -> str:
+def _describe(value: object) -> str:
     """
-    Render a rejected value for an error message, never any part of the token.
+    Describe a rejected value without quoting any of it: its type, length and short hash.
     """
-    if not isinstance(value, str):
-        return type(value).__name__
-    # A sender that put the token in the wrong field must not get it logged.
-    # Short values (SSH, us-east-1) may occur in a random token by chance and reveal nothing.
-    if (
-        isinstance(secret, str)
-        and secret
-        and (secret in value or (len(value) >= 8 and value in secret))
-    ):
-        return "<redacted>"
-    return repr(value[:64])
+    if isinstance(value, str):
+        return f"{len(value)} characters, sha256 {token_digest(value)[:6]}"
+    return "null" if value is None else f"a JSON {_JSON_TYPES.get(type(value), 'value')}"
+
+
+_JSON_TYPES = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
 
 
 def _check_token(value: object) -> SecretStr:
@@ -124,17 +128,17 @@ def _check_token(value: object) -> SecretStr:
     return SecretStr(value)
 
 
-def _check_region(value: object, secret: object) -> str:
+def _check_region(value: object) -> str:
     if not isinstance(value, str):
         raise InvalidNotification("region is missing or not a string")
     if not REGION.fullmatch(value):
-        raise InvalidNotification(f"region {_show(value, secret)} does not look like an AWS region")
+        raise InvalidNotification(
+            f"region does not look like an AWS region such as us-east-1 ({_describe(value)})"
+        )
     return value
 
 
-def _check_services(
-    value: object, allowed: Collection[str] | None, secret: object
-) -> tuple[str, ...]:
+def _check_services(value: object, allowed: Collection[str] | None) -> tuple[str, ...]:
     if not isinstance(value, list):
         raise InvalidNotification("services is missing or not a list")
     if not 1 <= len(value) <= MAX_SERVICES:
@@ -142,24 +146,24 @@ def _check_services(
             f"services has {len(value)} entries, expected 1 to {MAX_SERVICES}"
         )
     services: list[str] = []
-    for item in value:
+    for index, item in enumerate(value):
+        where = f"services[{index}]"
         if not isinstance(item, str) or not API_SERVICE.fullmatch(item):
             raise InvalidNotification(
-                f"service {_show(item, secret)} does not match [a-zA-Z0-9:_-]{{1,128}}"
+                f"{where} does not match [a-zA-Z0-9:_-]{{1,128}} ({_describe(item)})"
             )
         if not SERVICE_ID.fullmatch(item):
-            raise InvalidNotification(
-                f"service {_show(item, secret)} contains ':', which localproxy cannot map"
-            )
+            raise InvalidNotification(f"{where} contains ':', which a local proxy cannot map")
         if item in services:
-            raise InvalidNotification(f"service {_show(item, secret)} is requested twice")
+            raise InvalidNotification(f"{where} repeats services[{services.index(item)}]")
         services.append(item)
     # Deny by default: one unknown service refuses the whole notification (issue 4 §3).
     if allowed is not None:
-        for item in services:
+        for index, item in enumerate(services):
             if item not in allowed:
+                offered = ", ".join(sorted(allowed)) or "none"
                 raise InvalidNotification(
-                    f"service {_show(item, secret)} is not in the services map"
+                    f"services[{index}] is not in the services map (this device offers: {offered})"
                 )
     return tuple(services)
 
@@ -185,12 +189,11 @@ def parse_notification(
         InvalidNotification: For any defect; the message names it and never the token.
     """
     document = _decode(payload, max_size)
-    secret = document.get("clientAccessToken")
     mode = document.get("clientMode")
     # The Device Client accepts only lowercase "destination" (control-plane §6).
     if mode != "destination":
-        raise InvalidNotification(f"clientMode is {_show(mode, secret)}, expected 'destination'")
-    region = _check_region(document.get("region"), secret)
-    services = _check_services(document.get("services"), allowed_services, secret)
-    token = _check_token(secret)
+        raise InvalidNotification(f"clientMode is not 'destination' ({_describe(mode)})")
+    region = _check_region(document.get("region"))
+    services = _check_services(document.get("services"), allowed_services)
+    token = _check_token(document.get("clientAccessToken"))
     return TunnelRequest(token=token, region=region, services=services)

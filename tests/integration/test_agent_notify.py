@@ -95,6 +95,46 @@ hostile = (
 )
 
 
+# Values a sender could slip into any field: token-shaped strings, Unicode digits and
+# look-alike letters. None of their 8-character pieces may reach the agent's log.
+TOKEN_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.~+/="
+LOOK_ALIKES = ["d\u0435stination", "destinati\u043en", "\u0455SH-tunnel", "us-\u0435ast-1"]
+# The rules' own words: a log line may name the rule a value broke.
+VOCABULARY = "clientMode is not 'destination'; an AWS region such as us-east-1"
+sneaky_text = (
+    st.text(alphabet=TOKEN_CHARS, min_size=8, max_size=80)
+    | st.builds(lambda d: f"us-east-{d}", st.sampled_from(["\u0661", "\u0967", "\uff11", "\u06f1"]))
+    | st.builds(
+        lambda t, c: t + c,
+        st.sampled_from(
+            ["d\u0435stination", "destinati\u043en", "\u0455SH-tunnel", "us-\u0435ast-1"]
+        ),
+        st.text(alphabet=TOKEN_CHARS, max_size=20),
+    )
+)
+sneaky = st.fixed_dictionaries(
+    {
+        "clientAccessToken": sneaky_text | st.sampled_from([TOKEN]),
+        "clientMode": sneaky_text | st.just("destination"),
+        "region": sneaky_text | st.just("us-east-1"),
+        "services": st.lists(sneaky_text | st.just("SSH"), min_size=1, max_size=3),
+    }
+).filter(lambda d: not (d["clientMode"] == "destination" and d["region"] == "us-east-1"))
+
+
+def pieces(document: dict[str, object]) -> set[str]:
+    """Every 8-character piece of every string value sent, as sent and as JSON escapes it."""
+    values = [v for v in document.values() if isinstance(v, str)]
+    values += [v for v in document["services"] if isinstance(v, str)]  # type: ignore[union-attr]
+    found: set[str] = set()
+    for value in values:
+        if value in ("destination", "us-east-1", TOKEN):
+            continue  # the agent's own vocabulary, or the valid token it registers as a secret
+        for form in (value, json.dumps(value)[1:-1]):
+            found.update(form[i : i + 8] for i in range(len(form) - 7))
+    return {piece for piece in found if piece not in VOCABULARY}
+
+
 class TestHostileInput:
     def test_invalid_notifications_spawn_nothing(self, world):
         """Unknown service, source mode, bad region, malformed JSON and 1 MB: nothing spawned."""
@@ -115,9 +155,12 @@ class TestHostileInput:
         valid = world.open(["SSH"])
         world.wait_connected(valid["tunnelId"])
 
-        assert reasons[0] == "service 'RDP' is not in the services map"
-        assert reasons[1] == "clientMode is 'source', expected 'destination'"
-        assert reasons[2] == "region 'us-east-1.evil.example' does not look like an AWS region"
+        assert reasons[0] == (
+            "services[0] is not in the services map (this device offers: HTTP, SSH)"
+        )
+        assert reasons[1].startswith("clientMode is not 'destination' (6 characters, sha256 ")
+        assert reasons[2].startswith("region does not look like an AWS region such as us-east-1")
+        assert "evil" not in reasons[2]
         assert reasons[3] == "payload is not valid JSON"
         assert len(agent.events("tunnel_started")) == 1
         assert unknown["destinationAccessToken"] not in agent.text
@@ -159,6 +202,40 @@ class TestHostileInput:
         assert agent.events("notification_handling_failed") == []
         assert len(agent.events("tunnel_started")) == 1
         assert agent.process.poll() is None
+
+    def test_rejections_never_quote_a_field(self, world):
+        """Token-shaped, Unicode-digit and look-alike values in every field never reach the log."""
+        documents: list[dict[str, object]] = []
+
+        @settings(
+            max_examples=150, database=None, deadline=None, suppress_health_check=list(HealthCheck)
+        )
+        @given(sneaky)
+        def collect(document: dict[str, object]) -> None:
+            documents.append(document)
+
+        collect()
+        agent = world.agent()
+
+        publish_many(world, [json.dumps(d).encode() for d in documents])
+        wait_until(
+            lambda: (
+                len(agent.events("notification_received"))
+                + len(agent.events("notification_dropped"))
+                == len(documents)
+            ),
+            60,
+            "every payload parsed or dropped",
+            lambda: agent.text[-2000:],
+        )
+        text = agent.text
+        leaked = sorted(p for d in documents for p in pieces(d) if p in text)
+
+        assert len(agent.events("notification_rejected")) == len(
+            agent.events("notification_received")
+        )
+        assert leaked == []
+        assert agent.events("tunnel_started") == []
 
 
 class TestConnection:
