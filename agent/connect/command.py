@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 __all__ = ["ServiceRequest", "main", "parse_service"]
 
 _SERVICE = re.compile(rf"({SERVICE_ID.pattern})(?:=([0-9]{{1,5}}))?", re.ASCII)
-_LISTENING = re.compile(r"Listening for new connection on port (\d+) service=(\S+)")
+_LISTENING = re.compile(r"Listening for new connection on port ([0-9]+) service=(\S+)", re.ASCII)
 POLL_INTERVAL = 1.0
 
 

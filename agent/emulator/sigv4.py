@@ -41,9 +41,10 @@ _AUTH_RE = re.compile(
     r"Credential=(?P<key>[^/,\s]+)/(?P<date>\d{8})/(?P<region>[a-z0-9-]+)/(?P<service>[^/,\s]+)"
     r"/aws4_request\s*,\s*"
     r"SignedHeaders=(?P<headers>[a-z0-9;_.-]+)\s*,\s*"
-    r"Signature=(?P<signature>[0-9a-f]{64})\s*"
+    r"Signature=(?P<signature>[0-9a-f]{64})\s*",
+    re.ASCII,
 )
-_AMZ_DATE_RE = re.compile(r"\d{8}T\d{6}Z")
+_AMZ_DATE_RE = re.compile(r"[0-9]{8}T[0-9]{6}Z", re.ASCII)
 _MISMATCH = (
     "The request signature we calculated does not match the signature you provided. Check your "
     "AWS Secret Access Key and signing method. Consult the service documentation for details."
