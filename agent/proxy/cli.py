@@ -89,7 +89,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "-i", "--client-token", help="client token [a-zA-Z0-9-]{32,128}: allows reconnecting"
     )
-    parser.add_argument("-b", "--bind-address", default=None, help="source listen address")
+    parser.add_argument(
+        "-b",
+        "--local-bind-address",
+        "--bind-address",
+        dest="bind_address",
+        default=None,
+        metavar="ADDRESS",
+        help="source: the address the local ports listen on (default localhost); "
+        "destination: the local address connections to the services come from",
+    )
     parser.add_argument("-c", "--capath", help="CA certificate file or hashed directory")
     parser.add_argument(
         "-k", "--no-ssl-host-verify", action="store_true", help="do not verify the TLS peer"
@@ -236,7 +245,9 @@ def options_from_args(args: argparse.Namespace, env: dict[str, str]) -> ProxyOpt
         client_token=client_token,
         source_ports=ports,
         targets=targets,
-        bind_address=args.bind_address or config.get("bind-address") or "localhost",
+        bind_address=(
+            args.bind_address or config.get("local-bind-address") or config.get("bind-address")
+        ),
         version=ProtocolVersion[version_flag] if version_flag else ProtocolVersion.V3,
         tls=not args.no_tls,
         verify=not args.no_ssl_host_verify,

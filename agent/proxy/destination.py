@@ -86,7 +86,12 @@ class DestinationBridge(Bridge):
                 if target.path is not None:
                     await loop.create_unix_connection(lambda: local, target.path)
                 else:
-                    await loop.create_connection(lambda: local, target.host, target.port)
+                    # -b in destination mode: the local address connections come from,
+                    # as the AWS localproxy does (docs/protocol.md §9.5).
+                    source = None if options.bind_address is None else (options.bind_address, 0)
+                    await loop.create_connection(
+                        lambda: local, target.host, target.port, local_addr=source
+                    )
             except OSError as exc:
                 log.warning(
                     "connect to %s failed (attempt %d/%d): %s",

@@ -63,7 +63,7 @@ class ProxyOptions:
     client_token: str | None = field(default=None, repr=False)
     source_ports: dict[str, int] = field(default_factory=dict)
     targets: dict[str, Target] = field(default_factory=dict)
-    bind_address: str = "localhost"
+    bind_address: str | None = None
     version: ProtocolVersion = ProtocolVersion.V3
     tls: bool = True
     verify: bool = True

@@ -57,17 +57,18 @@ class SourceBridge(Bridge):
 
     async def _listen(self, ports: dict[str, int]) -> None:
         loop = asyncio.get_running_loop()
+        address = self.options.bind_address or "localhost"
         for service, port in ports.items():
             try:
                 server = await loop.create_server(
                     lambda service=service: _Accepted(self, service),
-                    self.options.bind_address,
+                    address,
                     port,
-                    family=socket.AF_INET if self.options.bind_address == "localhost" else 0,
+                    family=socket.AF_INET if address == "localhost" else 0,
                     reuse_address=True,
                 )
             except OSError as exc:
-                self.fail(f"cannot listen on {self.options.bind_address}:{port}: {exc}")
+                self.fail(f"cannot listen on {address}:{port}: {exc}")
                 return
             bound = server.sockets[0].getsockname()[1]
             self.servers[service] = server

@@ -39,6 +39,7 @@ from tests.integration.dataplane import (
     ThreadedServer,
     TunnelTokens,
     connect,
+    echo,
     pattern_bytes,
     proxy_args,
     recv_exactly,
@@ -69,10 +70,11 @@ class Pair:
         source_map: str,
         *,
         source_flags: tuple[str, ...] = (),
+        destination_flags: tuple[str, ...] = (),
         client_tokens: bool = True,
     ) -> None:
         self.destination = ProxyProcess(
-            proxy_args(relay, "-d", destination_map),
+            [*proxy_args(relay, "-d", destination_map), *destination_flags],
             token=tokens.destination,
             client_token=client_token() if client_tokens else None,
             log_file=tmp_path / "destination.log",
@@ -218,6 +220,38 @@ class TestServices:
             hashlib.sha256(copied.read_bytes()).digest()
             == hashlib.sha256(payload.read_bytes()).digest()
         )
+
+    def test_local_bind_address_in_both_modes(self, relay, tmp_path, pairs):
+        """-b sets where the source listens and, at the destination, where connections come from."""
+        peers: list[str] = []
+
+        def recording_echo(conn: socket.socket) -> None:
+            peers.append(conn.getpeername()[0])
+            echo(conn)
+
+        server = ThreadedServer(recording_echo)
+        tokens = relay.open_tunnel(("ECHO",))
+        pair = Pair(
+            relay,
+            tmp_path,
+            tokens,
+            f"ECHO={server.port}",
+            "ECHO=0",
+            source_flags=("--local-bind-address", "127.0.0.3"),
+            destination_flags=("-b", "127.0.0.2"),
+        )
+        pairs.append(pair)
+        port = pair.source.port("ECHO")
+        with socket.create_connection(("127.0.0.3", port), timeout=10) as sock:
+            sock.sendall(b"ping")
+            reply = recv_exactly(sock, 4)
+        refused = socket.socket()
+        with refused, pytest.raises(ConnectionRefusedError):
+            refused.connect(("127.0.0.1", port))
+        server.close()
+
+        assert reply == b"ping"
+        assert peers == ["127.0.0.2"]
 
     def test_twenty_simultaneous_connections_on_one_service(
         self, relay, echo_server, tmp_path, pairs
