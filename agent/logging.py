@@ -3,8 +3,8 @@ structlog setup, configured once by the CLI, and the redaction processor.
 
 Output goes to stdout: JSON lines (with ``dict_tracebacks``) when stdout is not
 a terminal, so journald stores one structured record per event; the
-``ConsoleRenderer`` on a terminal. Routing and rotation are journald's job
-(STYLE §7). Records from the standard library's ``logging`` (asyncio, SDKs) go
+``ConsoleRenderer`` on a terminal. Routing and rotation are journald's job.
+Records from the standard library's ``logging`` (asyncio, SDKs) go
 through the same processors.
 
 Redaction runs after exceptions are rendered and before the renderer: it masks
@@ -118,7 +118,7 @@ class SecretRegistry:
         return text
 
 
-# Module-level because structlog's configuration is process-global too (STYLE §6).
+# Module-level because structlog's configuration is process-global too.
 secrets = SecretRegistry()
 
 
