@@ -6,7 +6,7 @@ Sub-commands: ``run`` (the daemon), ``check-config``, ``status``, ``version``;
 a device (imported only when that sub-command runs).
 
 Every setting has a flag mirroring its environment variable one to one, as
-uvicorn's ``auto_envvar_prefix`` does (STYLE §6): ``TUNNEL_AGENT_MQTT__PORT``
+uvicorn's ``auto_envvar_prefix`` does: ``TUNNEL_AGENT_MQTT__PORT``
 is ``--mqtt-port``; ``[services]`` entries are ``--service NAME=TARGET``.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 configuration error (EX_CONFIG).

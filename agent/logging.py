@@ -135,7 +135,7 @@ class SecretRegistry:
         return text
 
 
-# Module-level because structlog's configuration is process-global too (STYLE §6).
+# Module-level because structlog's configuration is process-global too.
 secrets = SecretRegistry()
 
 

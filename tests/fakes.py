@@ -1,10 +1,12 @@
 """
 Test doubles for the agent's two seams, and a real stand-in proxy process.
 
-- ``FakeNotificationSource``: an in-memory SEAM 1 source fed by ``publish()``.
-- ``SocketNotificationSource``: a SEAM 1 source fed over a Unix datagram socket,
+- ``FakeNotificationSource``: an in-memory notification source (docs/architecture.md §5.1)
+  fed by ``publish()``.
+- ``SocketNotificationSource``: a notification source fed over a Unix datagram socket,
   so a *separate* agent process can be driven by a test (``python -m tests.fakes agent``).
-- ``FakeProxyLauncher``: an in-memory SEAM 2 launcher whose proxies exit on command.
+- ``FakeProxyLauncher``: an in-memory proxy launcher (docs/architecture.md §5.2) whose
+  proxies exit on command.
 - ``write_fake_proxy()``: a tiny executable standing in for ``tunnel-localproxy``;
   it records its argv/environment to a 0600 JSON file and follows a plan.
 - ``all_cmdlines()``: every process' command line, to check that no secret is on one.
@@ -60,7 +62,7 @@ def notification(
     region: str = "us-east-1",
     mode: str = "destination",
 ) -> bytes:
-    """Build a notification payload as AWS IoT publishes it (control-plane §6)."""
+    """Build a notification payload as AWS IoT publishes it (docs/protocol.md §17.2)."""
     return json.dumps(
         {
             "clientAccessToken": token,

@@ -2,8 +2,8 @@
 Retry delays: a pure, infinite generator of jittered exponential backoff.
 
 Pure so tests can drive it with a fixed random source; callers bound the number
-of attempts and create a fresh generator after a success (STYLE §2, websockets'
-``backoff``).
+of attempts and create a fresh generator after a success
+(docs/architecture.md §2.2, like websockets' ``backoff``).
 """
 
 from __future__ import annotations

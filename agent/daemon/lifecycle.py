@@ -1,7 +1,7 @@
 """
 The agent's lifecycle: start, receive notifications, supervise tunnels, stop.
 
-Signals only set flags (STYLE §4): SIGTERM/SIGINT set the stop event and the
+Signals only set flags (docs/architecture.md §6.5): SIGTERM/SIGINT set the stop event and the
 main coroutine runs the shutdown; SIGHUP reloads the services map and limits.
 Shutdown order: stop taking notifications, then stop every proxy (SIGTERM,
 grace, SIGKILL) while the notification source disconnects, all within
@@ -55,7 +55,7 @@ class Daemon:
     Runs one notification source and one tunnel manager until told to stop.
     """
 
-    def __init__(  # noqa: PLR0913 - keyword-only, documented defaults (STYLE §6)
+    def __init__(  # noqa: PLR0913 - keyword-only, documented defaults
         self,
         *,
         source: NotificationSource,
@@ -78,7 +78,7 @@ class Daemon:
             notifier: systemd notifier, or ``None`` outside systemd.
             watchdog: Seconds between ``WATCHDOG=1`` pings, or ``None``.
             shutdown_timeout: Budget for the whole graceful stop, in seconds.
-            thing_name: Bound to every log line of the daemon (STYLE §7).
+            thing_name: Bound to every log line of the daemon.
         """
         self._source = source
         self._manager = manager
@@ -133,13 +133,13 @@ class Daemon:
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
-        # Strong reference until done (STYLE §4).
+        # Strong reference until done (docs/architecture.md §6.5).
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
 
     async def _handle(self, raw: RawNotification) -> None:
-        # Never the payload: it carries the token (STYLE §7).
+        # Never the payload: it carries the token (docs/architecture.md §7.4).
         log.info("notification_received", topic=raw.topic, size=len(raw.payload))
         try:
             request = parse_notification(raw.payload, allowed_services=self._manager.services)
@@ -154,7 +154,7 @@ class Daemon:
             try:
                 await self._handle(raw)
             except Exception:
-                # Input must never bring the daemon down (issue 4 §3).
+                # Input must never bring the daemon down (docs/protocol.md §17.4).
                 log.exception("notification_handling_failed")
 
     async def _ping_watchdog(self, interval: float) -> None:
@@ -237,7 +237,7 @@ class Daemon:
             else:
                 log.error("notification_source_failed", error=repr(consumer.exception()))
             return EXIT_FAILURE
-        # 1. Stop taking notifications (STYLE §4).
+        # 1. Stop taking notifications (docs/architecture.md §6.5).
         consumer.cancel("agent stopping")
         with contextlib.suppress(asyncio.CancelledError):
             await consumer
@@ -323,7 +323,7 @@ def spawn_config_from(settings: AgentSettings) -> SpawnConfig:
 
 def build_source(settings: AgentSettings) -> NotificationSource:
     """
-    Instantiate the configured notification source (resolved lazily, SEAM 1).
+    Instantiate the configured notification source (resolved lazily, docs/architecture.md §5.1).
 
     Args:
         settings: Validated settings.

@@ -1,7 +1,7 @@
 """
 Tunnel notification payload (bytes) -> :class:`TunnelRequest`. Pure: no I/O, no clock.
 
-The payload arrives on ``$aws/things/<thing>/tunnels/notify`` (control-plane §6)::
+The payload arrives on ``$aws/things/<thing>/tunnels/notify`` (docs/protocol.md §17.1)::
 
     {"clientAccessToken": "...", "clientMode": "destination",
      "region": "us-east-1", "services": ["SSH"]}
@@ -47,7 +47,7 @@ __all__ = [
 # A real notification is ~1 KiB (a <1 KB token plus three ids); 16 KiB leaves room and
 # bounds the JSON parser's work on hostile input.
 MAX_PAYLOAD_SIZE = 16 * 1024
-# Services per tunnel (control-plane §7).
+# Services per tunnel (docs/protocol.md §18).
 MAX_SERVICES = 3
 
 
@@ -157,7 +157,7 @@ def _check_services(value: object, allowed: Collection[str] | None) -> tuple[str
         if item in services:
             raise InvalidNotification(f"{where} repeats services[{services.index(item)}]")
         services.append(item)
-    # Deny by default: one unknown service refuses the whole notification (issue 4 §3).
+    # Deny by default: one unknown service refuses the whole notification (docs/protocol.md §17.4).
     if allowed is not None:
         for index, item in enumerate(services):
             if item not in allowed:
@@ -190,7 +190,7 @@ def parse_notification(
     """
     document = _decode(payload, max_size)
     mode = document.get("clientMode")
-    # The Device Client accepts only lowercase "destination" (control-plane §6).
+    # The Device Client accepts only lowercase "destination" (docs/protocol.md §17.2).
     if mode != "destination":
         raise InvalidNotification(f"clientMode is not 'destination' ({_describe(mode)})")
     region = _check_region(document.get("region"))

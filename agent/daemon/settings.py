@@ -5,7 +5,7 @@ Sources, highest priority first: command-line flags (passed as ``overrides``),
 ``TUNNEL_AGENT_*`` environment variables (nested delimiter ``__``, e.g.
 ``TUNNEL_AGENT_MQTT__PORT``), then the TOML file (default
 ``/etc/iot-tunnel-agent/config.toml``). Components never receive this object:
-the daemon passes plain keyword arguments down (STYLE §6).
+the daemon passes plain keyword arguments down.
 
 :func:`load_settings` turns every problem into one :class:`ConfigError` whose
 message lists each bad field as ``field = value: why``; :func:`check_files`
@@ -64,13 +64,13 @@ __all__ = [
 DEFAULT_CONFIG_PATH = Path("/etc/iot-tunnel-agent/config.toml")
 DEFAULT_RUNTIME_DIR = Path("/run/iot-tunnel-agent")
 
-# host[:port] for the proxy endpoint override, as localproxy accepts it (data-plane §8).
+# host[:port] for the proxy endpoint override, as localproxy accepts it (docs/protocol.md §9.2).
 _ENDPOINT = re.compile(r"[a-z0-9.\[\]-]+(:[0-9]{1,5})?")
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9.-]{0,252})|\[[0-9A-Fa-f:.]{2,45}\]")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)([dhms])", re.ASCII)
 _DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
-# The agent sets these per tunnel; configuration must not override them (STYLE §3).
+# The agent sets these per tunnel; configuration must not override them (docs/architecture.md §5.2).
 _RESERVED_ENV = frozenset({"AWSIOT_TUNNEL_ACCESS_TOKEN", "AWSIOT_TUNNEL_CLIENT_TOKEN"})
 # Flags the agent builds itself; extra_args must not change the tunnel's shape or carry a token.
 _RESERVED_ARGS = frozenset(
@@ -87,7 +87,7 @@ def parse_service_target(value: object) -> str:
         value: A port (int or digits), ``host:port``, or an absolute Unix socket path.
 
     Returns:
-        The target as localproxy's destination map expects it (data-plane §8).
+        The target as localproxy's destination map expects it (docs/protocol.md §9.7).
 
     Raises:
         ValueError: The value is none of the accepted forms.
@@ -181,7 +181,7 @@ class MqttSettings(_Section):
 
 class ProxySettings(_Section):
     """
-    How the destination local proxy is started for each tunnel (STYLE §3, SEAM 2).
+    How the destination local proxy is started for each tunnel (docs/architecture.md §5.2).
     """
 
     binary: Literal["bundled"] | Path = "bundled"
@@ -242,7 +242,7 @@ class ProxySettings(_Section):
 
 class LoggingSettings(_Section):
     """
-    Log level and format; ``auto`` means JSON unless stdout is a terminal (STYLE §7).
+    Log level and format; ``auto`` means JSON unless stdout is a terminal.
     """
 
     level: Literal["debug", "info", "warning", "error"] = "info"

@@ -1,18 +1,18 @@
 """
-Spawn, watch and stop one destination local proxy process (SEAM 2).
+Spawn, watch and stop one destination local proxy process (docs/architecture.md §5.2).
 
 One command line serves the bundled ``tunnel-localproxy`` and the AWS localproxy
 binary: both take ``-d MAP``, ``-r REGION`` or ``-e ENDPOINT``, ``-c`` and ``-k``
-(data-plane §8). The access token and the client token travel in the child's
+(docs/protocol.md §9). The access token and the client token travel in the child's
 environment only (``AWSIOT_TUNNEL_ACCESS_TOKEN``, ``AWSIOT_TUNNEL_CLIENT_TOKEN``):
-argv is world-readable in ``/proc/*/cmdline`` (STYLE §7). Neither argv nor the
+argv is world-readable in ``/proc/*/cmdline`` (docs/architecture.md §7.4). Neither argv nor the
 environment is ever logged.
 
 Children die with the agent: each child asks the kernel for SIGTERM when its
 parent thread exits (``PR_SET_PDEATHSIG``), so not even ``kill -9`` of the
 agent leaves a proxy behind. Each child leads its own process group, so a
 terminal's Ctrl-C reaches only the agent, which then stops the proxies in order
-(STYLE §4), and a stop reaches whatever the proxy itself started.
+(docs/architecture.md §6.5), and a stop reaches whatever the proxy itself started.
 """
 
 from __future__ import annotations
@@ -120,7 +120,7 @@ def new_client_token(length: int = 64) -> str:
     Generate a fresh client token: the proxy reconnects with it after a drop.
 
     Args:
-        length: 32 to 128 characters (data-plane §2).
+        length: 32 to 128 characters (docs/protocol.md §3.1).
 
     Returns:
         ``length`` characters from ``[a-zA-Z0-9-]``, from :mod:`secrets`.
@@ -282,7 +282,7 @@ class ProxyProcess:
         self._process = process
         self._log = log.bind(pid=process.pid)
         self._stop_grace = stop_grace
-        # One watcher task; every waiter awaits it through a shield (STYLE §4).
+        # One watcher task; every waiter awaits it through a shield (docs/architecture.md §6.5).
         self._exited = asyncio.ensure_future(self._watch())
 
     @property

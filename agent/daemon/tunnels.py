@@ -2,24 +2,24 @@
 TunnelManager: which tunnels run, for how long, and what happens when a proxy exits.
 
 No I/O of its own: processes come from a :class:`~agent.daemon.supervisor.ProxyLauncher`.
-Policy, in one place (STYLE §3):
+Policy, in one place (docs/architecture.md §4.3):
 
 - **Dedupe**: a notification whose token was seen recently is ignored
-  (control-plane §6: "ignore a notification identical to the last one").
+  (docs/protocol.md §17.3).
 - **Rotation**: a new token for the services of a running tunnel starts a new
   proxy; the old one is *superseded* (it no longer counts against the cap) and
-  ends on its own when the service replaces its connection (data-plane §7: the
+  ends on its own when the service replaces its connection (docs/protocol.md §8.3: the
   close frame makes it exit 0).
 - **Cap**: at ``max_concurrent`` tunnels, ``refuse_new`` drops the notification;
   ``stop_oldest`` stops the oldest-started tunnel and admits the new one.
 - **Lifetime**: a tunnel's proxy is stopped ``max_lifetime`` after it started.
 - **Restarts**: exit 0 means the tunnel ended (a close frame or a 4xx handshake,
-  data-plane §7); a non-zero exit or a signal restarts the proxy with the same
+  docs/protocol.md §8.5); a non-zero exit or a signal restarts the proxy with the same
   tokens after a backoff delay, at most ``max_restarts`` times in a row. A run
-  longer than ``restart_reset_after`` resets the count (STYLE §2).
+  longer than ``restart_reset_after`` resets the count (docs/architecture.md §4.3).
 
 Stopping never cancels a tunnel's task: it sets the tunnel's stop event and the
-task stops its proxy and returns (STYLE §4).
+task stops its proxy and returns (docs/architecture.md §6.5).
 """
 
 from __future__ import annotations
@@ -455,7 +455,7 @@ class TunnelManager:
         try:
             handle = await self._launcher.launch(spec, log=log.bind())
         except ProxyStartError as exc:
-            # A configuration problem, not our bug: no traceback (STYLE §7 levels).
+            # A configuration problem, not our bug: no traceback.
             log.error("proxy_start_failed", error=str(exc))  # noqa: TRY400
             return 127
         tunnel.pid, tunnel.state = handle.pid, "running"

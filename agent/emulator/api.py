@@ -1,10 +1,10 @@
 """
 The Secure Tunneling control plane over HTTP, compatible with botocore and the AWS CLI.
 
-Wire protocol (control-plane §1): ``POST`` on any path, awsJson 1.1 bodies, dispatch on
+Wire protocol (docs/protocol.md §12): ``POST`` on any path, awsJson 1.1 bodies, dispatch on
 ``X-Amz-Target: IoTSecuredTunneling.<Operation>``, timestamps as epoch-second numbers, errors
-as ``{"__type", "message"}`` (§2). The handlers only translate between JSON and the
-:class:`~agent.emulator.store.TunnelStore`; shapes are checked in :mod:`.validation`,
+as ``{"__type", "message"}`` (docs/protocol.md §13.1). The handlers only translate between JSON
+and the :class:`~agent.emulator.store.TunnelStore`; shapes are checked in :mod:`.validation`,
 signatures in :mod:`.sigv4`. Notifications are not sent here: the store emits events and the
 notifier publishes them.
 """
@@ -52,7 +52,7 @@ _MODES = {"SOURCE": ("source",), "DESTINATION": ("destination",), "ALL": ("sourc
 
 class ApiError(StoreError):
     """
-    A protocol-level refusal: unknown operation or method (control-plane §1 [choice]).
+    A protocol-level refusal: unknown operation or method (a choice, docs/protocol.md §13.2).
     """
 
     def __init__(self, code: str, status: int, message: str) -> None:
@@ -105,9 +105,9 @@ class ControlPlaneApi:
             host: Address to listen on (loopback by default).
             port: TCP port; 0 picks a free one, see :attr:`port` after :meth:`start`.
             credentials: Access key id -> secret access key accepted by the SigV4 check;
-                None turns the check off (control-plane §1 "signature checks may be skipped").
+                None turns the check off (docs/protocol.md §12.4).
             lazy_expiry: Run ``store.expire_due()`` before each operation, so answers are
-                exact even between two ticks of the app's expiry timer (§5 "lazy checks").
+                exact even between two ticks of the app's expiry timer (docs/protocol.md §16.4).
         """
         self.store = store
         self._host = host
@@ -177,7 +177,8 @@ class ControlPlaneApi:
             log.debug("api_error", code=exc.code, status=exc.status)
             return self._error(request_id, exc.status, exc.code, exc.message)
         except Exception:
-            # Our bug: log it, but keep exception text out of the response (STYLE §7).
+            # Our bug: log it, but keep exception text out of the response
+            # (docs/architecture.md §7.4).
             log.exception("api_failure", target=request.headers.get("X-Amz-Target"))
             return self._error(request_id, 500, "InternalFailure", "Internal failure")
         return web.Response(
@@ -242,7 +243,7 @@ class ControlPlaneApi:
             },
         )
 
-    # -- operations (control-plane §4) ---------------------------------------------------------
+    # -- operations (docs/protocol.md §15) -----------------------------------------------
 
     def _open_tunnel(self, shape: Shape, region: str) -> dict[str, Any]:
         description = shape.string("description", pattern=DESCRIPTION, max_len=2048)
@@ -301,7 +302,7 @@ class ControlPlaneApi:
             if t.thing_name is not None:
                 config["thingName"] = t.thing_name
             out["destinationConfig"] = config
-        # Always present, 720 filled in when none was given (§4 DescribeTunnel [choice]).
+        # Always present, 720 filled in when none was given (a choice, docs/protocol.md §15.3).
         out["timeoutConfig"] = {"maxLifetimeTimeoutMinutes": t.max_lifetime_minutes}
         if t.tags:
             out["tags"] = _tag_list(t.tags)
@@ -319,7 +320,8 @@ class ControlPlaneApi:
             after = decode_next_token(token)
             ids = [t.tunnel_id for t in tunnels]
             if after not in ids:
-                # The tunnel the token points after is gone, or the token is foreign (§4).
+                # The tunnel the token points after is gone, or the token is foreign
+                # (docs/protocol.md §15.4).
                 raise ValidationFailed("Invalid nextToken")
             start = ids.index(after) + 1
         page = tunnels[start : start + page_size]
@@ -345,7 +347,7 @@ class ControlPlaneApi:
             str(tunnel_id), _MODES[mode], thing_name=thing_name, services=services
         )
         out: dict[str, Any] = {"tunnelArn": tunnel.arn}
-        # Only the rotated side's token is returned (§4 RotateTunnelAccessToken).
+        # Only the rotated side's token is returned (docs/protocol.md §15.5).
         if mode in ("SOURCE", "ALL"):
             out["sourceAccessToken"] = tunnel.source.token
         if mode in ("DESTINATION", "ALL"):

@@ -8,7 +8,7 @@ One :class:`Emulator` owns a directory and runs, on loopback:
 * the data-plane relay (:class:`~agent.emulator.relay.Relay`, TLS with the emulator CA);
 * the MQTT broker (:class:`~agent.emulator.broker.Broker`, mutual TLS, per-thing ACL) and
   the notification publisher (:class:`~agent.emulator.notifier.Notifier`);
-* a timer closing tunnels at expiry (control-plane §5).
+* a timer closing tunnels at expiry (docs/protocol.md §16.4).
 
 Directory layout (everything survives a restart)::
 
@@ -117,11 +117,11 @@ class Emulator:
         region: Region of tunnels whose request carries none.
         relay_tls: Serve ``wss://`` with the emulator CA (``False``: plain ``ws://``).
         verify_signatures: Check SigV4 against :attr:`access_key` / :attr:`secret_key`.
-        max_open_tunnels: Cap of OPEN tunnels (control-plane §7).
+        max_open_tunnels: Cap of OPEN tunnels (docs/protocol.md §18).
         relay: Run the data-plane relay (``False``: control plane and MQTT only).
         broker_run_as: Account mosquitto drops to when root (see :mod:`.broker`).
         retention_seconds: How long CLOSED tunnels stay listed.
-        replace_on_rotate: Rotation policy of the relay (data-plane §6).
+        replace_on_rotate: Rotation policy of the relay (docs/protocol.md §7.7).
     """
 
     def __init__(  # noqa: PLR0913 - every knob is a documented keyword-only setting
@@ -311,7 +311,7 @@ class Emulator:
             self.endpoints_file.unlink()
         if self._on_store_event in self.store.listeners:
             self.store.listeners.remove(self._on_store_event)
-        # Stop taking requests and notifications first (STYLE §4 shutdown order).
+        # Stop taking requests and notifications first (docs/architecture.md §6.5).
         if self.api is not None:
             await self.api.close()
         if self._expiry is not None:
@@ -341,7 +341,7 @@ class Emulator:
         context.load_cert_chain(pair.cert, pair.key)
         return context
 
-    # -- expiry (control-plane §5) ----------------------------------------------------------------
+    # -- expiry (docs/protocol.md §16.4) -------------------------------------------------------
 
     def _on_store_event(self, event: StoreEvent) -> None:
         if event.kind == "opened" and self._loop is not None:

@@ -1,7 +1,7 @@
 """
 Mosquitto as a child process, configured like AWS IoT Core for the tunnel notify topic.
 
-What AWS IoT Core enforces and this broker reproduces (control-plane §6):
+What AWS IoT Core enforces and this broker reproduces (docs/protocol.md §19):
 
 * mutual TLS only: a client without a certificate from the emulator CA is
   refused during the handshake (``require_certificate``);
@@ -70,7 +70,7 @@ __all__ = [
 
 log = structlog.get_logger(__name__)
 
-#: The reserved notify topic filter the privileged identity publishes to (control-plane §6).
+#: The reserved notify topic filter the privileged identity publishes to (docs/protocol.md §17.1).
 NOTIFY_TOPIC = "$aws/things/+/tunnels/notify"
 _CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 _SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
@@ -86,7 +86,7 @@ class BrokerError(AgentError):
 
 def notify_topic(thing_name: str) -> str:
     """
-    Return the tunnel notify topic of one thing (control-plane §6).
+    Return the tunnel notify topic of one thing (docs/protocol.md §17.1).
     """
     return f"$aws/things/{thing_name}/tunnels/notify"
 
@@ -147,7 +147,7 @@ def _acl(acltype: str, topic: str) -> dict[str, Any]:
 
 def _thing_role(name: str) -> dict[str, Any]:
     topic = notify_topic(name)
-    # Literal, not pattern: `$aws/things/+/...` or `#` must not be granted (control-plane §6).
+    # Literal, not pattern: `$aws/things/+/...` or `#` must not be granted (docs/protocol.md §19.3).
     return {
         "rolename": f"thing:{name}",
         "acls": [_acl("subscribeLiteral", topic), _acl("publishClientReceive", topic)],

@@ -11,7 +11,7 @@
 
 Endpoints and file locations go to stdout once everything listens; logs go to
 stderr. SIGINT / SIGTERM only set a stop flag; the main coroutine then stops the
-services in order (STYLE §4). Without ``--dir`` a temporary directory is used and
+services in order (docs/architecture.md §6.5). Without ``--dir`` a temporary directory is used and
 removed at exit.
 """
 

@@ -1,14 +1,14 @@
 """
-The emulator's tunnel-notification publisher: AWS IoT's side of control-plane §6.
+The emulator's tunnel-notification publisher: AWS IoT's side of docs/protocol.md §17.
 
 It listens to the :class:`TunnelStore` and, when a destination access token is
 minted for a thing, publishes to ``$aws/things/<thing>/tunnels/notify``:
 
 * on "opened" when the tunnel has ``destinationConfig.thingName``;
 * on "rotated" when the rotated modes include "destination" and the request
-  carried a ``destinationConfig`` with a thing name (control-plane §4 Rotate).
+  carried a ``destinationConfig`` with a thing name (docs/protocol.md §15.5).
 
-QoS 1, retain false [choice, §6], through one awscrt MQTT5 client holding the
+QoS 1, retain false (a choice, docs/protocol.md §17.3), through one awscrt MQTT5 client holding the
 privileged certificate. Store listeners run synchronously inside the API call, so
 the publish is only queued there; the PUBACK is logged later. The token travels
 in the payload only: it is never logged.
@@ -44,7 +44,7 @@ log = structlog.get_logger(__name__)
 
 def notification_payload(tunnel: Tunnel) -> bytes:
     """
-    Build the notify payload of control-plane §6 for a tunnel's current destination token.
+    Build the notify payload of docs/protocol.md §17.2 for a tunnel's current destination token.
 
     Args:
         tunnel: The tunnel; its destination token, region and services are used.

@@ -8,10 +8,10 @@ plays both sides of that on one machine, so it needs its own CA:
   data-plane relay, MQTT broker);
 * one client certificate per thing, with CN = thing name: the broker takes the
   CN as the MQTT identity (``use_identity_as_username``), and its ACL gives a
-  thing its own notify topic only (control-plane §6);
+  thing its own notify topic only (docs/protocol.md §19.3);
 * one privileged client certificate for the emulator's own publisher, whose
   CN (:data:`PRIVILEGED_IDENTITY`) contains a ``.``, a character thing names
-  cannot hold (control-plane §3), so no thing can ever share its identity.
+  cannot hold (docs/protocol.md §14), so no thing can ever share its identity.
 
 Every operation is idempotent on a directory: an existing CA is reused, and an
 existing leaf certificate is reused while it still verifies under that CA,
@@ -57,7 +57,7 @@ KeyType = Literal["ec", "rsa"]
 #: CN of the emulator's own MQTT client; the ``.`` keeps it out of the thing-name space.
 PRIVILEGED_IDENTITY = "iot-tunnel-emulator.service"
 
-#: ThingName shape of control-plane §3.
+#: ThingName shape of docs/protocol.md §14.
 
 DEFAULT_SERVER_HOSTS: tuple[str, ...] = ("127.0.0.1", "localhost")
 

@@ -2,9 +2,9 @@
 The emulator's data plane: the WebSocket relay between a tunnel's source and destination.
 
 Per tunnel, at most one live WebSocket per mode. Every valid tunnel frame goes to the other mode
-byte for byte (data-plane spec §6); the relay checks fields with ``TunnelProtocol`` in the SERVICE
-role and never rewrites them. Backpressure crosses the relay: when one peer's socket is full, the
-relay stops reading the other.
+byte for byte (docs/protocol.md §7.3); the relay checks fields with ``TunnelProtocol`` in the
+SERVICE role and never rewrites them. Backpressure crosses the relay: when one peer's socket is
+full, the relay stops reading the other.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _select_subprotocol(
     protocol: ServerProtocol, subprotocols: Sequence[Subprotocol]
 ) -> Subprotocol | None:
     """
-    Pick the highest version both sides support (data-plane §2 [choice]).
+    Pick the highest version both sides support (a choice, docs/protocol.md §3.2).
     """
     offered = [
         _SUPPORTED[name]
@@ -154,7 +154,7 @@ class _Peer(asyncio.BufferedProtocol):
 
     def _after_messages(self, tunnel: TunnelProtocol) -> None:
         """
-        Close on a protocol violation (data-plane §5), and forward the valid frames.
+        Close on a protocol violation (docs/protocol.md §6.11), and forward the valid frames.
         """
         for event in tunnel.events_received():
             if isinstance(event, ProtocolFailed):
@@ -187,7 +187,7 @@ class _Peer(asyncio.BufferedProtocol):
         session = self.session
         if session is not None and self.mode is not None and session.peers.get(self.mode) is self:
             del session.peers[self.mode]
-            # The other side is not told (data-plane §6 [choice]); only the state changes.
+            # The other side is not told (a choice, docs/protocol.md §7.5); only the state changes.
             self.relay.store.set_connected(session.tunnel_id, self.mode.query, connected=False)
             log.info("peer disconnected tunnel=%s mode=%s", session.tunnel_id, self.mode.query)
 
@@ -250,7 +250,7 @@ class _Peer(asyncio.BufferedProtocol):
         assert self.session is not None  # noqa: S101 - tunnel exists only after attaching
         other = self.session.other(self)
         if other is None or other.ws.state is not State.OPEN:
-            # Peer absent: the frame is dropped (data-plane §6 [choice]).
+            # Peer absent: the frame is dropped (a choice, docs/protocol.md §7.4).
             return
         other.write_messages(messages)
 
@@ -263,7 +263,7 @@ class _Peer(asyncio.BufferedProtocol):
 
     def _handshake(self, request: Request) -> None:
         """
-        Check the upgrade request (data-plane §2) and attach to the tunnel's session.
+        Check the upgrade request (docs/protocol.md §3) and attach to the tunnel's session.
         """
         checked = _check_request(request)
         if isinstance(checked, str):
@@ -301,7 +301,7 @@ class _Peer(asyncio.BufferedProtocol):
 
 def _check_request(request: Request) -> tuple[Mode, str, str | None] | str:
     """
-    Check path, mode, token headers and client-token shape, in that order (data-plane §2).
+    Check path, mode, token headers and client-token shape, in that order (docs/protocol.md §3.3).
 
     Returns:
         (mode, access token, client token), or the plain-text reason of a 400.
@@ -383,7 +383,7 @@ class Relay:
 
         Args:
             abort: Drop the TCP connections without a close frame instead, as a network loss
-                would (data-plane §6): clients with a client token reconnect.
+                would (docs/protocol.md §7.8): clients with a client token reconnect.
         """
         if self._server is not None:
             self._server.close()
@@ -426,7 +426,7 @@ class Relay:
 
     def attach(self, peer: _Peer) -> None:
         """
-        Make ``peer`` the live WebSocket of its mode (data-plane §6 "peer (re)connects").
+        Make ``peer`` the live WebSocket of its mode (docs/protocol.md §7.6).
         """
         session, mode, tunnel = peer.session, peer.mode, peer.tunnel
         assert session is not None  # noqa: S101 - set by the handshake

@@ -4,7 +4,7 @@ SigV4 verification for the control plane: recompute the signature with botocore'
 Reusing ``botocore.auth.SigV4Auth`` (on a reconstructed request, with the client's
 ``X-Amz-Date`` and exactly the headers named in ``SignedHeaders``) means the emulator cannot
 drift from what the SDKs and the CLI compute. The region is taken from the credential scope
-(control-plane §1), so one emulator serves clients configured for any region.
+(docs/protocol.md §12.4), so one emulator serves clients configured for any region.
 """
 
 from __future__ import annotations
@@ -91,7 +91,8 @@ class SignatureVerifier:
 
         Args:
             credentials: Access key id -> secret access key.
-            signing_name: The service name every credential scope must carry (§1).
+            signing_name: The service name every credential scope must carry
+                (docs/protocol.md §12.1).
             max_skew_seconds: Largest accepted distance of ``X-Amz-Date`` from now (AWS: 15 min).
             clock: Epoch-seconds clock.
         """

@@ -4,8 +4,8 @@ The emulator's tunnel store: every tunnel, token and binding, plus a clock.
 Invariants (the control plane, the relay and the notifier all rely on them):
 
 - Pure state. No asyncio, no sockets, no timers: the app drives :meth:`TunnelStore.expire_due`
-  from a timer using :meth:`TunnelStore.next_expiry` (control-plane §5 "timer or lazy checks").
-- Status moves OPEN -> CLOSED only (control-plane §5). A CLOSED tunnel holds no valid token.
+  from a timer using :meth:`TunnelStore.next_expiry` (docs/protocol.md §16.4).
+- Status moves OPEN -> CLOSED only (docs/protocol.md §16.1). A CLOSED tunnel holds no valid token.
 - Each mode of an OPEN tunnel has exactly one valid client access token (CAT); the token index
   holds only those, keyed by a SHA-256 digest so lookups do not compare secrets byte by byte.
 - Every change is persisted (when a state file is configured) *before* listeners hear of it, so a
@@ -60,9 +60,9 @@ log = structlog.get_logger(__name__)
 MODES: tuple[str, str] = ("source", "destination")
 DEFAULT_LIFETIME_MINUTES = 720
 
-# Handshake rejection reasons. The first two are quoted from data-plane §2; the rest are [choice]
-# texts in the same "<what>: <why>" style. A revoked token reads the same as an unknown one, so
-# a probe learns nothing about which tokens once existed.
+# Handshake rejection reasons. The first two are quoted from docs/protocol.md §3.6; the rest are
+# chosen texts in the same "<what>: <why>" style. A revoked token reads the same as an unknown one,
+# so a probe learns nothing about which tokens once existed.
 REJECT_CLIENT_ID_MISMATCH = (
     "Invalid client token: The provided client token does not match the client token that "
     "was previously set."
@@ -108,7 +108,7 @@ class StoreError(AgentError):
 
 class ResourceNotFound(StoreError):
     """
-    No tunnel with that id or ARN (control-plane §2).
+    No tunnel with that id or ARN (docs/protocol.md §13.2).
     """
 
     code = "ResourceNotFoundException"
@@ -117,7 +117,7 @@ class ResourceNotFound(StoreError):
 
 class LimitExceeded(StoreError):
     """
-    Too many open tunnels or services (control-plane §4 OpenTunnel, §7).
+    Too many open tunnels or services (docs/protocol.md §15.1, docs/protocol.md §18).
     """
 
     code = "LimitExceededException"
@@ -126,7 +126,7 @@ class LimitExceeded(StoreError):
 
 class ValidationFailed(StoreError):
     """
-    The request breaks a state rule, e.g. rotating a CLOSED tunnel (control-plane §4).
+    The request breaks a state rule, e.g. rotating a CLOSED tunnel (docs/protocol.md §15.5).
     """
 
     code = "ValidationException"
@@ -142,14 +142,14 @@ class HandshakeRejected(StoreError):
 
     def __init__(self, status: int, message: str) -> None:
         """
-        Record the HTTP status (400: client must not retry; 5xx: it retries, data-plane §2).
+        Record the HTTP status (400: client must not retry; 5xx: it retries, docs/protocol.md §3.6).
         """
         super().__init__(message)
         self.status = status
 
 
 def _mint_token() -> str:
-    # URL-safe base64, no control characters, well under 1 KB (control-plane §5).
+    # URL-safe base64, no control characters, well under 1 KB (docs/protocol.md §16.3).
     return secrets.token_urlsafe(48)
 
 
@@ -160,7 +160,7 @@ class Endpoint:
 
     Attributes:
         token: The current client access token; secret, never logged.
-        client_token: The client token bound on first use (data-plane §2), if any.
+        client_token: The client token bound on first use (docs/protocol.md §3.4), if any.
         used: Whether a handshake has consumed the token.
         connected: Whether a WebSocket of this mode is live (ConnectionState.status).
         last_updated_at: Epoch seconds of the last change of ``connected``.
@@ -229,7 +229,7 @@ class StoreEvent:
         tunnel: The tunnel after the change.
         modes: "rotated": the rotated modes; "connection": the mode that changed.
         destination_config: "opened"/"rotated": the request carried a destinationConfig, so a
-            notification is due when ``tunnel.thing_name`` is set (control-plane §4, §6).
+            notification is due when ``tunnel.thing_name`` is set (docs/protocol.md §17.1).
     """
 
     kind: Literal["opened", "closed", "rotated", "connection"]
@@ -262,12 +262,13 @@ class TunnelStore:
             region: Default region of new tunnels.
             account_id: Account id in tunnel ARNs.
             clock: Epoch-seconds clock; tests inject a fake one.
-            max_open_tunnels: Cap on OPEN tunnels (control-plane §7).
-            max_services: Cap on destinationConfig.services (control-plane §7: 3).
+            max_open_tunnels: Cap on OPEN tunnels (docs/protocol.md §18).
+            max_services: Cap on destinationConfig.services (docs/protocol.md §18: 3).
             retention_seconds: How long CLOSED tunnels stay listed (AWS: at least three hours).
             state_file: JSON file rewritten (mode 0600) on every change.
             replace_on_rotate: Read by the relay: a client with the rotated token replaces the
-                old connection (True) or rotation disconnects at once (False), data-plane §6.
+                old connection (True) or rotation disconnects at once (False),
+                docs/protocol.md §7.7.
 
         Raises:
             ConfigError: ``state_file`` exists but cannot be parsed.
@@ -281,7 +282,8 @@ class TunnelStore:
         self.state_file = state_file
         self.replace_on_rotate = replace_on_rotate
         self.listeners: list[Callable[[StoreEvent], None]] = []
-        # Insertion order is creation order, so listing newest-first is a reversal (§4).
+        # Insertion order is creation order, so listing newest-first is a reversal
+        # (docs/protocol.md §15.4).
         self._tunnels: dict[str, Tunnel] = {}
         self._by_arn: dict[str, str] = {}
         self._tokens: dict[str, tuple[str, str]] = {}  # sha256(token) -> (tunnel_id, mode)
@@ -316,7 +318,7 @@ class TunnelStore:
 
     def list_tunnels(self, *, thing_name: str | None = None) -> list[Tunnel]:
         """
-        Return tunnels newest first, OPEN and retained CLOSED (control-plane §4 ListTunnels).
+        Return tunnels newest first, OPEN and retained CLOSED (docs/protocol.md §15.4).
 
         Args:
             thing_name: Keep only tunnels whose destinationConfig.thingName equals it.
@@ -354,7 +356,7 @@ class TunnelStore:
         region: str | None = None,
     ) -> Tunnel:
         """
-        Create an OPEN tunnel with a fresh CAT per mode (control-plane §4 OpenTunnel).
+        Create an OPEN tunnel with a fresh CAT per mode (docs/protocol.md §15.1).
 
         Args:
             description: Free text.
@@ -410,9 +412,10 @@ class TunnelStore:
 
     def close_tunnel(self, tunnel_id: str, *, delete: bool = False) -> None:
         """
-        Close a tunnel: CLOSED, tokens revoked, both states DISCONNECTED (control-plane §4).
+        Close a tunnel: CLOSED, tokens revoked, both states DISCONNECTED (docs/protocol.md §15.2).
 
-        Closing a CLOSED tunnel does nothing, or purges it when ``delete`` [choice, §4].
+        Closing a CLOSED tunnel does nothing, or purges it when ``delete``
+        (a choice, docs/protocol.md §15.2).
 
         Raises:
             ResourceNotFound: No such tunnel.
@@ -438,14 +441,16 @@ class TunnelStore:
         services: Sequence[str] | None = None,
     ) -> Tunnel:
         """
-        Revoke and re-mint the CAT of each mode in ``modes``; the expiry does not change (§4).
+        Revoke and re-mint the CAT of each mode in ``modes``; the expiry does not change.
+
+        See docs/protocol.md §15.5.
 
         Args:
             tunnel_id: The tunnel.
             modes: "source" and/or "destination".
             thing_name: destinationConfig.thingName of the request.
             services: destinationConfig.services; not None means a destinationConfig was given,
-                which replaces the stored one [choice, §4].
+                which replaces the stored one (a choice, docs/protocol.md §15.5).
 
         Returns:
             The tunnel, holding the new tokens.
@@ -469,7 +474,8 @@ class TunnelStore:
         rotated = tuple(m for m in MODES if m in modes)
         for mode in rotated:
             old = tunnel.endpoint(mode)
-            # Revocation drops the token and its client-token binding together (§4 Rotate).
+            # Revocation drops the token and its client-token binding together
+            # (docs/protocol.md §15.5).
             self._tokens.pop(token_digest(old.token), None)
             old.token = _mint_token()
             old.client_token = None
@@ -488,7 +494,7 @@ class TunnelStore:
 
     def tag(self, arn: str, tags: Mapping[str, str]) -> None:
         """
-        Insert or overwrite tags by key (control-plane §4 TagResource).
+        Insert or overwrite tags by key (docs/protocol.md §15.6).
 
         Raises:
             ResourceNotFound: No such tunnel.
@@ -498,7 +504,7 @@ class TunnelStore:
 
     def untag(self, arn: str, keys: Iterable[str]) -> None:
         """
-        Remove tags by key; absent keys are ignored (control-plane §4 UntagResource).
+        Remove tags by key; absent keys are ignored (docs/protocol.md §15.7).
 
         Raises:
             ResourceNotFound: No such tunnel.
@@ -512,7 +518,7 @@ class TunnelStore:
 
     def authenticate(self, *, mode: str, token: str, client_token: str | None) -> Tunnel:
         """
-        Check a handshake's token and client token and consume the token (data-plane §2).
+        Check a handshake's token and client token and consume the token (docs/protocol.md §3.4).
 
         The relay has already checked path, mode parameter and "exactly one token".
 
@@ -525,7 +531,7 @@ class TunnelStore:
             The tunnel the token belongs to.
 
         Raises:
-            HandshakeRejected: 400 with the reason text of data-plane §2.
+            HandshakeRejected: 400 with the reason text of docs/protocol.md §3.6.
         """
         entry = self._tokens.get(token_digest(token))
         if entry is None:
@@ -555,7 +561,7 @@ class TunnelStore:
 
     def set_connected(self, tunnel_id: str, mode: str, connected: bool) -> None:
         """
-        Record a WebSocket of ``mode`` going up or down (control-plane §5).
+        Record a WebSocket of ``mode`` going up or down (docs/protocol.md §16.2).
 
         A no-op when the state does not change, when the tunnel is gone, or when a CLOSED
         tunnel would become connected: the relay may report a socket that outlived its tunnel.
@@ -577,7 +583,9 @@ class TunnelStore:
 
     def expire_due(self) -> list[Tunnel]:
         """
-        Close OPEN tunnels past their lifetime; purge CLOSED ones past retention (§4, §5).
+        Close OPEN tunnels past their lifetime; purge CLOSED ones past retention.
+
+        See docs/protocol.md §16.4.
 
         Returns:
             The tunnels this call closed (each also emitted a "closed" event).
@@ -609,7 +617,7 @@ class TunnelStore:
             )
 
     def _client_token_in_use(self, client_token: str) -> bool:
-        # Unique across the account's open tunnels (data-plane §2).
+        # Unique across the account's open tunnels (docs/protocol.md §3.4).
         return any(
             t.endpoint(m).client_token == client_token
             for t in self._tunnels.values()

@@ -1,12 +1,13 @@
 """
-Input shape checks of the Secure Tunneling control plane (control-plane §3), pure functions.
+Input shape checks of the Secure Tunneling control plane (docs/protocol.md §14), pure functions.
 
-botocore validates only ``required``, the JSON type and ``min``; everything else (``max``,
-patterns, enums) reaches the server unchecked (§1), so every constraint is enforced here.
-Constraint failures raise :class:`ValidationFailed` (400 ``ValidationException`` [choice, §2])
-with the message format AWS uses for its own validation errors. A member of the wrong JSON type
-raises :class:`SerializationFailed` (400 ``SerializationException``), as a body that does not
-deserialize into the operation's input shape. Unknown members are ignored, like AWS does.
+botocore validates only ``required``, the JSON type and ``min``; everything else (``max``, patterns,
+enums) reaches the server unchecked (docs/protocol.md §12.2), so every constraint is enforced here.
+Constraint failures raise :class:`ValidationFailed` (400 ``ValidationException``, a choice,
+docs/protocol.md §13.2) with the message format AWS uses for its own validation errors. A member of
+the wrong JSON type raises :class:`SerializationFailed` (400 ``SerializationException``), as a body
+that does not deserialize into the operation's input shape. Unknown members are ignored, like AWS
+does.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ __all__ = [
 
 MAX_PAGE_SIZE = 100
 
-# §3 patterns. `re` has no \p{..} classes, so the Unicode ones use the `regex` module.
+# docs/protocol.md §14 patterns. `re` has no \p{..} classes, so the Unicode ones use the `regex`
+# module.
 TUNNEL_ID = re.compile(r"[a-zA-Z0-9_\-+=:]{1,128}")
 NEXT_TOKEN = re.compile(r"[a-zA-Z0-9_=-]{1,4096}")
 DESCRIPTION = regex.compile(r"[^\p{C}]{1,2048}")
@@ -45,13 +47,13 @@ CLIENT_MODES = ("SOURCE", "DESTINATION", "ALL")
 
 _TYPE_NAMES = {str: "string", int: "integer", bool: "boolean", list: "list", dict: "structure"}
 # A paging token is base64url of this prefix plus the last returned tunnel id, so a token from
-# elsewhere (or a garbled one) is recognised and refused (§4 ListTunnels [choice]).
+# elsewhere (or a garbled one) is recognised and refused (a choice, docs/protocol.md §15.4).
 _PAGE_PREFIX = "lt1:"
 
 
 class SerializationFailed(StoreError):
     """
-    The body is not JSON, or a member has the wrong JSON type (control-plane §1 [choice]).
+    The body is not JSON, or a member has the wrong JSON type (a choice, docs/protocol.md §13.2).
     """
 
     code = "SerializationException"
@@ -93,7 +95,7 @@ class Shape:
             return self._absent
         return value
 
-    def string(  # noqa: PLR0913 - one keyword per §3 constraint
+    def string(  # noqa: PLR0913 - one keyword per docs/protocol.md §14 constraint
         self,
         name: str,
         *,
@@ -185,7 +187,7 @@ class Shape:
             )
         return list(value)
 
-    # -- composite §3 shapes ---------------------------------------------------------------------
+    # -- composite shapes (docs/protocol.md §14) -----------------------------------------------
 
     def destination_config(
         self, name: str = "destinationConfig"
@@ -211,7 +213,8 @@ class Shape:
             for s in raw or ()
         ]
         if len(set(services)) != len(services):
-            # Duplicates make the relay's service ids ambiguous (data-plane §5) [choice, §3].
+            # Duplicates make the relay's service ids ambiguous (docs/protocol.md §6.2;
+            # a choice, docs/protocol.md §14).
             raise _violation("...", f"{name}.services", "Member must not contain duplicates")
         return thing, services
 
@@ -238,7 +241,7 @@ class Shape:
                 value, f"{name}.member.value", pattern=TAG_TEXT, min_len=0, max_len=256
             )
             if key.lower().startswith("aws:"):
-                # Reserved for AWS, the general tagging rule (§4 TagResource [choice]).
+                # Reserved for AWS, the general tagging rule (a choice, docs/protocol.md §15.6).
                 raise ValidationFailed("Tag keys starting with 'aws:' are reserved for AWS use")
             if key in tags:
                 raise _violation(key, f"{name}.member.key", "Member must be unique in the list")
@@ -270,7 +273,7 @@ def check_string(
     max_len: int | None = None,
 ) -> str:
     """
-    Check one string value against §3 length and pattern constraints.
+    Check one string value against the length and pattern constraints of docs/protocol.md §14.
 
     Raises:
         ValidationFailed: A constraint is violated.
@@ -293,7 +296,7 @@ def check_string(
 
 def check_tag_key(value: object, where: str = "tagKeys.member") -> str:
     """
-    Check a TagKey: length 1..128 and the §3 tag pattern.
+    Check a TagKey: length 1..128 and the tag pattern of docs/protocol.md §14.
 
     Raises:
         ValidationFailed: A constraint is violated.
@@ -303,7 +306,9 @@ def check_tag_key(value: object, where: str = "tagKeys.member") -> str:
 
 def encode_next_token(tunnel_id: str) -> str:
     """
-    Return the opaque paging token that resumes after ``tunnel_id`` (matches the §3 pattern).
+    Return the opaque paging token that resumes after ``tunnel_id``.
+
+    It matches the pattern of docs/protocol.md §14.
     """
     return base64.urlsafe_b64encode((_PAGE_PREFIX + tunnel_id).encode()).decode()
 
@@ -313,7 +318,8 @@ def decode_next_token(token: str) -> str:
     Return the tunnel id inside a paging token from :func:`encode_next_token`.
 
     Raises:
-        ValidationFailed: The token does not match the §3 pattern or was not issued here.
+        ValidationFailed: The token does not match the pattern of docs/protocol.md §14 or was
+            not issued here.
     """
     check_string(token, "nextToken", pattern=NEXT_TOKEN)
     try:

@@ -1,7 +1,7 @@
 """
-SEAM 1 registry: notification-source names -> import strings, resolved lazily.
+Notification-source registry (docs/architecture.md §5.1): names -> import strings, resolved lazily.
 
-The daemon receives an instance and never imports an SDK itself (STYLE §3);
+The daemon receives an instance and never imports an SDK itself (docs/architecture.md §5.1);
 only the chosen implementation's module is imported, once, at load.
 """
 
@@ -27,7 +27,7 @@ NOTIFICATION_SOURCES: Mapping[str, str] = {
     "greengrass": "agent.notify.greengrass:GreengrassNotificationSource",
 }
 
-# Set by the Greengrass nucleus for its components' IPC (interfaces.md, SEAM 1).
+# Set by the Greengrass nucleus for its components' IPC (docs/architecture.md §5.1).
 _GREENGRASS_ENV = ("AWS_GG_NUCLEUS_DOMAIN_SOCKET_FILEPATH_FOR_COMPONENT", "SVCUID")
 
 

@@ -1,10 +1,10 @@
 """
-SEAM 1: the interface every tunnel-notification source implements.
+The interface every tunnel-notification source implements (docs/architecture.md §5.1).
 
 A source connects and subscribes in ``__aenter__``, disconnects in ``__aexit__``
 and yields :class:`RawNotification` objects from ``async for``. It never parses
 the payload: validation lives only in the pure :mod:`agent.daemon.notification`
-(STYLE §3), so the MQTT and Greengrass sources stay thin and cannot disagree.
+(docs/architecture.md §5.1), so the MQTT and Greengrass sources stay thin and cannot disagree.
 
 SDK callbacks arrive on CRT threads; implementations hand them to the event
 loop with ``loop.call_soon_threadsafe`` into the one :class:`NotificationQueue`.
@@ -43,7 +43,7 @@ class RawNotification:
 
     def __repr__(self) -> str:
         """
-        Hide the payload: it carries the destination access token (STYLE §7).
+        Hide the payload: it carries the destination access token (docs/architecture.md §7.4).
         """
         return f"RawNotification(topic={self.topic!r}, payload=<{len(self.payload)} bytes>)"
 

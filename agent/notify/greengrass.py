@@ -7,7 +7,7 @@ relays ``$aws/things/<thing>/tunnels/notify`` over its local IPC socket, provide
 the recipe's ``accessControl`` grants ``aws.greengrass#SubscribeToIoTCore`` on
 that topic (packaging/greengrass/recipe.yaml).
 
-Invariants: this module never parses a payload (STYLE §3): every message, even a
+Invariants: this module never parses a payload (docs/architecture.md §5.1): every message, even a
 malformed one, is handed over raw as a :class:`RawNotification` and validated
 downstream by :mod:`agent.daemon.notification`. SDK callbacks run on the SDK's threads;
 they only ever call ``loop.call_soon_threadsafe``. A stream that closes while the
@@ -46,7 +46,7 @@ _log = structlog.get_logger(__name__)
 _THING_NAME_ENV = "AWS_IOT_THING_NAME"
 # The AWS IoT thing-name pattern (CreateThing API).
 # awsiot.greengrasscoreipc.model.QOS.AT_LEAST_ONCE: a notification published while the
-# stream was briefly down is redelivered rather than lost (control-plane §6).
+# stream was briefly down is redelivered rather than lost (docs/protocol.md §17.3).
 QOS_AT_LEAST_ONCE = "1"
 
 
@@ -94,7 +94,7 @@ def default_client_factory() -> IpcClient:
     )
 
     # executor=None: our callbacks only hop to the event loop, so they may run on the
-    # CRT thread; a thread pool could reorder two notifications (rotation, control-plane §6).
+    # CRT thread; a thread pool could reorder two notifications (rotation, docs/protocol.md §17.3).
     client: IpcClient = GreengrassCoreIPCClientV2(executor=None)
     return client
 
@@ -118,7 +118,7 @@ class GreengrassNotificationSource:
         ConfigError: No thing name was given and ``$AWS_IOT_THING_NAME`` is unset.
     """
 
-    def __init__(  # noqa: PLR0913 (keyword-only settings, STYLE §6)
+    def __init__(  # noqa: PLR0913 (keyword-only settings)
         self,
         *,
         thing_name: str | None = None,
@@ -177,7 +177,7 @@ class GreengrassNotificationSource:
             task, self._resubscriber = self._resubscriber, None
             task.cancel()
             # gather() returns the task's CancelledError instead of raising it, while a
-            # cancellation of this coroutine itself still propagates (STYLE §4).
+            # cancellation of this coroutine itself still propagates (docs/architecture.md §6.5).
             await asyncio.gather(task, return_exceptions=True)
         await self._disconnect()
         self._queue.close()

@@ -2,7 +2,7 @@
 Tunnel notifications over MQTT5 (awsiotsdk / awscrt), with mutual TLS to AWS IoT Core.
 
 The device subscribes at QoS 1 to ``$aws/things/<thing>/tunnels/notify``
-(control-plane §6) inside a persistent session: the client always asks to rejoin
+(docs/protocol.md §17.3) inside a persistent session: the client always asks to rejoin
 its session (``REJOIN_ALWAYS``) with a session expiry of at least an hour, so a
 notification published while the device was briefly offline is queued by the
 broker and delivered on reconnection. When the CONNACK says no session was
@@ -13,7 +13,7 @@ configured minimum and maximum delays. Its callbacks run on CRT threads: they
 only hand data to the event loop (``call_soon_threadsafe``), into a bounded queue
 that drops the oldest notification when full (a newer one carries a fresher
 token). Payloads are handed over raw; parsing lives in :mod:`agent.daemon.notification`
-(STYLE §3). Nothing here logs a payload: it carries the access token.
+(docs/architecture.md §5.1). Nothing here logs a payload: it carries the access token.
 """
 
 from __future__ import annotations
@@ -90,7 +90,7 @@ class MqttNotificationSource:
         ConfigError: Invalid thing name, session expiry, queue size or proxy URL.
     """
 
-    def __init__(  # noqa: PLR0913 - keyword-only settings mirroring [mqtt] (STYLE §6)
+    def __init__(  # noqa: PLR0913 - keyword-only settings mirroring [mqtt]
         self,
         *,
         thing_name: str,

@@ -1,8 +1,8 @@
 """
 Sans-I/O core of the Secure Tunneling data plane: framing, messages and the tunnel protocol.
 
-No asyncio, sockets, clocks, subprocesses or AWS SDK here (STYLE §1). Callers import from
-this package::
+No asyncio, sockets, clocks, subprocesses or AWS SDK here (docs/architecture.md §2.3). Callers
+import from this package::
 
     from agent.protocol import TunnelProtocol, CLIENT, SOURCE
 """

@@ -1,7 +1,7 @@
 """
 Events :meth:`TunnelProtocol.events_received` returns: what the peer did, as plain values.
 
-Identifiers follow data-plane §5: in V1 ``service_id`` is ``""``, and in V1/V2 the single
+Identifiers follow docs/protocol.md §6.9: in V1 ``service_id`` is ``""``, and in V1/V2 the single
 connection of a stream is reported as ``connection_id`` 1.
 """
 

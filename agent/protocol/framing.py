@@ -1,5 +1,5 @@
 """
-Tunnel framing: a 2-byte big-endian length prefix, then the message body (data-plane §4).
+Tunnel framing: a 2-byte big-endian length prefix, then the message body (docs/protocol.md §5.1).
 
 Frames do not line up with WebSocket messages: one message may carry several frames or part
 of one, so the receiver reassembles them in a :class:`FrameBuffer`.
@@ -24,9 +24,9 @@ __all__ = [
     "encode_frame",
 ]
 
-#: Largest body a 2-byte prefix can announce (data-plane §4: N <= 65535).
+#: Largest body a 2-byte prefix can announce (docs/protocol.md §5.2: N <= 65535).
 MAX_FRAME_SIZE: Final = 65535
-#: Largest WebSocket message either side accepts (data-plane §3: 131076 bytes).
+#: Largest WebSocket message either side accepts (docs/protocol.md §4.2: 131076 bytes).
 MAX_WS_MESSAGE_SIZE: Final = 131076
 #: Size of the length prefix.
 PREFIX_SIZE: Final = 2

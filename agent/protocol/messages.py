@@ -2,7 +2,7 @@
 Tunnel messages: the protobuf ``Message`` body of a frame, as plain Python values.
 
 Code outside :mod:`agent.protocol` sees :class:`Message` dataclasses and bytes, never
-protobuf objects (STYLE §2). Three encoders/decoders live here:
+protobuf objects (docs/architecture.md §2.3). Three encoders/decoders live here:
 
 * :func:`encode_message` / :func:`decode_message`: the general, cold-path API, written out by
   hand so that a proxy never loads the protobuf runtime (memory). The schema is
@@ -11,7 +11,7 @@ protobuf objects (STYLE §2). Three encoders/decoders live here:
   (``bytes``, ``bytearray`` or ``memoryview`` plus offsets), never copies the payload and
   returns its offsets, so the relay validates a 64 KB DATA frame without touching its bytes.
   It is strict: any field outside the schema, or a known field with another wire type, is an
-  error (data-plane §5 "no fields outside the schema"). Otherwise it accepts exactly what the
+  error (docs/protocol.md §5.4). Otherwise it accepts exactly what the
   upb protobuf runtime accepts; the tests check both against each other.
 * :func:`encode_data_frame`: the DATA hot path; one ``bytes.join`` copies the payload once,
   header and prefix included. Its output equals protobuf's encoding (tests check it).
@@ -54,9 +54,9 @@ __all__ = [
     "scan_message",
 ]
 
-#: Largest ``payload`` of one message (data-plane §4: 64512 bytes, 63 KiB).
+#: Largest ``payload`` of one message (docs/protocol.md §5.2: 64512 bytes, 63 KiB).
 MAX_PAYLOAD_SIZE: Final = 64512
-#: Largest ``streamId`` (int32); the source's counter wraps from here to 1 (data-plane §5 IDs).
+#: Largest ``streamId`` (int32); the source's counter wraps from here to 1 (docs/protocol.md §6.9).
 INT32_MAX: Final = 0x7FFF_FFFF
 #: Largest ``connectionId`` (uint32).
 UINT32_MAX: Final = 0xFFFF_FFFF
@@ -67,7 +67,7 @@ Buffer: TypeAlias = bytes | bytearray | memoryview
 
 class ProtocolVersion(IntEnum):
     """
-    Version of the tunnel message format (data-plane §5 "Versions").
+    Version of the tunnel message format (docs/protocol.md §6.10).
     """
 
     V1 = 1
@@ -77,7 +77,7 @@ class ProtocolVersion(IntEnum):
     @property
     def subprotocol(self) -> str:
         """
-        The ``Sec-WebSocket-Protocol`` value for this version (data-plane §2).
+        The ``Sec-WebSocket-Protocol`` value for this version (docs/protocol.md §3.2).
         """
         return f"aws.iot.securetunneling-{self.value}.0"
 
@@ -108,7 +108,7 @@ V3: Final = ProtocolVersion.V3
 
 class MessageType(IntEnum):
     """
-    ``Message.Type`` values (data-plane §4).
+    ``Message.Type`` values (docs/protocol.md §5.3).
     """
 
     UNKNOWN = 0
@@ -136,7 +136,7 @@ _TYPES: Final[dict[int, MessageType]] = {member.value: member for member in Mess
 @dataclass(frozen=True, slots=True)
 class Message:
     """
-    One tunnel message; zero and empty values mean "absent" as in proto3 (data-plane §4).
+    One tunnel message; zero and empty values mean "absent" as in proto3 (docs/protocol.md §5.4).
 
     Attributes:
         type: The message type. A value outside :class:`MessageType` that a peer sent is
@@ -162,7 +162,7 @@ class Message:
 #: payload_start, payload_end, service_id, available_service_ids, connection_id.
 ScannedMessage: TypeAlias = tuple[int, int, bool, int, int, str, tuple[str, ...], int]
 
-# Tag bytes (field number << 3 | wire type) of the schema (data-plane §4 "key byte").
+# Tag bytes (field number << 3 | wire type) of the schema (docs/protocol.md §5.3).
 _TYPE_TAG: Final = 0x08
 _STREAM_ID_TAG: Final = 0x10
 _IGNORABLE_TAG: Final = 0x18
@@ -478,7 +478,7 @@ def encode_data_frame(
     Encode a whole DATA frame, 2-byte length prefix included, copying the payload once.
 
     The fields are written in field-number order with zero/empty ones omitted, exactly as
-    protobuf serializes them (data-plane §4 golden DATA vector).
+    protobuf serializes them (the DATA vector of docs/protocol.md §5.5).
 
     Args:
         stream_id: ``streamId`` (1..INT32_MAX).

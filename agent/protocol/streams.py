@@ -4,21 +4,21 @@ Stream bookkeeping of the tunnel protocol: per-service stream state and its tran
 Invariants (the model is h11's ``_state.py``):
 
 Rule 1: every stream transition lives in :data:`TRANSITIONS`, a table
-    ``(state, event) -> state``. A pair absent from the table means "this event does not
-    apply to this stream": the caller drops the message (a stale or unknown id, data-plane §5)
-    or, for local calls, treats it as a no-op. Nothing else in the package moves a stream
-    between states.
+    ``(state, event) -> state``. A pair absent from the table means "this event does not apply to
+    this stream": the caller drops the message (a stale or unknown id, docs/protocol.md §6.5) or,
+    for local calls, treats it as a no-op. Nothing else in the package moves a stream between
+    states.
 
 Rule 2: this module does not know which side it plays or how messages are encoded. Whether
     an event *matches* the stream (same stream id, known connection) is decided by the caller
     before the table is consulted; the table only says what a matching event does.
 
-Rule 3: a service has at most one active stream (data-plane §5 STREAM_START: a new stream
+Rule 3: a service has at most one active stream (docs/protocol.md §6.3: a new stream
     replaces the old one). ``stream_id`` is 0 and ``connections`` is empty exactly when the
     state is IDLE.
 
 Rule 4: stream and connection ids are handed out by the source only, from per-service
-    counters that survive resets (data-plane §5 IDs: +1 per stream, wrapping INT32_MAX -> 1).
+    counters that survive resets (docs/protocol.md §6.9: +1 per stream, wrapping INT32_MAX -> 1).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ __all__ = [
     "StreamTable",
 ]
 
-#: Most active connections per service (local proxy limit, data-plane §5 IDs).
+#: Most active connections per service (local proxy limit, docs/protocol.md §6.9).
 MAX_CONNECTIONS_PER_SERVICE: Final = 128
 
 
@@ -83,7 +83,7 @@ CONNECTION_RESET_EVENT: Final = StreamEvent.CONNECTION_RESET
 STREAM_RESET_EVENT: Final = StreamEvent.STREAM_RESET
 SESSION_RESET_EVENT: Final = StreamEvent.SESSION_RESET
 
-#: The stream transition table (Rule 1). Data-plane §5 per type.
+#: The stream transition table (Rule 1). docs/protocol.md §6 per type.
 TRANSITIONS: Final[dict[tuple[StreamState, StreamEvent], StreamState]] = {
     # STREAM_START makes the stream active, replacing any older one (like a TCP SYN).
     (IDLE, STREAM_START_EVENT): OPEN,
@@ -187,7 +187,7 @@ class StreamTable:
     The active streams of one tunnel, shared by the relay's two ends (SERVICE side).
 
     The source end records STREAM_START here, so the destination end knows which services
-    have started streams (data-plane §5 "a message on a serviceId with no STREAM_START yet").
+    have started streams (docs/protocol.md §7.2).
 
     Attributes:
         active: Service id -> its active stream id.
@@ -257,7 +257,7 @@ class StreamTable:
 
     def clear(self) -> None:
         """
-        Forget every stream (for example when a peer reconnects, data-plane §6).
+        Forget every stream (for example when a peer reconnects, docs/protocol.md §7.6).
         """
         self.active.clear()
         self.started.clear()

@@ -8,22 +8,22 @@ Rule 1: :meth:`TunnelProtocol.receive_message` never raises for anything the pee
     ``failure``, emits :class:`ProtocolFailed` and every later input is ignored. Local misuse
     (a bad outbound call) raises :class:`~agent.exceptions.LocalProtocolError` at once.
 
-Rule 2: one :class:`TunnelProtocol` class serves the four roles (STYLE §2 "Symmetry"):
+Rule 2: one :class:`TunnelProtocol` class serves the four roles (docs/architecture.md §2.3):
     CLIENT+SOURCE, CLIENT+DESTINATION (the local proxies) and SERVICE+SOURCE,
     SERVICE+DESTINATION (the relay's end of each proxy's WebSocket). This file decides what
     each role may send and receive; streams.py, which holds every stream transition, does not
     know the role.
 
 Rule 3: each element of ``messages_to_send()`` is exactly one length-prefixed frame, as the
-    local proxy writes them (data-plane §3).
+    local proxy writes them (docs/protocol.md §5.6).
 
 Rule 4: the SERVICE side never rewrites a frame. ``messages_to_forward()`` holds the valid
-    frames byte-for-byte, in order, and nothing after a violation (data-plane §6). When a
+    frames byte-for-byte, in order, and nothing after a violation (docs/protocol.md §7.3). When a
     WebSocket message held only whole valid frames and nothing was buffered, it is the very
     object received (zero copy).
 
 Rule 5: the DESTINATION client never mixes formats: the first STREAM_START fixes it
-    (connectionId absent -> V2, serviceId empty as well -> V1; data-plane §5 "Versions") and
+    (connectionId absent -> V2, serviceId empty as well -> V1; docs/protocol.md §6.10) and
     a STREAM_START in another format later is a violation.
 
 Rule 6: the DATA path (``send_data`` and a received DATA frame) costs one encode or one
@@ -89,9 +89,9 @@ __all__ = [
     "TunnelProtocol",
 ]
 
-#: WebSocket close code for a frame or message over the limit (data-plane §3).
+#: WebSocket close code for a frame or message over the limit (docs/protocol.md §4.2).
 CLOSE_MESSAGE_TOO_BIG: Final = 1009
-#: WebSocket close code for any other violation (data-plane §5).
+#: WebSocket close code for any other violation (docs/protocol.md §6.11).
 CLOSE_POLICY_VIOLATION: Final = 1008
 
 
@@ -110,7 +110,7 @@ SERVICE: Final = Side.SERVICE
 
 class Mode(IntEnum):
     """
-    Which local proxy the WebSocket belongs to (``local-proxy-mode``, data-plane §1).
+    Which local proxy the WebSocket belongs to (``local-proxy-mode``, docs/protocol.md §2.1).
     """
 
     SOURCE = 0
@@ -158,7 +158,7 @@ class Mode(IntEnum):
 SOURCE: Final = Mode.SOURCE
 DESTINATION: Final = Mode.DESTINATION
 
-# Message types that carry a stream id, which must be > 0 (data-plane §5).
+# Message types that carry a stream id, which must be > 0 (docs/protocol.md §6.1).
 _STREAM_TYPES: Final = frozenset(
     {
         MessageType.DATA,
@@ -210,7 +210,7 @@ class TunnelProtocol:
         ValueError: An argument is out of range, or ``streams`` was given to a CLIENT.
     """
 
-    def __init__(  # noqa: PLR0913 - the limits are keyword-only knobs with defaults (STYLE §2)
+    def __init__(  # noqa: PLR0913 - the limits are keyword-only knobs with defaults
         self,
         side: Side,
         mode: Mode,
@@ -249,7 +249,7 @@ class TunnelProtocol:
         self._events: list[Event] = []
         self._to_send: list[bytes] = []
         self._to_forward: list[bytes] = []
-        # CLIENT: one record per service id (data-plane §5: one active stream per service).
+        # CLIENT: one record per service id (docs/protocol.md §6.3: one active stream per service).
         self._streams: dict[str, ServiceStream] = {}
         # CLIENT+DESTINATION: the format the first STREAM_START fixed (Rule 5).
         self._format: ProtocolVersion | None = None
@@ -335,7 +335,7 @@ class TunnelProtocol:
         Start a new stream for a service (CLIENT+SOURCE).
 
         The stream id comes from the service's counter (1, 2, ..., INT32_MAX, 1, ...); the
-        stream replaces any active one and starts with connection 1 (data-plane §5).
+        stream replaces any active one and starts with connection 1 (docs/protocol.md §6.3).
 
         Args:
             service_id: The service (``""`` in V1).
@@ -451,7 +451,7 @@ class TunnelProtocol:
 
         Raises:
             LocalProtocolError: A CLIENT in V1/V2 (close the stream with
-                :meth:`send_stream_reset` instead, data-plane §5 V2).
+                :meth:`send_stream_reset` instead, docs/protocol.md §6.10).
         """
         if self.side is SERVICE:
             stream_id = self._table.active.get(service_id)
@@ -480,7 +480,7 @@ class TunnelProtocol:
         Reset the service's active stream, or the given one (STREAM_RESET).
 
         The stream and all its connections end locally. On the SERVICE side this is the relay
-        originating a reset to this peer (data-plane §6) and it clears the
+        originating a reset to this peer (docs/protocol.md §7.6) and it clears the
         :class:`StreamTable` entry. A no-op when there is no active stream and no id.
 
         Args:
@@ -513,7 +513,7 @@ class TunnelProtocol:
         """
         Announce the tunnel's services (SERVICE; SERVICE_IDS, sent even when empty).
 
-        A no-op in V1, which has no SERVICE_IDS (data-plane §5).
+        A no-op in V1, which has no SERVICE_IDS (docs/protocol.md §6.2).
 
         Raises:
             LocalProtocolError: On the CLIENT side.
@@ -569,7 +569,7 @@ class TunnelProtocol:
 
     def _check_service(self, service_id: str) -> None:
         """
-        Refuse a service id in V1, where there are none (data-plane §5 V1).
+        Refuse a service id in V1, where there are none (docs/protocol.md §6.10).
         """
         if service_id and self.version is V1:
             raise LocalProtocolError("V1 carries no service id")
@@ -640,7 +640,7 @@ class TunnelProtocol:
 
     def _on_unknown(self, mtype: int, *, ignorable: bool) -> None:
         """
-        Drop an ignorable unknown type (data-plane §5); any other is a violation.
+        Drop an ignorable unknown type (docs/protocol.md §6.1); any other is a violation.
         """
         if mtype == MessageType.UNKNOWN:
             raise RemoteProtocolError("message type 0")
@@ -662,7 +662,7 @@ class TunnelProtocol:
         self, stream_id: int, service_id: str, _available: tuple[str, ...], conn: int
     ) -> None:
         """
-        STREAM_START: the destination makes it the active stream (data-plane §5).
+        STREAM_START: the destination makes it the active stream (docs/protocol.md §6.3).
         """
         if self.mode is SOURCE:
             raise RemoteProtocolError("a source received STREAM_START")
@@ -677,7 +677,7 @@ class TunnelProtocol:
         stream = self._stream(service_id)
         replaced = stream.start(stream_id, conn or 1)
         if replaced:
-            # The replaced stream is cleaned up locally; nothing is sent (data-plane §5).
+            # The replaced stream is cleaned up locally; nothing is sent (docs/protocol.md §6.3).
             self._events.append(StreamReset(service_id, replaced))
         self._events.append(StreamStarted(service_id, stream_id, conn or 1))
 
@@ -696,7 +696,7 @@ class TunnelProtocol:
             return
         conn = conn or 1
         if conn in stream.connections:
-            # An id already in use: reset the existing connection (data-plane §5).
+            # An id already in use: reset the existing connection (docs/protocol.md §6.4).
             stream.connections.discard(conn)
             stream.handle(CONNECTION_RESET_EVENT)
             self._events.append(ConnectionReset(service_id, stream_id, conn))
@@ -747,7 +747,7 @@ class TunnelProtocol:
         self, _stream_id: int, _service_id: str, _available: tuple[str, ...], _conn: int
     ) -> None:
         """
-        SESSION_RESET: every stream is forgotten (the counters live on, data-plane §5 IDs).
+        SESSION_RESET: every stream is forgotten (the counters live on, docs/protocol.md §6.9).
         """
         for stream in self._streams.values():
             stream.handle(SESSION_RESET_EVENT)
@@ -792,7 +792,7 @@ class TunnelProtocol:
 
     def _validate(self, buf: Buffer, start: int, end: int) -> None:  # noqa: C901, PLR0912
         """
-        Check one frame against data-plane §5 and track streams in the shared table.
+        Check one frame against docs/protocol.md §6 and track streams in the shared table.
 
         One flat function, DATA first, keeps the per-frame cost low (Rule 6); hence the
         complexity noqa.
@@ -816,7 +816,7 @@ class TunnelProtocol:
             return
         if mtype not in _STREAM_TYPES:
             if mtype in _KNOWN_TYPES:
-                # SESSION_RESET and SERVICE_IDS flow from the service only (data-plane §5).
+                # SESSION_RESET and SERVICE_IDS flow from the service only (docs/protocol.md §6.1).
                 raise RemoteProtocolError("clients never send SESSION_RESET or SERVICE_IDS")
             if mtype == MessageType.UNKNOWN:
                 raise RemoteProtocolError("message type 0")

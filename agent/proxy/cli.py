@@ -1,7 +1,7 @@
 """
 ``tunnel-localproxy``: command line compatible with the AWS IoT Secure Tunneling localproxy.
 
-Flags and environment variables follow the AWS binary (data-plane spec §8) so the agent can spawn
+Flags and environment variables follow the AWS binary (docs/protocol.md §9) so the agent can spawn
 either. The access token should come from ``AWSIOT_TUNNEL_ACCESS_TOKEN``: argv is public in ``ps``.
 """
 

@@ -109,7 +109,7 @@ class DestinationBridge(Bridge):
 
     def _refuse(self, local: LocalConnection, *, stream_start: bool) -> None:
         """
-        Tell the source the local service is unreachable (data-plane §5 STREAM_START failure).
+        Tell the source the local service is unreachable (docs/protocol.md §6.3).
         """
         answered = local.closed_by_peer  # the source already ended it: nothing to reset
         local.closed_by_peer = True

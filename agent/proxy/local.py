@@ -42,7 +42,7 @@ log = logging.getLogger("agent.proxy")
 LOCAL_WRITE_HIGH_WATER = 128 * 1024
 # What a local read may take while the tunnel is congested (see get_buffer).
 PAUSED_READ_SIZE = 1024
-# One read fills exactly four DATA payloads (data-plane §4: 64512 bytes each).
+# One read fills exactly four DATA payloads (docs/protocol.md §5.2: 64512 bytes each).
 READ_SIZE = MAX_PAYLOAD_SIZE
 
 
@@ -222,7 +222,9 @@ class Bridge:
 
     def session_ended(self) -> None:
         """
-        Close every local connection: streams do not survive a WebSocket session (data-plane §7).
+        Close every local connection: streams do not survive a WebSocket session.
+
+        See docs/protocol.md §8.4.
         """
         self.conn = None
         self._close_all(lambda _key: True)
@@ -288,7 +290,8 @@ class Bridge:
         if tunnel.version is ProtocolVersion.V3:
             tunnel.send_connection_reset(local.service_id, local.connection_id)
         else:
-            # V1/V2: one connection per stream, so closing it ends the stream (data-plane §5).
+            # V1/V2: one connection per stream, so closing it ends the stream
+            # (docs/protocol.md §6.10).
             tunnel.send_stream_reset(local.service_id)
         log.info(
             "connection closed service=%s connection=%d", local.service_id, local.connection_id

@@ -1,7 +1,7 @@
 """
 Service maps of the local proxy: ``-s`` listen ports and ``-d`` destination apps.
 
-Formats follow the AWS localproxy (data-plane spec §8): ``5555`` or ``SSH1=5555,SSH2=6666`` for a
+Formats follow the AWS localproxy (docs/protocol.md §9.4): ``5555`` or ``SSH1=5555,SSH2=6666`` for a
 source; ``22``, ``host:22``, ``SSH1=22,SSH2=10.0.0.1:80`` or a Unix socket path for a destination.
 """
 
@@ -22,7 +22,7 @@ __all__ = [
     "parse_source_map",
 ]
 
-# Map ids are stricter than the API's service names: no ':' (spec §8).
+# Map ids are stricter than the API's service names: no ':' (docs/protocol.md §9.4).
 _T = TypeVar("_T")
 
 
@@ -115,7 +115,7 @@ def parse_destination_map(spec: str) -> dict[str, Target]:
 
 def match_services(mapping: dict[str, _T], available: tuple[str, ...]) -> dict[str, _T]:
     """
-    Fit a map to the tunnel's services announced in SERVICE_IDS (spec §5).
+    Fit a map to the tunnel's services announced in SERVICE_IDS (docs/protocol.md §10.1).
 
     A single unnamed mapping takes the name of the tunnel's only service. Every announced service
     needs a mapping; mappings the tunnel does not announce are dropped.

@@ -23,7 +23,7 @@ _ENDPOINT = re.compile(r"[a-zA-Z0-9.:\[\]-]+")
 
 def endpoint_for_region(region: str) -> tuple[str, int]:
     """
-    Return the data-plane host and port of an AWS region (data-plane spec §1).
+    Return the data-plane host and port of an AWS region (docs/protocol.md §2.1).
     """
     if not REGION.fullmatch(region):
         raise ValueError(f"invalid region {region!r}")

@@ -1,9 +1,9 @@
 """
 The proxy's life: connect, run a WebSocket session, and decide between reconnecting and exiting.
 
-Exit rules follow the AWS localproxy (data-plane §7): a close frame or a 4xx handshake ends the
-proxy with status 0; connection failures and 5xx are retried with backoff; an abrupt drop reconnects
-at once with the same token and client token.
+Exit rules follow the AWS localproxy (docs/protocol.md §8): a close frame or a 4xx handshake ends
+the proxy with status 0; connection failures and 5xx are retried with backoff; an abrupt drop
+reconnects at once with the same token and client token.
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ async def _run_session(conn: TunnelWebSocket, bridge: Bridge, stop: asyncio.Even
         return 1
     end = conn.ended.result()
     if end.close is not None:
-        # A close frame of any code ends the proxy (data-plane §7).
+        # A close frame of any code ends the proxy (docs/protocol.md §8.3).
         log.info(
             "tunnel closed by the service code=%d reason=%s",
             end.close.code,

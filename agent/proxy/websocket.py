@@ -3,8 +3,8 @@ One WebSocket session of a local proxy: bytes between an asyncio transport and t
 
 websockets' ``ClientProtocol`` does the HTTP upgrade, control frames and closing; binary messages
 take the fast path of ``agent.ws.frames``; ``TunnelProtocol`` does the tunnel frames. This
-module only moves bytes, keeps the session alive with pings (data-plane §3) and turns transport
-flow control into calls on the application (the ``Bridge``).
+module only moves bytes, keeps the session alive with pings (docs/protocol.md §4.3) and turns
+transport flow control into calls on the application (the ``Bridge``).
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ CLOSE_TIMEOUT = 2.0
 
 class HandshakeFailed(AgentError):
     """
-    The service refused the WebSocket upgrade (data-plane §2).
+    The service refused the WebSocket upgrade (docs/protocol.md §3.6).
 
     Attributes:
         status: HTTP status, or 0 when no valid response arrived.
@@ -65,7 +65,7 @@ class HandshakeFailed(AgentError):
     @property
     def retryable(self) -> bool:
         """
-        5xx and malformed responses are retried; 4xx end the proxy (data-plane §7).
+        5xx and malformed responses are retried; 4xx end the proxy (docs/protocol.md §8.2).
         """
         return not 400 <= self.status < 500
 
@@ -143,7 +143,7 @@ class TunnelWebSocket(asyncio.BufferedProtocol):
             tunnel: The tunnel protocol core for this session.
             request: The upgrade request, headers included.
             app: The side of the proxy the events go to.
-            ping_interval: Seconds between keepalive pings (data-plane §3: 20 s).
+            ping_interval: Seconds between keepalive pings (docs/protocol.md §4.3: 20 s).
         """
         loop = asyncio.get_running_loop()
         self.ws = ws
@@ -232,7 +232,7 @@ class TunnelWebSocket(asyncio.BufferedProtocol):
                 if event.opcode is Opcode.PONG:
                     self._pong(bytes(event.data))
                 elif event.opcode is Opcode.TEXT:
-                    # Binary frames only (data-plane §3).
+                    # Binary frames only (docs/protocol.md §4.1).
                     self._fail_session("text frame received", 1003)
             elif isinstance(event, Response):
                 self._handshake_done(event)
@@ -353,7 +353,8 @@ class TunnelWebSocket(asyncio.BufferedProtocol):
 
     def _ping(self) -> None:
         if self.ws.state is State.OPEN:
-            # Payload: ASCII epoch milliseconds, as the AWS localproxy sends (data-plane §3).
+            # Payload: ASCII epoch milliseconds, as the AWS localproxy sends
+            # (docs/protocol.md §4.3).
             self.ws.send_ping(str(int(time.time() * 1000)).encode())
             self._flush_ws()
             self._schedule_ping()

@@ -254,7 +254,7 @@ class FrameWriter:
 
     Consecutive messages share one WebSocket message, up to ``max_size`` bytes unmasked and up to
     4 KB masked (masking a group means joining it first: a copy that only pays off for small
-    messages). Tunnel frames are never split or merged (data-plane §4): grouping only saves
+    messages). Tunnel frames are never split or merged (docs/protocol.md §5.6): grouping only saves
     headers and records.
 
     Args:

@@ -70,8 +70,8 @@ def websocket_events(
     Feed websockets; give the tunnel core the data frames, yield every other event.
 
     Binary frames and continuations go on as they come, fragments included: tunnel frames may
-    span WebSocket messages (data-plane §4). They go only while the connection is open: once the
-    caller has failed it (on a text frame, say), websockets' closing rules apply.
+    span WebSocket messages (docs/protocol.md §5.1). They go only while the connection is open:
+    once the caller has failed it (on a text frame, say), websockets' closing rules apply.
     """
     ws.receive_data(bytes(data))  # raw items are bytes already: no copy
     for event in ws.events_received():

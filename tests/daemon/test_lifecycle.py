@@ -321,7 +321,7 @@ class TestWiring:
         return load_settings(path, overrides)
 
     def test_plain_values_passed_down(self, tmp_path):
-        """Settings become plain keyword values for the manager (STYLE §6)."""
+        """Settings become plain keyword values for the manager."""
         settings = self.settings(tmp_path, mqtt={"http_proxy": "http://p:3128"})
 
         limits = limits_from(settings)

@@ -30,7 +30,7 @@ def reason(payload: bytes, **kwargs) -> str:
 
 class TestValid:
     def test_device_client_payload(self):
-        """The exact payload of control-plane §6 parses into a request."""
+        """The exact payload of docs/protocol.md §17.2 parses into a request."""
         payload = (
             b'{"clientAccessToken":"' + TOKEN.encode() + b'","clientMode":"destination",'
             b'"region":"us-east-1","services":["SSH"]}'
@@ -127,7 +127,7 @@ class TestInvalid:
         ],
     )
     def test_client_mode(self, mode, expected):
-        """The clientMode must be exactly lowercase destination (control-plane §6)."""
+        """The clientMode must be exactly lowercase destination (docs/protocol.md §17.2)."""
         assert reason(notification(TOKEN, mode=mode)) == expected
 
     def test_client_mode_missing(self):
@@ -249,7 +249,7 @@ near_valid = st.fixed_dictionaries(
 
 @pytest.mark.slow
 class TestFuzz:
-    """10,000 generated payloads in all (issue 4 §7)."""
+    """10,000 generated payloads in all."""
 
     @settings(max_examples=4000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.binary(max_size=300))

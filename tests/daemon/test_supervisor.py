@@ -159,7 +159,7 @@ class TestClientToken:
 
     @pytest.mark.parametrize(("length", "ok"), [(31, False), (32, True), (128, True), (129, False)])
     def test_length_bounds(self, length, ok):
-        """Lengths outside 32..128 are refused (data-plane §2)."""
+        """Lengths outside 32..128 are refused (docs/protocol.md §3.1)."""
         if ok:
             assert len(new_client_token(length)) == length
         else:

@@ -120,7 +120,7 @@ class TestOpenTunnel:
         ]
 
     def test_region_from_credential_scope(self, make_client):
-        """The ARN carries the region the caller signed for (control-plane §1)."""
+        """The ARN carries the region the caller signed for (docs/protocol.md §12.4)."""
         r = make_client(region="eu-west-1").open_tunnel()
 
         assert r["tunnelArn"].startswith("arn:aws:iot:eu-west-1:123456789012:tunnel/")
@@ -550,7 +550,7 @@ class TestValidation:
         ids=[f"{op}-{i}" for i, (op, _, _) in enumerate(VALIDATION_CASES)],
     )
     def test_constraint(self, raw_client, api_store, operation, params, member):
-        """Each §3 constraint is enforced server-side with a 400 ValidationException."""
+        """Each docs/protocol.md §14 constraint gets a server-side 400 ValidationException."""
         with pytest.raises(ClientError) as info:
             getattr(raw_client, operation)(**params)
 
@@ -587,7 +587,7 @@ class TestValidation:
 
 class TestWireProtocol:
     def test_any_path_is_accepted(self, make_client, api_server):
-        """An endpoint_url with a path prefix still reaches the API (control-plane §1)."""
+        """An endpoint_url with a path prefix still reaches the API (docs/protocol.md §12.1)."""
         c = make_client(url=api_server.url + "/some/prefix")
 
         assert c.list_tunnels()["tunnelSummaries"] == []
@@ -842,7 +842,7 @@ class TestServer:
         assert "secret detail" not in str(info.value.response)
 
     def test_no_token_in_logs(self, client):
-        """Tokens returned by Open and Rotate never appear in the log events (STYLE §7)."""
+        """Tokens from Open and Rotate never appear in log events (docs/architecture.md §7.4)."""
         with structlog.testing.capture_logs() as logs:
             r = client.open_tunnel(destinationConfig=DEST)
             rotated = client.rotate_tunnel_access_token(tunnelId=r["tunnelId"], clientMode="ALL")

@@ -64,7 +64,7 @@ def ok(result: subprocess.CompletedProcess[str]) -> dict:
 @pytest.mark.slow
 class TestCliFlow:
     def test_open_describe_list_rotate_tag_close(self, aws, api_store):
-        """The whole operator flow works through the AWS CLI with the spec's shapes."""
+        """The whole operator flow works through the AWS CLI (shapes: docs/protocol.md §14)."""
         opened = ok(
             aws(
                 "open-tunnel",

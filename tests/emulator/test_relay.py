@@ -147,7 +147,7 @@ class TestHandshake:
         assert plain_relay.tunnel(tokens.tunnel_id).source.used is False
 
     def test_v1_gets_no_service_ids(self, plain_relay):
-        """A 1.0 client receives no SERVICE_IDS ([choice] of the spec)."""
+        """A 1.0 client receives no SERVICE_IDS (a choice, docs/protocol.md §6.2)."""
         tokens = plain_relay.open_tunnel()
         v1 = "aws.iot.securetunneling-1.0"
 

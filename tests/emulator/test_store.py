@@ -60,7 +60,7 @@ def events(store):
 
 class TestErrors:
     def test_codes_and_statuses(self):
-        """Each store error carries the AWS code and HTTP status of control-plane §2."""
+        """Each store error carries the AWS code and HTTP status of docs/protocol.md §13.2."""
         errors = [ResourceNotFound("x"), LimitExceeded("x"), ValidationFailed("x")]
         rejected = HandshakeRejected(400, "why")
 
@@ -182,7 +182,7 @@ class TestQueries:
             t.endpoint("SOURCE")
 
     def test_repr_hides_tokens(self, store):
-        """Neither the CAT nor the client token shows in a repr (STYLE §7)."""
+        """Neither the CAT nor the client token shows in a repr (docs/architecture.md §7.4)."""
         t = store.open_tunnel()
         store.authenticate(mode="source", token=t.source.token, client_token=CLIENT_A)
 
@@ -223,7 +223,7 @@ class TestClose:
             store.get_by_arn(t.arn)
 
     def test_close_closed_is_noop_or_purge(self, store, clock, events):
-        """Closing a CLOSED tunnel changes nothing; with delete it purges (§4 [choice])."""
+        """Closing a CLOSED tunnel is a no-op, or purges it with delete (docs/protocol.md §15.2)."""
         t = store.open_tunnel()
         store.close_tunnel(t.tunnel_id)
         clock.now = T0 + 50

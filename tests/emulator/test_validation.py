@@ -1,4 +1,4 @@
-"""Tests for agent.emulator.validation: §3 shape checks and paging tokens (pure, Hypothesis)."""
+"""Tests for agent.emulator.validation: docs/protocol.md §14 shapes, paging tokens (Hypothesis)."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ tunnel_ids = st.from_regex(r"[a-zA-Z0-9_\-+=:]{1,128}", fullmatch=True)
 class TestNextToken:
     @given(tunnel_ids)
     def test_round_trip(self, tunnel_id):
-        """Every valid tunnel id survives encoding, and the token matches the §3 pattern."""
+        """Valid tunnel ids survive encoding; the token matches the docs/protocol.md §14 pattern."""
         token = encode_next_token(tunnel_id)
 
         assert NEXT_TOKEN.fullmatch(token)

@@ -187,7 +187,7 @@ class TestSubscription:
             GreengrassNotificationSource(client_factory=FakeNucleus(), thing_name=name)
 
     def test_implements_the_notification_source_protocol(self):
-        """The source satisfies SEAM 1's runtime-checkable protocol."""
+        """The source satisfies the runtime-checkable protocol of docs/architecture.md §5.1."""
         source = make_source(FakeNucleus())
 
         assert isinstance(source, NotificationSource)

@@ -441,7 +441,7 @@ class TestEnums:
             ProtocolVersion.from_subprotocol("aws.iot.securetunneling-4.0")
 
     def test_message_type_values(self):
-        """MessageType values are the data-plane §4 ones."""
+        """MessageType values are the docs/protocol.md §5.3 ones."""
         values = {m.name: m.value for m in MessageType}
 
         assert values == {
@@ -490,7 +490,7 @@ class TestGeneratedCode:
         assert (major, minor) <= (runtime_version.MAJOR, runtime_version.MINOR)
 
     def test_schema(self):
-        """The generated descriptor has the 7 fields of data-plane §4 with their numbers."""
+        """The generated descriptor has the 7 fields of docs/protocol.md §5.3 with their numbers."""
         fields = {f.name: (f.number, f.type) for f in message_pb2.Message.DESCRIPTOR.fields}
         fd = message_pb2.Message.DESCRIPTOR.fields[0]
 

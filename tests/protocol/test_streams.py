@@ -13,7 +13,7 @@ from agent.protocol.streams import IDLE, OPEN, ServiceStream
 
 class TestTransitions:
     def test_table(self):
-        """The table holds exactly the data-plane §5 transitions."""
+        """The table holds exactly the docs/protocol.md §6 transitions."""
         table = {(s.name, e.name): n.name for (s, e), n in TRANSITIONS.items()}
 
         assert table == {

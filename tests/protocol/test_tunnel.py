@@ -180,7 +180,7 @@ class TestClientSource:
         assert_frames_sent(protocol, [expected])
 
     def test_stream_start_golden_bytes(self):
-        """The V3 STREAM_START frame is the data-plane §4 vector."""
+        """The V3 STREAM_START frame is the docs/protocol.md §5.5 vector."""
         protocol = source()
 
         protocol.send_stream_start("SSH")
@@ -287,7 +287,7 @@ class TestClientSource:
         assert_frames_sent(protocol, [expected])
 
     def test_data_golden_bytes(self):
-        """A V3 DATA frame is the data-plane §4 vector."""
+        """A V3 DATA frame is the docs/protocol.md §5.5 vector."""
         protocol = source()
         protocol.send_stream_start("SSH")
         protocol.messages_to_send()
@@ -449,7 +449,7 @@ class TestClientSource:
         assert protocol.active_stream("SSH") is None
 
     def test_v2_data_without_connection_id(self):
-        """DATA without connectionId is connection 1 (data-plane §5 IDs)."""
+        """DATA without connectionId is connection 1 (docs/protocol.md §6.9)."""
         protocol = source(V2)
         protocol.send_stream_start("SSH")
 
@@ -987,7 +987,7 @@ class TestServiceValidation:
         ],
     )
     def test_violations(self, end, data, code, reason):
-        """Each broken data-plane §5 rule gives ProtocolFailed with its code; nothing forwarded."""
+        """Each broken docs/protocol.md §6 rule: ProtocolFailed with its code; nothing forwarded."""
         relay_source, relay_destination = started_relay(
             max_frame_size=25, max_payload_size=10, max_message_size=40
         )
@@ -1262,7 +1262,7 @@ class TestTunnelPair:
         assert pair.source.send_stream_start("SSH") == (2, 1)
 
     def test_relay_resets_on_reconnect(self):
-        """On a peer reconnect the relay resets the other peer's streams (data-plane §6)."""
+        """On a peer reconnect the relay resets the other peer's streams (docs/protocol.md §7.6)."""
         pair = TunnelPair()
         pair.connect()
         pair.source.send_stream_start("SSH")
