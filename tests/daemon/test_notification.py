@@ -135,9 +135,7 @@ class TestInvalid:
         payload = json.loads(notification(TOKEN))
         del payload["clientMode"]
 
-        assert (
-            reason(json.dumps(payload).encode()) == "clientMode is not 'destination' (null)"
-        )
+        assert reason(json.dumps(payload).encode()) == "clientMode is not 'destination' (null)"
 
     @pytest.mark.parametrize(
         "region",
