@@ -142,12 +142,9 @@ class TestNotifications:
     @pytest.mark.parametrize(
         ("payload", "reason"),
         [
-            (notification(TOKEN, ["SSH", "RDP"]), "service 'RDP' is not in the services map"),
-            (notification(TOKEN, mode="source"), "clientMode is 'source', expected 'destination'"),
-            (
-                notification(TOKEN, region="evil.example"),
-                "region 'evil.example' does not look like an AWS region",
-            ),
+            (notification(TOKEN, ["SSH", "RDP"]), "services[1] is not in the services map"),
+            (notification(TOKEN, mode="source"), "clientMode is not 'destination' (6 characters"),
+            (notification(TOKEN, region="evil.example"), "region does not look like an AWS region"),
             (b'{"clientAccessToken": ', "payload is not valid JSON"),
             (b"{" + b" " * 1_000_000 + b"}", "payload is 1000002 bytes, more than 16384"),
         ],
@@ -162,7 +159,7 @@ class TestNotifications:
         h.source.publish(notification(TOKEN))
         await wait_for(lambda: h.launcher.proxies)
 
-        assert capture.named("notification_rejected")[0]["reason"] == reason
+        assert capture.named("notification_rejected")[0]["reason"].startswith(reason)
         assert len(h.launcher.proxies) == 1
         assert TOKEN not in capture.text
 
