@@ -2,9 +2,9 @@
 The emulator's data plane: the WebSocket relay between a tunnel's source and destination.
 
 Per tunnel, at most one live WebSocket per mode. Every valid tunnel frame goes to the other mode
-byte for byte (docs/protocol.md §7.3); the relay checks fields with ``TunnelProtocol`` in the
-SERVICE role and never rewrites them. Backpressure crosses the relay: when one peer's socket is
-full, the relay stops reading the other.
+byte for byte (docs/protocol.md §7.3); the relay checks fields with ``TunnelProtocol`` in the SERVICE
+role and never rewrites them. Backpressure crosses the relay: when one peer's socket is full, the
+relay stops reading the other.
 """
 
 from __future__ import annotations
@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 import secrets
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 from urllib.parse import parse_qs, urlsplit
 
-from websockets.frames import Frame, Opcode
-from websockets.http11 import Request
+from websockets.frames import Opcode
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
@@ -32,16 +32,15 @@ from agent.protocol import (
     StreamTable,
     TunnelProtocol,
 )
-from agent.protocol.ids import CLIENT_TOKEN
-from agent.ws.frames import FrameReader, FrameWriter
-from agent.ws.routing import route_received, websocket_events, write_pending
+from agent.ws.buffered import CLOSE_TIMEOUT, BufferedWebSocket
 
 
 if TYPE_CHECKING:
     import ssl
     from collections.abc import Sequence
 
-    from agent.protocol.messages import Buffer
+    from websockets.frames import Frame
+    from websockets.http11 import Request
 
 
 __all__ = ["Relay"]
@@ -50,9 +49,9 @@ log = logging.getLogger("agent.emulator.relay")
 _ws_log = logging.getLogger("agent.emulator.relay.websocket")
 _ws_log.setLevel(logging.WARNING)  # websockets logs request headers (tokens) at DEBUG
 
+CLIENT_TOKEN = re.compile(r"[a-zA-Z0-9-]{32,128}")
 MAX_REQUEST_SIZE = 4096
 WRITE_HIGH_WATER = 512 * 1024
-CLOSE_TIMEOUT = 2.0
 _SUPPORTED = {version.subprotocol: version for version in ProtocolVersion}
 
 
@@ -85,74 +84,38 @@ class _TunnelPair:
         return self.peers.get(Mode.DESTINATION if peer.mode is Mode.SOURCE else Mode.SOURCE)
 
 
-class _Peer(asyncio.BufferedProtocol):
+class _Peer(BufferedWebSocket):
     """
     The relay's end of one client WebSocket.
     """
 
+    ws: ServerProtocol
+
     def __init__(self, relay: Relay) -> None:
-        self.relay = relay
-        self.id = next(relay.ids)
-        self.ws = ServerProtocol(
+        ws = ServerProtocol(
             subprotocols=[Subprotocol(v.subprotocol) for v in relay.versions],
             select_subprotocol=_select_subprotocol,
             max_size=MAX_WS_MESSAGE_SIZE,
             logger=_ws_log,
         )
-        self.transport: asyncio.Transport | None = None
+        # The tunnel core comes with the handshake.
+        super().__init__(ws, None, max_size=MAX_WS_MESSAGE_SIZE, high_water=WRITE_HIGH_WATER)
+        self.relay = relay
+        self.id = next(relay.ids)
         self.session: _TunnelPair | None = None
         self.mode: Mode | None = None
-        self.tunnel: TunnelProtocol | None = None
         self._blocked: _Peer | None = None
-        self._close_handle: asyncio.TimerHandle | None = None
-        # websockets was fed bytes or failed since its output was last written. Every other call
-        # into it is followed by flush at once; this spares the data path that call per message.
-        self._ws_dirty = False
-        self.reader = FrameReader(masked=True, max_size=MAX_WS_MESSAGE_SIZE)
-        self.writer = FrameWriter(mask=False, max_size=MAX_WS_MESSAGE_SIZE)
 
-    # asyncio callbacks
+    # BufferedWebSocket hooks
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports are not asyncio.Transport subclasses: cast, don't check.
-        self.transport = cast("asyncio.Transport", transport)
-        transport = self.transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+    def _connected(self) -> None:
         self.relay.peers.add(self)
 
-    def get_buffer(self, sizehint: int) -> memoryview:  # noqa: ARG002 - our size is fixed
-        # Reading into the frame reader's buffer spares the TLS layer a 256 KB allocation per
-        # record, and leaves partial frames in place.
-        return self.reader.get_buffer()
+    def _frame_received(self, frame: Frame) -> None:
+        if frame.opcode is Opcode.TEXT:
+            self.ws.fail(1003, "binary frames only")
 
-    def buffer_updated(self, nbytes: int) -> None:
-        self.reader.buffer_updated(nbytes)
-        self._received()
-
-    def data_received(self, data: bytes | memoryview) -> None:
-        self.reader.receive(data, self._received)
-
-    def _received(self) -> None:
-        if not route_received(self.reader, self.ws, self._receive_ws, lambda: self.tunnel):
-            return
-        if self.tunnel is not None:
-            self._after_messages(self.tunnel)
-        if self._ws_dirty:
-            self.flush()
-
-    def _receive_ws(self, data: Buffer) -> None:
-        """
-        Feed websockets: the upgrade request, control frames, anything unusual.
-        """
-        self._ws_dirty = True
-        for event in websocket_events(self.ws, data, self.tunnel):
-            if isinstance(event, Frame):
-                if event.opcode is Opcode.TEXT:
-                    self.ws.fail(1003, "binary frames only")
-            elif isinstance(event, Request):
-                self._handshake(event)
-
-    def _after_messages(self, tunnel: TunnelProtocol) -> None:
+    def _messages_received(self, tunnel: TunnelProtocol) -> None:
         """
         Close on a protocol violation (docs/protocol.md §6.11), and forward the valid frames.
         """
@@ -172,14 +135,7 @@ class _Peer(asyncio.BufferedProtocol):
         if messages:
             self._forward(messages)
 
-    def eof_received(self) -> bool:
-        self.ws.receive_eof()
-        self.flush()
-        return False
-
-    def connection_lost(self, exc: Exception | None) -> None:  # noqa: ARG002
-        if self._close_handle is not None:
-            self._close_handle.cancel()
+    def _disconnected(self, exc: Exception | None) -> None:  # noqa: ARG002
         self.relay.peer_gone(self)
         if self._blocked is not None:
             self._blocked.resume_reading()
@@ -206,28 +162,6 @@ class _Peer(asyncio.BufferedProtocol):
 
     # helpers
 
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.resume_reading()
-
-    def flush(self) -> None:
-        self._ws_dirty = False
-        transport = self.transport
-        if (
-            transport is not None
-            and write_pending(self.ws, transport)
-            and self._close_handle is None
-        ):
-            self._close_handle = asyncio.get_running_loop().call_later(
-                CLOSE_TIMEOUT, transport.abort
-            )
-
-    def send_tunnel_messages(self) -> None:
-        """
-        Send what this peer's tunnel core queued (SERVICE_IDS, resets).
-        """
-        self.write_messages(self.tunnel.messages_to_send() if self.tunnel is not None else [])
-
     def write_messages(self, messages: list[bytes]) -> None:
         """
         Send what websockets queued (a pong, say) first, then tunnel messages as binary frames.
@@ -235,16 +169,9 @@ class _Peer(asyncio.BufferedProtocol):
         Several tunnel frames share one WebSocket message, up to the size limit.
         """
         if self._ws_dirty:
-            self.flush()
+            self._flush_ws()
         if messages and self.ws.state is State.OPEN and self.transport is not None:
-            self.transport.writelines(self.writer.frames(messages))
-
-    def close(self, code: int, reason: str) -> None:
-        if self.ws.state is State.OPEN:
-            self.ws.send_close(code, reason)
-        elif self.transport is not None and self.ws.state is State.CONNECTING:
-            self.transport.close()
-        self.flush()
+            self.transport.writelines(self._writer.frames(messages))
 
     def _forward(self, messages: list[bytes]) -> None:
         assert self.session is not None  # noqa: S101 - tunnel exists only after attaching
@@ -259,9 +186,9 @@ class _Peer(asyncio.BufferedProtocol):
         response = self.ws.reject(status, reason)
         self.ws.send_response(response)
         log.info("handshake rejected status=%d reason=%s", status, reason)
-        self.flush()
+        self._flush_ws()
 
-    def _handshake(self, request: Request) -> None:
+    def _request_received(self, request: Request) -> None:
         """
         Check the upgrade request (docs/protocol.md §3) and attach to the tunnel's session.
         """
@@ -285,7 +212,7 @@ class _Peer(asyncio.BufferedProtocol):
             return
         response.headers["channel-id"] = secrets.token_hex(8)
         self.ws.send_response(response)
-        self.flush()
+        self._flush_ws()
         session = self.relay.session(tunnel.tunnel_id)
         self.session = session
         self.mode = mode
@@ -383,7 +310,7 @@ class Relay:
 
         Args:
             abort: Drop the TCP connections without a close frame instead, as a network loss
-                would (docs/protocol.md §7.8): clients with a client token reconnect.
+                would (docs/protocol.md §7.7): clients with a client token reconnect.
         """
         if self._server is not None:
             self._server.close()
@@ -440,10 +367,10 @@ class Relay:
         if session.streams.active and other is not None and other.tunnel is not None:
             for service_id, stream_id in list(session.streams.active.items()):
                 other.tunnel.send_stream_reset(service_id, stream_id)
-            other.send_tunnel_messages()
+            other.flush()
         session.streams.clear()
         tunnel.send_service_ids()
-        peer.send_tunnel_messages()
+        peer.flush()
         self.store.set_connected(session.tunnel_id, mode.query, connected=True)
         log.info(
             "peer connected tunnel=%s mode=%s subprotocol=%s replaced=%s",

@@ -3,12 +3,11 @@ The WebSocket fast path: binary frames read and written without websockets' per-
 
 websockets does the opening handshake, control frames, the closing handshake and every error
 (RFC 6455). Per message, its generator-based parser and its serializer cost more CPU than the
-tunnel frames they carry, and a proxy or the relay handles a message for every 64 bytes an
-interactive session types. So the tunnel's data, complete single-frame binary messages, takes this
-path; every other frame reaches websockets unchanged, whole, at a frame boundary. The first frame
-this reader does not vouch for (fragmented, text, reserved bits set, wrong masking, over the size
-limit) hands the rest of the stream to websockets for good, so anything unusual gets websockets'
-own handling and close code.
+small payloads they often carry (an interactive session sends a message every few keystrokes). So
+complete single-frame binary messages take this path; every other frame reaches websockets
+unchanged, whole, at a frame boundary. The first frame this reader does not vouch for
+(fragmented, text, reserved bits set, wrong masking, over the size limit) hands the rest of the
+stream to websockets for good, so anything unusual gets websockets' own handling and close code.
 
 Sans-I/O: bytes in, ``(raw, data)`` items out; frames out as lists of bytes to write.
 """
@@ -223,7 +222,7 @@ class FrameReader:
                     (False, apply_mask(view[payload:stop], bytes(view[payload - 4 : payload])))
                 )
             else:
-                # A view: the tunnel core copies each payload out once (no 128 KB interim).
+                # A view: the consumer copies each payload out once (no 128 KB interim).
                 items.append((False, view[payload:stop]))
             start = stop
         self._start = start
@@ -254,7 +253,7 @@ class FrameWriter:
 
     Consecutive messages share one WebSocket message, up to ``max_size`` bytes unmasked and up to
     4 KB masked (masking a group means joining it first: a copy that only pays off for small
-    messages). Tunnel frames are never split or merged (docs/protocol.md §5.6): grouping only saves
+    messages). Each message given stays whole and in order inside its group: grouping only saves
     headers and records.
 
     Args:

@@ -1,5 +1,5 @@
 """
-Glue between websockets, the WebSocket fast path and asyncio, shared by the proxy and the relay.
+Routing: received frames to websockets or to the binary-message consumer; websockets' output out.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from websockets.protocol import State
 if TYPE_CHECKING:
     import asyncio
     from collections.abc import Callable, Iterator
+    from typing import Protocol as Structural
 
     from websockets.http11 import Request, Response
     from websockets.protocol import Protocol
@@ -21,10 +22,18 @@ if TYPE_CHECKING:
     from agent.protocol.messages import Buffer
     from agent.ws.frames import FrameReader
 
+    class _HasTunnel(Structural):
+        """
+        What holds the binary-message consumer; it may appear during the handshake.
+        """
+
+        @property
+        def tunnel(self) -> TunnelProtocol | None: ...
+
 
 __all__ = ["route_received", "websocket_events", "write_pending"]
 
-# Opcodes that carry tunnel bytes: a binary frame and the continuations of a fragmented one.
+# Opcodes of binary messages: a binary frame and the continuations of a fragmented one.
 _DATA_OPCODES = frozenset((Opcode.BINARY, Opcode.CONT))
 
 
@@ -32,13 +41,14 @@ def route_received(
     reader: FrameReader,
     ws: Protocol,
     to_websockets: Callable[[Buffer], None],
-    tunnel: Callable[[], TunnelProtocol | None],
+    owner: _HasTunnel,
 ) -> bool:
     """
-    Route what ``reader`` holds to websockets or to the tunnel core.
+    Route what ``reader`` holds to websockets or to ``owner.tunnel``, the binary-message consumer.
 
-    The HTTP head and raw frames go to websockets; binary payloads to the tunnel core, once the
-    handshake has made one.
+    The HTTP head and raw frames go to websockets; binary payloads to the consumer, once there
+    is one (``owner.tunnel`` is read again after the head: the handshake may create it). An
+    attribute rather than a getter: this runs once per read, and a read costs less than a call.
 
     Returns:
         False while the HTTP head is incomplete.
@@ -48,8 +58,8 @@ def route_received(
         if head is None:
             return False
         to_websockets(head)
-        reader.open(fast=ws.state is State.OPEN and tunnel() is not None)
-    core = tunnel()
+        reader.open(fast=ws.state is State.OPEN and owner.tunnel is not None)
+    core = owner.tunnel
     for raw, chunk in reader.frames():
         if not raw:
             if core is not None:
@@ -67,11 +77,11 @@ def websocket_events(
     ws: Protocol, data: Buffer, tunnel: TunnelProtocol | None
 ) -> Iterator[Frame | Request | Response]:
     """
-    Feed websockets; give the tunnel core the data frames, yield every other event.
+    Feed websockets; give ``tunnel`` the binary frames' payloads, yield every other event.
 
-    Binary frames and continuations go on as they come, fragments included: tunnel frames may
-    span WebSocket messages (docs/protocol.md §5.1). They go only while the connection is open:
-    once the caller has failed it (on a text frame, say), websockets' closing rules apply.
+    Binary frames and continuations go on as they come, fragments included: the consumer reads
+    a byte stream, not messages. They go only while the connection is open: once the caller has
+    failed it (on a text frame, say), websockets' closing rules apply.
     """
     ws.receive_data(bytes(data))  # raw items are bytes already: no copy
     for event in ws.events_received():
