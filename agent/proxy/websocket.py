@@ -4,8 +4,8 @@ One WebSocket session of a local proxy: bytes between an asyncio transport and t
 websockets' ``ClientProtocol`` does the HTTP upgrade, control frames and closing; binary messages
 take the fast path of ``agent.ws.frames``; ``TunnelProtocol`` does the tunnel frames;
 ``agent.ws.buffered`` moves the bytes. This module checks the handshake's response, keeps the
-session alive with pings (docs/protocol.md §4.3) and turns transport flow control and the tunnel's events
-into calls on the application (the ``Bridge``).
+session alive with pings (docs/protocol.md §4.3) and turns transport flow control and the
+tunnel's events into calls on the application (the ``Bridge``).
 """
 
 from __future__ import annotations
@@ -270,7 +270,8 @@ class TunnelWebSocket(BufferedWebSocket):
 
     def _ping(self) -> None:
         if self.ws.state is State.OPEN:
-            # Payload: ASCII epoch milliseconds, as the AWS localproxy sends (docs/protocol.md §4.3).
+            # Payload: ASCII epoch milliseconds, as the AWS localproxy sends
+            # (docs/protocol.md §4.3).
             self.ws.send_ping(str(int(time.time() * 1000)).encode())
             self._flush_ws()
             self._schedule_ping()
