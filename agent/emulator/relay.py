@@ -3,8 +3,8 @@ The emulator's data plane: the WebSocket relay between a tunnel's source and des
 
 Per tunnel, at most one live WebSocket per mode. Every valid tunnel frame goes to the other
 mode byte for byte (docs/protocol.md §7.3); the relay checks fields with ``TunnelProtocol`` in
-the SERVICE role and never rewrites them. Backpressure crosses the relay: when one peer's socket is full, the
-relay stops reading the other.
+the SERVICE role and never rewrites them. Backpressure crosses the relay: when one peer's
+socket is full, the relay stops reading the other.
 """
 
 from __future__ import annotations
