@@ -56,6 +56,7 @@ __all__ = [
     "Tunnel",
     "TunnelStore",
     "ValidationFailed",
+    "write_state",
 ]
 
 log = structlog.get_logger(__name__)
@@ -662,20 +663,7 @@ class TunnelStore:
             "version": _STATE_VERSION,
             "tunnels": [_tunnel_to_json(t) for t in self._tunnels.values()],
         }
-        directory = self.state_file.parent
-        directory.mkdir(parents=True, exist_ok=True)
-        # Write a 0600 temporary file and rename it, so a crash never leaves a torn file and the
-        # tokens inside are never readable by others, not even for a moment.
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{self.state_file.name}.")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                os.fchmod(f.fileno(), 0o600)
-                json.dump(data, f, separators=(",", ":"))
-            Path(tmp).replace(self.state_file)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                Path(tmp).unlink()
-            raise
+        write_state(self.state_file, data)
 
     def _load(self, path: Path) -> None:
         try:
@@ -698,6 +686,30 @@ class TunnelStore:
                     self._tokens[_digest(ep.token)] = (tunnel.tunnel_id, mode)
             self._tunnels[tunnel.tunnel_id] = tunnel
             self._by_arn[tunnel.arn] = tunnel.tunnel_id
+
+
+def write_state(path: Path, data: object) -> None:
+    """
+    Replace ``path`` with ``data`` as compact JSON, atomically and with mode 0600.
+
+    Args:
+        path: The state file; its directory is created when missing.
+        data: Anything :func:`json.dump` accepts.
+    """
+    directory = path.parent
+    directory.mkdir(parents=True, exist_ok=True)
+    # Write a 0600 temporary file and rename it, so a crash never leaves a torn file and the
+    # secrets inside are never readable by others, not even for a moment.
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            os.fchmod(f.fileno(), 0o600)
+            json.dump(data, f, separators=(",", ":"))
+        Path(tmp).replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink()
+        raise
 
 
 def _tunnel_to_json(t: Tunnel) -> dict[str, Any]:
