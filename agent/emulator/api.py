@@ -34,7 +34,7 @@ from agent.protocol.ids import THING_NAME
 
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from agent.emulator.store import Endpoint, Tunnel, TunnelStore
 
@@ -88,7 +88,7 @@ class ControlPlaneApi:
         app: The aiohttp application (mountable elsewhere for tests).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only server settings, each documented
         self,
         store: TunnelStore,
         *,
@@ -96,6 +96,7 @@ class ControlPlaneApi:
         port: int = 0,
         credentials: dict[str, str] | None = None,
         lazy_expiry: bool = True,
+        routes: Sequence[web.RouteDef] = (),
     ) -> None:
         """
         Configure the server; nothing listens before :meth:`start`.
@@ -108,6 +109,7 @@ class ControlPlaneApi:
                 None turns the check off (docs/protocol.md §12.4).
             lazy_expiry: Run ``store.expire_due()`` before each operation, so answers are
                 exact even between two ticks of the app's expiry timer (docs/protocol.md §16.4).
+            routes: Other services' REST routes served on the same port (iot-data shadows).
         """
         self.store = store
         self._host = host
@@ -126,6 +128,8 @@ class ControlPlaneApi:
             "ListTagsForResource": self._list_tags,
         }
         self.app = web.Application(client_max_size=MAX_BODY)
+        # Registered first: the awsJson catch-all below would answer any path.
+        self.app.router.add_routes(routes)
         self.app.router.add_route("*", "/{tail:.*}", self._handle)
 
     @property

@@ -8,6 +8,9 @@ One :class:`Emulator` owns a directory and runs, on loopback:
 * the data-plane relay (:class:`~agent.emulator.relay.Relay`, TLS with the emulator CA);
 * the MQTT broker (:class:`~agent.emulator.broker.Broker`, mutual TLS, per-thing ACL) and
   the notification publisher (:class:`~agent.emulator.notifier.Notifier`);
+* Device Shadows: the store (:class:`~agent.emulator.shadows.ShadowStore`), its MQTT topics
+  (:class:`~agent.emulator.shadow_mqtt.ShadowService`) and the iot-data HTTP API
+  (:class:`~agent.emulator.shadow_api.ShadowApi`, on the control plane's port);
 * a timer closing tunnels at expiry (docs/protocol.md §16.4).
 
 Directory layout (everything survives a restart)::
@@ -16,6 +19,7 @@ Directory layout (everything survives a restart)::
     broker/         mosquitto's config, ACLs, persistence and log
     things/<name>/  cert.pem, key.pem (0600), ca.pem, config.toml: a ready agent bundle
     state.json      the tunnel store (0600)
+    shadows.json    every thing's shadows (0600)
     credentials.json, operator.env (0600): what `aws` / boto3 need to call the API
     emulator.json   endpoints of the running emulator (removed at stop)
 """
@@ -45,6 +49,7 @@ from agent.emulator.pki import (
     CertificateAuthority,
     KeyPair,
 )
+from agent.emulator.shadows import ShadowStore
 from agent.emulator.store import StoreEvent, TunnelStore
 from agent.protocol.ids import THING_NAME
 
@@ -55,6 +60,7 @@ if TYPE_CHECKING:
 
     from agent.emulator.api import ControlPlaneApi
     from agent.emulator.relay import Relay
+    from agent.emulator.shadow_mqtt import ShadowService
 
 
 __all__ = ["DEFAULT_SERVICES", "Emulator", "ThingBundle"]
@@ -167,6 +173,7 @@ class Emulator:
             state_file=self.directory / "state.json",
             replace_on_rotate=replace_on_rotate,
         )
+        self.shadows = ShadowStore(state_file=self.directory / "shadows.json")
         self.broker = Broker(
             self.directory / "broker",
             ca_file=self.ca_file,
@@ -180,6 +187,7 @@ class Emulator:
             run_as=broker_run_as,
         )
         self.notifier: Notifier | None = None
+        self.shadow_service: ShadowService | None = None
         self.api: ControlPlaneApi | None = None
         self.relay: Relay | None = None
         self.operator_env = self.directory / "operator.env"
@@ -194,7 +202,9 @@ class Emulator:
     @property
     def api_url(self) -> str:
         """
-        The control-plane endpoint URL (``AWS_ENDPOINT_URL_IOTSECURETUNNELING``).
+        The HTTP API endpoint URL, for the control plane and the shadow operations.
+
+        Both ``AWS_ENDPOINT_URL_IOTSECURETUNNELING`` and ``AWS_ENDPOINT_URL_IOT_DATA_PLANE``.
         """
         return f"http://{self._url_host}:{self.api.port if self.api else self._ports['api']}"
 
@@ -235,6 +245,25 @@ class Emulator:
             config=Config(retries={"total_max_attempts": 1}),
         )
 
+    def data_client(self, *, secret_key: str | None = None) -> Any:
+        """
+        A boto3 ``iot-data`` client (the shadow operations) for this emulator.
+
+        Args:
+            secret_key: Another secret key (to be refused: signatures are checked).
+        """
+        import boto3  # noqa: PLC0415 - only callers that talk to the API pay for boto3
+        from botocore.config import Config  # noqa: PLC0415
+
+        return boto3.client(
+            "iot-data",
+            endpoint_url=self.api_url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key,
+            config=Config(retries={"total_max_attempts": 1}),
+        )
+
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def __aenter__(self) -> Self:
@@ -260,6 +289,8 @@ class Emulator:
     async def _start(self) -> None:
         # Imported here: the API and relay pull in aiohttp / websockets, not needed by `add-thing`.
         from agent.emulator.api import ControlPlaneApi  # noqa: PLC0415
+        from agent.emulator.shadow_api import ShadowApi  # noqa: PLC0415
+        from agent.emulator.shadow_mqtt import ShadowService  # noqa: PLC0415
 
         for name in self.thing_names():
             self.broker.allow_thing(name)
@@ -272,9 +303,21 @@ class Emulator:
             ca_file=self.ca_file,
         )
         await self.notifier.start()
+        self.shadow_service = ShadowService(
+            self.shadows,
+            host=self.host,
+            port=self.broker.port,
+            identity=self.privileged,
+            ca_file=self.ca_file,
+        )
+        await self.shadow_service.start()
         credentials = {self.access_key: self.secret_key} if self.verify_signatures else None
         self.api = ControlPlaneApi(
-            self.store, host=self.host, port=self._ports["api"], credentials=credentials
+            self.store,
+            host=self.host,
+            port=self._ports["api"],
+            credentials=credentials,
+            routes=ShadowApi(self.shadows, credentials=credentials).routes(),
         )
         await self.api.start()
         # Keep the bound ports: a restarted emulator comes back on the same endpoints.
@@ -321,6 +364,9 @@ class Emulator:
         if self.relay is not None:
             await self.relay.close()
             self.relay = None
+        if self.shadow_service is not None:
+            await self.shadow_service.stop()
+            self.shadow_service = None
         if self.notifier is not None:
             await self.notifier.stop()
             self.notifier = None
@@ -544,6 +590,7 @@ class Emulator:
         lines = [
             "# Operator environment for the local tunnel emulator: `set -a; . ./operator.env`.",
             f"AWS_ENDPOINT_URL_IOTSECURETUNNELING={self.api_url}",
+            f"AWS_ENDPOINT_URL_IOT_DATA_PLANE={self.api_url}",
             f"AWS_ACCESS_KEY_ID={self.access_key}",
             f"AWS_SECRET_ACCESS_KEY={self.secret_key}",
             f"AWS_DEFAULT_REGION={self.region}",

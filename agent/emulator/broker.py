@@ -7,8 +7,10 @@ What AWS IoT Core enforces and this broker reproduces (docs/protocol.md §19):
   refused during the handshake (``require_certificate``);
 * the identity is the certificate CN (``use_identity_as_username``): the thing name;
 * a thing may subscribe to, and receive from, ``$aws/things/<its name>/tunnels/notify``
-  only; it may publish nowhere. The emulator's privileged identity may publish to
-  ``$aws/things/+/tunnels/notify``.
+  and its own shadow topics ``$aws/things/<its name>/shadow/...``; it may publish only
+  shadow requests (``.../update``, ``/get``, ``/delete``) for itself. The emulator's
+  privileged identity may publish to ``$aws/things/+/tunnels/notify`` and serves the
+  shadow topics of every thing.
 
 mosquitto 2.0's ``acl_file`` cannot refuse a SUBSCRIBE (it grants every filter and
 filters at delivery), whereas AWS IoT answers SUBACK 0x87. The dynamic-security
@@ -59,6 +61,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "NOTIFY_TOPIC",
+    "SHADOW_REQUEST_TOPICS",
     "Broker",
     "BrokerError",
     "find_dynsec_plugin",
@@ -72,6 +75,11 @@ log = structlog.get_logger(__name__)
 
 #: The reserved notify topic filter the privileged identity publishes to (docs/protocol.md §17.1).
 NOTIFY_TOPIC = "$aws/things/+/tunnels/notify"
+_SHADOW_OPS = ("update", "get", "delete")
+#: The shadow request filters the privileged identity subscribes to (classic and named).
+SHADOW_REQUEST_TOPICS = tuple(
+    f"$aws/things/+/shadow{infix}/{op}" for infix in ("", "/name/+") for op in _SHADOW_OPS
+)
 _CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 _SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 _PORT_ATTEMPTS = 5
@@ -150,8 +158,25 @@ def _thing_role(name: str) -> dict[str, Any]:
     # Literal, not pattern: `$aws/things/+/...` or `#` must not be granted (docs/protocol.md §19.3).
     return {
         "rolename": f"thing:{name}",
-        "acls": [_acl("subscribeLiteral", topic), _acl("publishClientReceive", topic)],
+        "acls": [
+            _acl("subscribeLiteral", topic),
+            _acl("publishClientReceive", topic),
+            *_shadow_acls(name),
+        ],
     }
+
+
+def _shadow_acls(name: str) -> list[dict[str, Any]]:
+    # The thing's own shadow tree only: the name is fixed in every entry, so no pattern
+    # reaches `$aws/things/<another thing>/...`. Requests go to the three request topics;
+    # responses may be subscribed to (also with wildcards below the thing's own prefix).
+    own = f"$aws/things/{name}/shadow"
+    requests = [f"{prefix}/{op}" for prefix in (own, f"{own}/name/+") for op in _SHADOW_OPS]
+    return [
+        *(_acl("publishClientSend", topic) for topic in requests),
+        _acl("subscribePattern", f"{own}/#"),
+        _acl("publishClientReceive", f"{own}/#"),
+    ]
 
 
 def _thing_client(name: str) -> dict[str, Any]:
@@ -167,6 +192,10 @@ def _dynsec_config(things: Iterable[str]) -> dict[str, Any]:
             _acl("publishClientSend", _CONTROL_TOPIC),
             _acl("subscribeLiteral", response),
             _acl("publishClientReceive", response),
+            # The shadow service: every thing's shadow requests in, responses out.
+            *(_acl("subscribeLiteral", topic) for topic in SHADOW_REQUEST_TOPICS),
+            *(_acl("publishClientReceive", topic) for topic in SHADOW_REQUEST_TOPICS),
+            _acl("publishClientSend", "$aws/things/+/shadow/#"),
         ],
     }
     names = sorted(set(things))

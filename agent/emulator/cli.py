@@ -114,6 +114,7 @@ def _print_endpoints(emulator: Emulator) -> None:
     host, port = emulator.mqtt_endpoint
     _out(f"tunnel emulator running in {emulator.directory}")
     _out(f"  control plane  {emulator.api_url}")
+    _out(f"  shadows        {emulator.api_url} (iot-data)")
     if emulator.relay is not None:
         scheme = "wss" if emulator.relay_tls else "ws"
         _out(f"  data plane     {emulator.relay_endpoint} ({scheme})")

@@ -1,5 +1,5 @@
 """
-SigV4 verification for the control plane: recompute the signature with botocore's own signer.
+SigV4 verification for the emulator's HTTP APIs, recomputed with botocore's own signer.
 
 Reusing ``botocore.auth.SigV4Auth`` (on a reconstructed request, with the client's
 ``X-Amz-Date`` and exactly the headers named in ``SignedHeaders``) means the emulator cannot
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 
 __all__ = [
+    "DATA_SIGNING_NAME",
     "SIGNING_NAME",
     "SignatureRejected",
     "SignatureVerifier",
@@ -35,6 +36,8 @@ __all__ = [
 ]
 
 SIGNING_NAME = "IoTSecuredTunneling"
+#: The credential-scope service of the AWS IoT data plane (botocore's ``iot-data`` model).
+DATA_SIGNING_NAME = "iotdata"
 
 _AUTH_RE = re.compile(
     r"AWS4-HMAC-SHA256\s+"

@@ -53,6 +53,7 @@ __all__ = [
     "Tunnel",
     "TunnelStore",
     "ValidationFailed",
+    "write_state",
 ]
 
 log = structlog.get_logger(__name__)
@@ -662,8 +663,7 @@ class TunnelStore:
             "version": _STATE_VERSION,
             "tunnels": [_tunnel_to_json(t) for t in self._tunnels.values()],
         }
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        write_private(self.state_file, json.dumps(data, separators=(",", ":")).encode())
+        write_state(self.state_file, data)
 
     def _load(self, path: Path) -> None:
         try:
@@ -686,6 +686,18 @@ class TunnelStore:
                     self._tokens[token_digest(ep.token)] = (tunnel.tunnel_id, mode)
             self._tunnels[tunnel.tunnel_id] = tunnel
             self._by_arn[tunnel.arn] = tunnel.tunnel_id
+
+
+def write_state(path: Path, data: object) -> None:
+    """
+    Replace ``path`` with ``data`` as compact JSON, atomically and with mode 0600.
+
+    Args:
+        path: The state file; its directory is created when missing.
+        data: Anything :func:`json.dumps` accepts.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_private(path, json.dumps(data, separators=(",", ":")).encode())
 
 
 def _tunnel_to_json(t: Tunnel) -> dict[str, Any]:
