@@ -512,8 +512,12 @@ class Container:
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )  # fmt: skip
-        self.leader = self._wait_for(self._find_leader, "the container's systemd")
-        self._wait_for(self._booted, "the container to finish booting")
+        try:
+            self.leader = self._wait_for(self._find_leader, "the container's systemd")
+            self._wait_for(self._booted, "the container to finish booting")
+        except BaseException:
+            self.close()  # a container that never booted must not outlive the test
+            raise
 
     def _wait_for(self, probe, what: str, timeout: float = 60):
         deadline = time.monotonic() + timeout * SCALE
