@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, get_args, get_origin
 from pydantic import BaseModel
 
 from agent import __version__
+from agent.daemon.capath import ca_directory_plan, needs_ca_directory
 from agent.daemon.settings import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_RUNTIME_DIR,
@@ -159,6 +160,15 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         f"on_limit={settings.limits.on_limit}"
     )
     _out(f"  proxy: {settings.proxy.binary}")
+    proxy = settings.proxy
+    if proxy.ca is not None and needs_ca_directory(proxy.binary, proxy.ca):
+        # The file must hold certificates the agent can hash: fail now, not at start.
+        directory = ca_directory_plan(proxy.ca, settings.state_dir / "ca")
+        _err(
+            f"tunnel-agent: warning: proxy.ca = '{proxy.ca}' is a file, but proxy.binary = "
+            f"'{proxy.binary}' takes only a hashed CA directory (-c): at start the agent makes "
+            f"one from the file, {directory}, and passes that instead"
+        )
     return EXIT_OK
 
 

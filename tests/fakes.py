@@ -165,6 +165,8 @@ class FakeProxy:
         self._pid = pid
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.stopped = False
+        self.connected: bool | None = None
+        self.last_error: str | None = None
 
     @property
     def pid(self) -> int:
@@ -195,7 +197,7 @@ class FakeProxyLauncher:
         self.fail = False
         self._pids = itertools.count(10_000)
 
-    async def launch(self, spec: ProxySpec, *, log: Any) -> FakeProxy:
+    async def launch(self, spec: ProxySpec, *, log: Any, on_change: Any = None) -> FakeProxy:
         from agent.exceptions import ProxyStartError
 
         if self.fail:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from agent.daemon.capath import hashed_ca_directory, needs_ca_directory
 from agent.daemon.notification import parse_notification
 from agent.daemon.sdnotify import SdNotifier, watchdog_interval
 from agent.daemon.status import StatusFile
@@ -33,6 +34,7 @@ from agent.notify import load_source_class, resolve_kind
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
+    from pathlib import Path
 
     from agent.daemon.settings import AgentSettings
     from agent.daemon.supervisor import ProxyLauncher
@@ -44,6 +46,7 @@ __all__ = [
     "build_daemon",
     "build_source",
     "limits_from",
+    "proxy_ca",
     "spawn_config_from",
 ]
 
@@ -294,6 +297,37 @@ def limits_from(settings: AgentSettings) -> Limits:
     )
 
 
+def proxy_ca(settings: AgentSettings) -> Path | None:
+    """
+    Return what the proxy gets as ``-c``: ``proxy.ca``, or a hashed directory made from it.
+
+    An external binary (the AWS localproxy) takes only a hashed CA directory; the bundled
+    proxy takes a file or a directory. So for an external binary and a CA *file*, the
+    directory is made here, under ``<runtime dir>/ca/``.
+
+    Args:
+        settings: Validated settings.
+
+    Returns:
+        The path for ``-c``, or ``None`` for the system's trust store.
+
+    Raises:
+        ConfigError: The CA file holds no usable certificate, or the runtime
+            directory cannot be written.
+    """
+    proxy = settings.proxy
+    if proxy.ca is None or not needs_ca_directory(proxy.binary, proxy.ca):
+        return proxy.ca
+    parent = settings.state_dir / "ca"
+    try:
+        directory = hashed_ca_directory(proxy.ca, parent)
+    except OSError as exc:
+        message = f"cannot make the proxy's CA directory in {parent}: {exc.strerror}"
+        raise ConfigError(message) from None
+    log.info("proxy_ca_directory", ca=str(proxy.ca), directory=str(directory))
+    return directory
+
+
 def spawn_config_from(settings: AgentSettings) -> SpawnConfig:
     """
     Extract how proxies are started from the settings.
@@ -302,19 +336,21 @@ def spawn_config_from(settings: AgentSettings) -> SpawnConfig:
         settings: Validated settings.
 
     Returns:
-        Plain values for :class:`TunnelManager`.
+        Plain values for :class:`TunnelManager`; an external binary's CA directory is
+        made on the way (:func:`proxy_ca`).
     """
     proxy = settings.proxy
     http_proxy = settings.mqtt.http_proxy
     return SpawnConfig(
         command=tuple(proxy_command(proxy.binary)),
         endpoint=proxy.endpoint,
-        ca=proxy.ca,
+        ca=proxy_ca(settings),
         no_verify=proxy.no_verify,
         extra_args=proxy.extra_args,
         extra_env={k: v.get_secret_value() for k, v in proxy.extra_env.items()},
         http_proxy=None if http_proxy is None else http_proxy.get_secret_value(),
         stop_grace=proxy.stop_grace,
+        connect_timeout=proxy.connect_timeout.total_seconds(),
         max_restarts=proxy.max_restarts,
         backoff_initial=proxy.restart_backoff_initial,
         backoff_max=proxy.restart_backoff_max,

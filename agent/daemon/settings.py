@@ -191,6 +191,8 @@ class ProxySettings(_Section):
     extra_args: tuple[str, ...] = ()
     extra_env: dict[str, SecretStr] = Field(default_factory=dict)
     stop_grace: float = Field(default=2.0, gt=0, le=30)
+    # A proxy with no connected line this long after its start (or a drop) is reported.
+    connect_timeout: Duration = timedelta(seconds=30)
     max_restarts: int = Field(default=5, ge=0, le=1000)
     restart_backoff_initial: float = Field(default=1.0, gt=0, le=600)
     restart_backoff_max: float = Field(default=30.0, gt=0, le=3600)
@@ -200,6 +202,13 @@ class ProxySettings(_Section):
     def _check_binary(cls, value: object) -> object:
         if isinstance(value, str) and value != "bundled" and not value.startswith("/"):
             raise ValueError("must be 'bundled' or an absolute path to a localproxy binary")
+        return value
+
+    @field_validator("connect_timeout")
+    @classmethod
+    def _check_connect_timeout(cls, value: timedelta) -> timedelta:
+        if not timedelta(seconds=1) <= value <= timedelta(hours=1):
+            raise ValueError("must be between 1 second and 1 hour")
         return value
 
     @field_validator("endpoint")

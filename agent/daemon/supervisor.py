@@ -28,6 +28,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from agent.daemon.proxyoutput import ConnectionWatch
 from agent.exceptions import ProxyStartError
 
 
@@ -212,11 +213,13 @@ class ProxySpec:
         argv: The command line (no secrets).
         env: The complete environment, tokens included; excluded from repr.
         stop_grace: Seconds between SIGTERM and SIGKILL on stop.
+        connect_timeout: Seconds the proxy may take to say it is connected.
     """
 
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(repr=False)
     stop_grace: float = 2.0
+    connect_timeout: float = 30.0
 
 
 class ProxyHandle(Protocol):
@@ -238,6 +241,20 @@ class ProxyHandle(Protocol):
         """
         ...
 
+    @property
+    def connected(self) -> bool | None:
+        """
+        ``True`` once connected, ``None`` while connecting, ``False`` once overdue.
+        """
+        ...
+
+    @property
+    def last_error(self) -> str | None:
+        """
+        The proxy's latest warning or error line since it last connected.
+        """
+        ...
+
     async def wait(self) -> int:
         """
         Wait for the process to exit and return its status; safe to await concurrently.
@@ -256,9 +273,17 @@ class ProxyLauncher(Protocol):
     Starts proxies: the real :class:`SubprocessLauncher` or a test fake.
     """
 
-    async def launch(self, spec: ProxySpec, *, log: FilteringBoundLogger) -> ProxyHandle:
+    async def launch(
+        self,
+        spec: ProxySpec,
+        *,
+        log: FilteringBoundLogger,
+        on_change: Callable[[], None] | None = None,
+    ) -> ProxyHandle:
         """
         Start one proxy; ``log`` carries the tunnel's context for its output lines.
+
+        ``on_change`` is called when the proxy's ``connected`` or ``last_error`` changes.
         """
         ...
 
@@ -269,7 +294,13 @@ class ProxyProcess:
     """
 
     def __init__(
-        self, process: asyncio.subprocess.Process, *, log: FilteringBoundLogger, stop_grace: float
+        self,
+        process: asyncio.subprocess.Process,
+        *,
+        log: FilteringBoundLogger,
+        stop_grace: float,
+        connect_timeout: float = 30.0,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         """
         Watch an already started child.
@@ -278,10 +309,15 @@ class ProxyProcess:
             process: The child, with stdout and stderr piped.
             log: Logger bound to the tunnel's context.
             stop_grace: Seconds between SIGTERM and SIGKILL in :meth:`stop`.
+            connect_timeout: Seconds it may take to say it is connected before it is reported.
+            on_change: Called when :attr:`connected` or :attr:`last_error` changes.
         """
         self._process = process
         self._log = log.bind(pid=process.pid)
         self._stop_grace = stop_grace
+        self._connection = ConnectionWatch(
+            log=self._log, timeout=connect_timeout, on_change=on_change
+        )
         # One watcher task; every waiter awaits it through a shield (docs/architecture.md §6.5).
         self._exited = asyncio.ensure_future(self._watch())
 
@@ -299,6 +335,20 @@ class ProxyProcess:
         """
         return self._process.returncode
 
+    @property
+    def connected(self) -> bool | None:
+        """
+        ``True`` once connected, ``None`` while connecting, ``False`` once overdue.
+        """
+        return self._connection.connected
+
+    @property
+    def last_error(self) -> str | None:
+        """
+        The proxy's latest warning or error line since it last connected (tokens masked).
+        """
+        return self._connection.last_error
+
     async def _pump(self, reader: asyncio.StreamReader | None, stream: str) -> None:
         if reader is None:
             return
@@ -313,7 +363,7 @@ class ProxyProcess:
                 return
             text = line.decode("utf-8", "replace").rstrip()
             if text:
-                self._log.info("proxy_output", stream=stream, line=text[:_MAX_LINE])
+                self._connection.feed(text[:_MAX_LINE], stream)
 
     async def _watch(self) -> int:
         pumps = [
@@ -322,10 +372,13 @@ class ProxyProcess:
         ]
         try:
             returncode = await self._process.wait()
+            # At once: a proxy that has exited is not one that failed to connect.
+            self._connection.close()
             # Whatever the proxy left in its group (a wrapper's child) goes with it.
             self._signal_group(signal.SIGKILL)
             _, pending = await asyncio.wait(pumps, timeout=_PIPE_DRAIN_TIMEOUT)
         finally:
+            self._connection.close()
             for pump in pumps:
                 pump.cancel()
         for pump in pending:
@@ -371,13 +424,20 @@ class SubprocessLauncher:
     Starts each proxy as a child process of the agent.
     """
 
-    async def launch(self, spec: ProxySpec, *, log: FilteringBoundLogger) -> ProxyProcess:
+    async def launch(
+        self,
+        spec: ProxySpec,
+        *,
+        log: FilteringBoundLogger,
+        on_change: Callable[[], None] | None = None,
+    ) -> ProxyProcess:
         """
         Start one proxy process.
 
         Args:
-            spec: Command, environment and stop grace.
+            spec: Command, environment, stop grace and connect timeout.
             log: Logger bound to the tunnel's context.
+            on_change: Called when the proxy's connection state changes.
 
         Returns:
             The running process.
@@ -400,4 +460,10 @@ class SubprocessLauncher:
         except OSError as exc:
             # Name only the binary: the rest of argv is fine but the habit is not.
             raise ProxyStartError(f"cannot start {spec.argv[0]}: {exc.strerror}") from exc
-        return ProxyProcess(process, log=log, stop_grace=spec.stop_grace)
+        return ProxyProcess(
+            process,
+            log=log,
+            stop_grace=spec.stop_grace,
+            connect_timeout=spec.connect_timeout,
+            on_change=on_change,
+        )
