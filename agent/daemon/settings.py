@@ -71,7 +71,9 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)([dhms])", re.ASCII)
 _DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
 # The agent sets these per tunnel; configuration must not override them (docs/architecture.md §5.2).
-_RESERVED_ENV = frozenset({"AWSIOT_TUNNEL_ACCESS_TOKEN", "AWSIOT_TUNNEL_CLIENT_TOKEN"})
+_RESERVED_ENV = frozenset(
+    {"AWSIOT_TUNNEL_ACCESS_TOKEN", "AWSIOT_TUNNEL_CLIENT_TOKEN", "AWSIOT_CLIENT_TOKEN"}
+)
 # Flags the agent builds itself; extra_args must not change the tunnel's shape or carry a token.
 _RESERVED_ARGS = frozenset(
     {"-t", "--access-token", "-i", "--client-token", "-r", "--region", "-e", "--proxy-endpoint",

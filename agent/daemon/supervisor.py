@@ -200,7 +200,9 @@ def build_env(
         env["HTTPS_PROXY"] = http_proxy
     env.update(extra_env or {})
     env["AWSIOT_TUNNEL_ACCESS_TOKEN"] = token
-    env["AWSIOT_TUNNEL_CLIENT_TOKEN"] = client_token
+    # The spec names AWSIOT_TUNNEL_CLIENT_TOKEN; the AWS localproxy reads AWSIOT_CLIENT_TOKEN.
+    # Both, so either binary reconnects with the same client token.
+    env["AWSIOT_TUNNEL_CLIENT_TOKEN"] = env["AWSIOT_CLIENT_TOKEN"] = client_token
     return env
 
 
