@@ -5,7 +5,11 @@ No I/O of its own: processes come from a :class:`~agent.daemon.supervisor.ProxyL
 Policy, in one place (STYLE §3):
 
 - **Dedupe**: a notification whose token was seen recently is ignored
-  (control-plane §6: "ignore a notification identical to the last one").
+  (control-plane §6: "ignore a notification identical to the last one"); this
+  also catches the broker's redelivery of one handled but not yet acknowledged.
+- **Handled**: :meth:`TunnelManager.open` returns once the tunnel's first proxy
+  was started (or failed to start), so what the daemon acknowledges to the
+  broker has a process behind it.
 - **Rotation**: a new token for the services of a running tunnel starts a new
   proxy; the old one is *superseded* (it no longer counts against the cap) and
   ends on its own when the service replaces its connection (data-plane §7: the
@@ -163,6 +167,8 @@ class _Tunnel:
     superseded: bool = False
     stop_reason: str | None = None
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set once the first proxy launch was attempted (or the tunnel ended before it).
+    launched: asyncio.Event = field(default_factory=asyncio.Event)
 
     def info(self) -> TunnelInfo:
         return TunnelInfo(
@@ -314,7 +320,8 @@ class TunnelManager:
             request: From :func:`agent.daemon.notification.parse_notification`.
 
         Returns:
-            What was done; every refusal is also logged.
+            What was done, once it is done: for :attr:`Outcome.STARTED`, after the
+            first proxy launch was attempted. Every refusal is also logged.
         """
         if self._closing:
             return Outcome.CLOSING
@@ -354,7 +361,10 @@ class TunnelManager:
         task = asyncio.create_task(self._run(tunnel), name=f"tunnel-{key}")
         self._tasks[key] = task
         task.add_done_callback(lambda _task: self._tasks.pop(key, None))
+        # Also when the task is cancelled before it ever ran.
+        task.add_done_callback(lambda _task: tunnel.launched.set())
         self._changed()
+        await tunnel.launched.wait()
         return Outcome.STARTED
 
     def _spec(self, tunnel: _Tunnel, services: Mapping[str, str]) -> ProxySpec:
@@ -458,6 +468,8 @@ class TunnelManager:
             # A configuration problem, not our bug: no traceback (STYLE §7 levels).
             log.error("proxy_start_failed", error=str(exc))  # noqa: TRY400
             return 127
+        finally:
+            tunnel.launched.set()
         tunnel.pid, tunnel.state = handle.pid, "running"
         self._changed()
         if first:

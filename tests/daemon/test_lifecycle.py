@@ -75,9 +75,16 @@ def received(sock: socket.socket) -> list[str]:
 class Harness:
     """A Daemon over fakes, running as a task of the test's loop."""
 
-    def __init__(self, tmp_path: Path, notify_path: Path | None = None, watchdog=None, reload=None):
+    def __init__(
+        self,
+        tmp_path: Path,
+        notify_path: Path | None = None,
+        watchdog=None,
+        reload=None,
+        launcher: FakeProxyLauncher | None = None,
+    ):
         self.source = FakeNotificationSource()
-        self.launcher = FakeProxyLauncher()
+        self.launcher = launcher or FakeProxyLauncher()
         self.status = StatusFile(tmp_path / "run", thing_name="dev-1")
         self.manager = TunnelManager(
             launcher=self.launcher,
@@ -191,6 +198,88 @@ class TestNotifications:
             h.launcher.proxies[0].spec.env["AWSIOT_TUNNEL_ACCESS_TOKEN"]
             == "second-token-0123456789"
         )
+
+
+class GatedLauncher(FakeProxyLauncher):
+    """A fake launcher whose launches wait for ``gate``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def launch(self, spec, *, log):
+        self.waiting += 1
+        await self.gate.wait()
+        return await super().launch(spec, log=log)
+
+
+class TestAcknowledgement:
+    async def test_acknowledged_once_the_proxy_started(self, harness):
+        """A valid notification is acknowledged only after its proxy was launched."""
+        h = harness(launcher=GatedLauncher())
+        await h.start()
+
+        h.source.publish(notification(TOKEN))
+        await wait_for(lambda: h.launcher.waiting)
+        await asyncio.sleep(50 * MS)
+        before = list(h.source.acked)
+        h.launcher.gate.set()
+        await wait_for(lambda: h.source.acked)
+
+        assert before == []
+        assert h.source.acked == [notification(TOKEN)]
+        assert len(h.launcher.proxies) == 1
+
+    async def test_every_final_outcome_is_acknowledged(self, harness, capture):
+        """Started, duplicate, unknown service, invalid, over the limit: each acknowledged."""
+        h = harness()
+        h.manager.reconfigure(services=SERVICES, limits=Limits(max_concurrent=1))
+        await h.start()
+        payloads = [
+            notification(TOKEN, ["SSH"]),
+            notification(TOKEN, ["SSH"]),
+            notification(TOKEN, ["RDP"]),
+            b"not json",
+            notification("another-token-0123456789", ["HTTP"]),
+        ]
+
+        for payload in payloads:
+            h.source.publish(payload)
+        await wait_for(lambda: len(h.source.acked) == len(payloads))
+        outcomes = [e["outcome"] for e in capture.named("notification_handled")]
+
+        assert h.source.acked == payloads
+        assert outcomes == ["started", "duplicate", "refused_limit"]
+        assert len(capture.named("notification_rejected")) == 2
+        assert len(h.launcher.proxies) == 1
+
+    async def test_handler_error_is_acknowledged(self, harness, capture, monkeypatch):
+        """A notification whose handling raised is acknowledged: no endless redelivery."""
+        h = harness()
+        await h.start()
+
+        async def broken(_request):
+            raise RuntimeError("bug")
+
+        monkeypatch.setattr(h.manager, "open", broken)
+        h.source.publish(notification(TOKEN))
+        await wait_for(lambda: h.source.acked)
+
+        assert capture.named("notification_handling_failed")
+        assert h.source.acked == [notification(TOKEN)]
+
+    async def test_not_acknowledged_when_stopped_mid_handling(self, harness):
+        """A stop while the proxy is still being launched leaves the notification unacknowledged."""
+        h = harness(launcher=GatedLauncher())
+        await h.start()
+        h.source.publish(notification(TOKEN))
+        await wait_for(lambda: h.launcher.waiting)
+
+        code = await h.stop()
+
+        assert code == 0
+        assert h.source.acked == []
 
 
 class TestLifecycle:
