@@ -27,8 +27,10 @@ from agent.daemon.sdnotify import SdNotifier
 from agent.daemon.settings import load_settings
 from agent.daemon.status import StatusFile
 from agent.daemon.tunnels import Limits, SpawnConfig, TunnelManager
+from agent.emulator.broker import notify_topic
 from agent.exceptions import ConfigError
 from agent.notify.mqtt import MqttNotificationSource
+from tests.emulator import fixtures
 from tests.fakes import (
     MS,
     FakeNotificationSource,
@@ -43,6 +45,8 @@ from tests.fakes import (
 
 
 SERVICES = {"SSH": "22", "HTTP": "127.0.0.1:8080"}
+broker = fixtures.broker
+mqtt_pki = fixtures.mqtt_pki
 json_documents = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=30),
     lambda inner: (
@@ -280,6 +284,57 @@ class TestAcknowledgement:
 
         assert code == 0
         assert h.source.acked == []
+
+
+class TestRedelivery:
+    async def test_redelivery_of_a_handled_notification_is_a_duplicate(
+        self, broker, mqtt_pki, tmp_path, capture
+    ):
+        """Handled while the connection dropped: the broker's copy is ignored, then acknowledged."""
+        pair = mqtt_pki.thing("thing1")
+
+        def source() -> MqttNotificationSource:
+            return MqttNotificationSource(
+                thing_name="thing1",
+                endpoint="127.0.0.1",
+                port=broker.port,
+                cert=pair.cert,
+                key=pair.key,
+                ca=mqtt_pki.ca_file,
+                min_reconnect_delay=0.05,
+                max_reconnect_delay=0.5,
+            )
+
+        mqtt = source()
+        launcher = GatedLauncher()
+        manager = TunnelManager(
+            launcher=launcher, services=SERVICES, limits=Limits(), options=SpawnConfig(("lp",))
+        )
+        daemon = Daemon(source=mqtt, manager=manager, status=StatusFile(tmp_path, thing_name="t"))
+        task = asyncio.create_task(daemon.run())
+        await wait_for(lambda: mqtt.subscribed)
+        async with fixtures.mqtt_client(mqtt_pki, broker.port, mqtt_pki.admin, "svc") as svc:
+            await svc.publish(notify_topic("thing1"), notification(TOKEN))
+        await wait_for(lambda: launcher.waiting)
+
+        await broker.restart()  # the notification is being handled, not yet acknowledged
+        await wait_for(lambda: mqtt.connections == 2 and mqtt.waiting == 1, timeout=10)
+        launcher.gate.set()
+        await wait_for(lambda: len(capture.named("notification_handled")) == 2)
+        await wait_for(lambda: mqtt.unacknowledged == 0)
+        await asyncio.sleep(0.2)  # the PUBACK on its way to the broker
+        daemon.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
+        async with source() as later:
+            await asyncio.sleep(0.5)
+            left = later.waiting
+
+        assert [e["outcome"] for e in capture.named("notification_handled")] == [
+            "started",
+            "duplicate",
+        ]
+        assert len(launcher.proxies) == 1
+        assert left == 0
 
 
 class TestLifecycle:
