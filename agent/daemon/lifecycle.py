@@ -161,7 +161,7 @@ class Daemon:
             try:
                 final = await self._handle(raw)
             except Exception:
-                # Input must never bring the daemon down (issue 4 §3); acknowledged all
+                # Input must never bring the daemon down; acknowledged all
                 # the same, or the broker would redeliver it forever.
                 log.exception("notification_handling_failed")
             # Cancelled (the agent stops) before an outcome: not acknowledged, redelivered.

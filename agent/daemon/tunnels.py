@@ -5,7 +5,7 @@ No I/O of its own: processes come from a :class:`~agent.daemon.supervisor.ProxyL
 Policy, in one place (STYLE §3):
 
 - **Dedupe**: a notification whose token was seen recently is ignored
-  (control-plane §6: "ignore a notification identical to the last one"); this
+  ("ignore a notification identical to the last one"); this
   also catches the broker's redelivery of one handled but not yet acknowledged.
 - **Handled**: :meth:`TunnelManager.open` returns once the tunnel's first proxy
   was started (or failed to start), so what the daemon acknowledges to the

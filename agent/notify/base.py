@@ -3,8 +3,8 @@ SEAM 1: the interface every tunnel-notification source implements.
 
 A source connects and subscribes in ``__aenter__``, disconnects in ``__aexit__``
 and yields :class:`RawNotification` objects from ``async for``. It never parses
-the payload: validation lives only in the pure :mod:`agent.daemon.notification`
-(STYLE §3), so the MQTT and Greengrass sources stay thin and cannot disagree.
+the payload: validation lives only in the pure :mod:`agent.daemon.notification`,
+so the MQTT and Greengrass sources stay thin and cannot disagree.
 
 Each notification carries its :class:`Acknowledgement`. The daemon calls it once
 the notification is handled (whatever the outcome), so a source that can tell

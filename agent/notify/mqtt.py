@@ -22,7 +22,7 @@ between the configured minimum and maximum delays; the delay goes back to the
 minimum once a connection has lasted ``reconnect_reset_after`` seconds. Its
 callbacks run on CRT threads: they only hand data to the event loop
 (``call_soon_threadsafe``). Payloads are handed over raw; parsing lives in
-:mod:`agent.daemon.notification` (STYLE §3). Nothing here logs a payload: it
+:mod:`agent.daemon.notification`. Nothing here logs a payload: it
 carries the access token.
 """
 
