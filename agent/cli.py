@@ -37,6 +37,7 @@ from agent.daemon.settings import (
 )
 from agent.daemon.status import format_status, read_status
 from agent.exceptions import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, AgentError, ConfigError
+from agent.notify import resolve_kind
 
 
 if TYPE_CHECKING:
@@ -160,6 +161,13 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         f"on_limit={settings.limits.on_limit}"
     )
     _out(f"  proxy: {settings.proxy.binary}")
+    if resolve_kind(settings.notify) == "mqtt":
+        mqtt = settings.mqtt
+        _out(
+            f"  mqtt: reconnect {mqtt.min_reconnect_delay:g}-{mqtt.max_reconnect_delay:g}s "
+            f"(reset after {mqtt.reconnect_reset_after:g}s connected) "
+            f"receive_maximum={mqtt.receive_maximum}"
+        )
     proxy = settings.proxy
     if proxy.ca is not None and needs_ca_directory(proxy.binary, proxy.ca):
         # The file must hold certificates the agent can hash: fail now, not at start.

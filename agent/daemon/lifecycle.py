@@ -27,7 +27,7 @@ from agent.daemon.notification import parse_notification
 from agent.daemon.sdnotify import SdNotifier, watchdog_interval
 from agent.daemon.status import StatusFile
 from agent.daemon.supervisor import SubprocessLauncher, proxy_command
-from agent.daemon.tunnels import Limits, SpawnConfig, TunnelManager
+from agent.daemon.tunnels import Limits, Outcome, SpawnConfig, TunnelManager
 from agent.exceptions import EXIT_FAILURE, EXIT_OK, ConfigError, InvalidNotification
 from agent.notify import load_source_class, resolve_kind
 
@@ -141,24 +141,38 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _handle(self, raw: RawNotification) -> None:
+    async def _handle(self, raw: RawNotification) -> bool:
+        """
+        Handle one notification; return whether the outcome is final (to acknowledge).
+        """
         # Never the payload: it carries the token (docs/architecture.md §7.4).
         log.info("notification_received", topic=raw.topic, size=len(raw.payload))
         try:
             request = parse_notification(raw.payload, allowed_services=self._manager.services)
         except InvalidNotification as exc:
             log.warning("notification_rejected", reason=str(exc))
-            return
+            return True
         outcome = await self._manager.open(request)
         log.info("notification_handled", outcome=str(outcome), services=list(request.services))
+        # A stopping agent's refusal is the one outcome a redelivery would change.
+        return outcome is not Outcome.CLOSING
 
     async def _consume(self) -> None:
+        # One at a time, in order: a rotation must follow the token it replaces.
         async for raw in self._source:
+            final = True
             try:
-                await self._handle(raw)
+                final = await self._handle(raw)
             except Exception:
-                # Input must never bring the daemon down (docs/protocol.md §17.4).
+                # Input must never bring the daemon down; acknowledged all
+                # the same, or the broker would redeliver it forever.
                 log.exception("notification_handling_failed")
+            # Cancelled (the agent stops) before an outcome: not acknowledged, redelivered.
+            if final:
+                try:
+                    raw.ack()
+                except Exception:
+                    log.exception("notification_ack_failed")
 
     async def _ping_watchdog(self, interval: float) -> None:
         while True:
@@ -381,6 +395,10 @@ def build_source(settings: AgentSettings) -> NotificationSource:
         key=mqtt.key,
         ca=mqtt.ca,
         http_proxy=None if mqtt.http_proxy is None else mqtt.http_proxy.get_secret_value(),
+        min_reconnect_delay=mqtt.min_reconnect_delay,
+        max_reconnect_delay=mqtt.max_reconnect_delay,
+        reconnect_reset_after=mqtt.reconnect_reset_after,
+        receive_maximum=mqtt.receive_maximum,
     )
 
 

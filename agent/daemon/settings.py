@@ -163,6 +163,13 @@ class MqttSettings(_Section):
     key: Path | None = None
     ca: Path | None = None
     http_proxy: SecretStr | None = None
+    # Reconnection: exponential backoff with jitter from the minimum to the maximum delay,
+    # back to the minimum once a connection lasted reconnect_reset_after seconds.
+    min_reconnect_delay: float = Field(default=1.0, gt=0, le=300)
+    max_reconnect_delay: float = Field(default=20.0, gt=0, le=3600)
+    reconnect_reset_after: float = Field(default=10.0, gt=0, le=3600)
+    # Unacknowledged notifications the broker may have out at once (MQTT5 Receive Maximum).
+    receive_maximum: int = Field(default=10, ge=1, le=100)
 
     @field_validator("endpoint")
     @classmethod
@@ -170,6 +177,12 @@ class MqttSettings(_Section):
         if value is not None and not _HOSTNAME.fullmatch(value):
             raise ValueError("must be a host name or address, without scheme or port")
         return value
+
+    @model_validator(mode="after")
+    def _check_delays(self) -> Self:
+        if self.max_reconnect_delay < self.min_reconnect_delay:
+            raise ValueError("max_reconnect_delay must be >= min_reconnect_delay")
+        return self
 
     @field_validator("http_proxy")
     @classmethod

@@ -5,7 +5,11 @@ No I/O of its own: processes come from a :class:`~agent.daemon.supervisor.ProxyL
 Policy, in one place (docs/architecture.md §4.3):
 
 - **Dedupe**: a notification whose token was seen recently is ignored
-  (docs/protocol.md §17.3).
+  (docs/protocol.md §17.3); this also catches the broker's redelivery of one
+  handled but not yet acknowledged.
+- **Handled**: :meth:`TunnelManager.open` returns once the tunnel's first proxy
+  was started (or failed to start), so what the daemon acknowledges to the
+  broker has a process behind it.
 - **Rotation**: a new token for the services of a running tunnel starts a new
   proxy; the old one is *superseded* (it no longer counts against the cap) and
   ends on its own when the service replaces its connection (docs/protocol.md §8.3: the
@@ -173,6 +177,8 @@ class _Tunnel:
     handle: ProxyHandle | None = None
     # The last run's error line, shown while the next run has none of its own.
     last_error: str | None = None
+    # Set once the first proxy launch was attempted (or the tunnel ended before it).
+    launched: asyncio.Event = field(default_factory=asyncio.Event)
 
     def info(self) -> TunnelInfo:
         connected = None if self.handle is None else self.handle.connected
@@ -330,7 +336,8 @@ class TunnelManager:
             request: From :func:`agent.daemon.notification.parse_notification`.
 
         Returns:
-            What was done; every refusal is also logged.
+            What was done, once it is done: for :attr:`Outcome.STARTED`, after the
+            first proxy launch was attempted. Every refusal is also logged.
         """
         if self._closing:
             return Outcome.CLOSING
@@ -370,7 +377,10 @@ class TunnelManager:
         task = asyncio.create_task(self._run(tunnel), name=f"tunnel-{key}")
         self._tasks[key] = task
         task.add_done_callback(lambda _task: self._tasks.pop(key, None))
+        # Also when the task is cancelled before it ever ran.
+        task.add_done_callback(lambda _task: tunnel.launched.set())
         self._changed()
+        await tunnel.launched.wait()
         return Outcome.STARTED
 
     def _spec(self, tunnel: _Tunnel, services: Mapping[str, str]) -> ProxySpec:
@@ -479,6 +489,8 @@ class TunnelManager:
             # A configuration problem, not our bug: no traceback.
             log.error("proxy_start_failed", error=str(exc))  # noqa: TRY400
             return 127
+        finally:
+            tunnel.launched.set()
         tunnel.pid, tunnel.state, tunnel.handle = handle.pid, "running", handle
         self._changed()
         if first:
