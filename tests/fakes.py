@@ -349,7 +349,7 @@ class StuckLauncher:
     def __init__(self, marker: Path) -> None:
         self.marker = marker
 
-    async def launch(self, spec: ProxySpec, *, log: Any) -> Any:
+    async def launch(self, spec: ProxySpec, *, log: Any, on_change: Any = None) -> Any:
         log.info("stuck_launch", argv0=spec.argv[0])
         self.marker.touch()
         await asyncio.Event().wait()

@@ -209,7 +209,7 @@ class GatedLauncher(FakeProxyLauncher):
         self.gate = asyncio.Event()
         self.waiting = 0
 
-    async def launch(self, spec, *, log):
+    async def launch(self, spec, *, log, on_change=None):
         self.waiting += 1
         await self.gate.wait()
         return await super().launch(spec, log=log)
