@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 
 __all__ = [
+    "MAX_TAGS",
     "MODES",
     "REJECT_CAT_INVALID",
     "REJECT_CAT_USED",
@@ -62,6 +63,8 @@ log = structlog.get_logger(__name__)
 
 MODES: tuple[str, str] = ("source", "destination")
 DEFAULT_LIFETIME_MINUTES = 720
+#: Tags per tunnel, counting the ones it already has: OpenTunnel and TagResource alike.
+MAX_TAGS = 200
 
 # Handshake rejection reasons. The first two are quoted from data-plane §2; the rest are [choice]
 # texts in the same "<what>: <why>" style. A revoked token reads the same as an unknown one, so
@@ -500,8 +503,19 @@ class TunnelStore:
 
         Raises:
             ResourceNotFound: No such tunnel.
+            ValidationFailed: The tunnel would hold more than :data:`MAX_TAGS` tags; none
+                of ``tags`` is applied then.
         """
-        self.get_by_arn(arn).tags.update(tags)
+        current = self.get_by_arn(arn).tags
+        total = len(current.keys() | tags.keys())
+        if total > MAX_TAGS:
+            # ValidationException, not LimitExceededException: botocore's standard retry mode
+            # treats the latter as throttling and would send the same request three times.
+            raise ValidationFailed(
+                f"Tag limit exceeded: resource {arn} would have {total} tags, "
+                f"the limit is {MAX_TAGS}"
+            )
+        current.update(tags)
         self._save()
 
     def untag(self, arn: str, keys: Iterable[str]) -> None:

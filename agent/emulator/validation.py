@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import regex
 
-from agent.emulator.store import StoreError, ValidationFailed
+from agent.emulator.store import MAX_TAGS, StoreError, ValidationFailed
 
 
 if TYPE_CHECKING:
@@ -217,13 +217,13 @@ class Shape:
 
     def tags(self, name: str = "tags", *, required: bool = False) -> dict[str, str] | None:
         """
-        Return a TagList (1..200) as a dict, or None when absent; ``aws:`` keys are refused.
+        Return a TagList (1..MAX_TAGS) as a dict, or None when absent; ``aws:`` keys are refused.
 
         Raises:
             ValidationFailed: A constraint is violated.
             SerializationFailed: A member has the wrong type.
         """
-        raw = self.items(name, required=required, min_items=1, max_items=200)
+        raw = self.items(name, required=required, min_items=1, max_items=MAX_TAGS)
         if raw is None:
             return None
         tags: dict[str, str] = {}

@@ -438,6 +438,32 @@ class TestTags:
         assert client.list_tags_for_resource(resourceArn=arn)["tags"] == []
         assert "tags" not in client.describe_tunnel(tunnelId=r["tunnelId"])["tunnel"]
 
+    def test_tag_limit_per_tunnel(self, client):
+        """TagResource counts existing tags: a tunnel never holds more than 200 (as OpenTunnel)."""
+        r = client.open_tunnel(tags=[{"key": f"open{i}", "value": "v"} for i in range(150)])
+        arn = r["tunnelArn"]
+        client.tag_resource(
+            resourceArn=arn, tags=[{"key": f"tag{i}", "value": "v"} for i in range(50)]
+        )
+        # Overwriting existing keys does not add to the count.
+        client.tag_resource(resourceArn=arn, tags=[{"key": "open0", "value": "new"}])
+
+        with pytest.raises(ClientError) as one_more:
+            client.tag_resource(resourceArn=arn, tags=[{"key": "extra", "value": "v"}])
+        with pytest.raises(ClientError) as many_more:
+            client.tag_resource(
+                resourceArn=arn, tags=[{"key": f"more{i}", "value": "v"} for i in range(101)]
+            )
+
+        message = one_more.value.response["Error"]["Message"]
+        assert error_of(one_more) == ("ValidationException", 400)
+        assert error_of(many_more) == ("ValidationException", 400)
+        assert f"resource {arn} would have 201 tags, the limit is 200" in message
+        tags = client.list_tags_for_resource(resourceArn=arn)["tags"]
+        assert len(tags) == 200
+        assert {"key": "open0", "value": "new"} in tags
+        assert all(t["key"] not in ("extra", "more0") for t in tags)
+
     @pytest.mark.parametrize(
         ("operation", "params"),
         [

@@ -466,6 +466,22 @@ class TestTags:
         with pytest.raises(ResourceNotFound):
             store.untag("arn:nope", [])
 
+    def test_tag_limit_counts_existing_tags(self, tmp_path, clock):
+        """A tunnel holds at most 200 tags; an overflowing TagResource changes nothing."""
+        state = tmp_path / "state.json"
+        store = TunnelStore(clock=clock, state_file=state)
+        t = store.open_tunnel(tags={f"k{i}": "v" for i in range(150)})
+        store.tag(t.arn, {f"k{i}": "w" for i in range(100, 200)})  # 50 overwrites, 50 new: 200
+        saved = state.read_text()
+
+        with pytest.raises(ValidationFailed, match="would have 201 tags, the limit is 200"):
+            store.tag(t.arn, {"k0": "x", "extra": "v"})
+
+        assert len(t.tags) == 200
+        assert (t.tags["k0"], t.tags["k199"]) == ("v", "w")
+        assert "extra" not in t.tags
+        assert state.read_text() == saved
+
 
 class TestPersistence:
     def test_round_trip(self, tmp_path, clock):
