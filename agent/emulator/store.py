@@ -155,6 +155,11 @@ class HandshakeRejected(StoreError):
         self.status = status
 
 
+def _ms(seconds: float) -> float:
+    # AWS answers with epoch seconds to the millisecond; a float clock has microseconds and more.
+    return round(seconds, 3)
+
+
 def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
@@ -174,7 +179,7 @@ class Endpoint:
         client_token: The client token bound on first use (data-plane §2), if any.
         used: Whether a handshake has consumed the token.
         connected: Whether a WebSocket of this mode is live (ConnectionState.status).
-        last_updated_at: Epoch seconds of the last change of ``connected``.
+        last_updated_at: Epoch seconds, to the millisecond, of the last change of ``connected``.
     """
 
     token: str
@@ -384,7 +389,7 @@ class TunnelStore:
         self._check_services(services)
         if self.open_count() >= self.max_open_tunnels:
             raise LimitExceeded("Tunnel limit exceeded")
-        now = self.clock()
+        now = self._now()
         lifetime = (
             DEFAULT_LIFETIME_MINUTES if max_lifetime_minutes is None else max_lifetime_minutes
         )
@@ -476,7 +481,7 @@ class TunnelStore:
         if tunnel.status != "OPEN":
             raise ValidationFailed(f"Tunnel {tunnel_id} is closed")
         self._check_services(services)
-        now = self.clock()
+        now = self._now()
         rotated = tuple(m for m in MODES if m in modes)
         for mode in rotated:
             old = tunnel.endpoint(mode)
@@ -554,7 +559,7 @@ class TunnelStore:
             raise HandshakeRejected(400, REJECT_CAT_INVALID)
         # Only OPEN tunnels have indexed tokens: closing drops them (invariants above).
         tunnel = self._tunnels[entry[0]]
-        if self.clock() >= tunnel.expires_at:
+        if self._now() >= tunnel.expires_at:
             raise HandshakeRejected(400, REJECT_EXPIRED)
         if entry[1] != mode:
             raise HandshakeRejected(400, REJECT_MODE_MISMATCH)
@@ -592,7 +597,7 @@ class TunnelStore:
         if ep.connected == connected or (connected and tunnel.status != "OPEN"):
             return
         ep.connected = connected
-        ep.last_updated_at = self.clock()
+        ep.last_updated_at = self._now()
         self._changed(StoreEvent("connection", tunnel, (mode,)))
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -604,7 +609,7 @@ class TunnelStore:
         Returns:
             The tunnels this call closed (each also emitted a "closed" event).
         """
-        now = self.clock()
+        now = self._now()
         expired = [t for t in self._tunnels.values() if t.status == "OPEN" and now >= t.expires_at]
         stale = [
             t
@@ -624,6 +629,10 @@ class TunnelStore:
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _now(self) -> float:
+        # Every stored timestamp comes from here, so API answers and the state file agree.
+        return _ms(self.clock())
+
     def _check_services(self, services: Sequence[str] | None) -> None:
         if services is not None and len(services) > self.max_services:
             raise LimitExceeded(
@@ -640,7 +649,7 @@ class TunnelStore:
         )
 
     def _close(self, tunnel: Tunnel) -> None:
-        now = self.clock()
+        now = self._now()
         tunnel.status = "CLOSED"
         tunnel.last_updated_at = now
         tunnel.closed_at = now
@@ -700,7 +709,7 @@ class TunnelStore:
             raise ConfigError(f"cannot load emulator state {path}: {exc}") from exc
         if version != _STATE_VERSION:
             raise ConfigError(f"cannot load emulator state {path}: version {version!r}")
-        now = self.clock()
+        now = self._now()
         for tunnel in tunnels:
             for mode in MODES:
                 ep = tunnel.endpoint(mode)
@@ -760,10 +769,15 @@ def _tunnel_from_json(d: dict[str, Any]) -> Tunnel:
         has_destination_config=bool(d["has_destination_config"]),
         max_lifetime_minutes=int(d["max_lifetime_minutes"]),
         tags={str(k): str(v) for k, v in d["tags"].items()},
-        created_at=float(d["created_at"]),
-        last_updated_at=float(d["last_updated_at"]),
-        expires_at=float(d["expires_at"]),
-        closed_at=None if d["closed_at"] is None else float(d["closed_at"]),
-        source=Endpoint(**d["source"]),
-        destination=Endpoint(**d["destination"]),
+        created_at=_ms(float(d["created_at"])),
+        last_updated_at=_ms(float(d["last_updated_at"])),
+        expires_at=_ms(float(d["expires_at"])),
+        closed_at=None if d["closed_at"] is None else _ms(float(d["closed_at"])),
+        source=_endpoint_from_json(d["source"]),
+        destination=_endpoint_from_json(d["destination"]),
     )
+
+
+def _endpoint_from_json(d: dict[str, Any]) -> Endpoint:
+    # Files written before timestamps were cut to milliseconds carry more digits.
+    return Endpoint(**{**d, "last_updated_at": _ms(float(d["last_updated_at"]))})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 from urllib.parse import urlsplit
 
 import pytest
@@ -198,6 +199,38 @@ class TestDescribeTunnel:
         assert isinstance(tunnel["createdAt"], float)
         assert tunnel["timeoutConfig"] == {"maxLifetimeTimeoutMinutes": 720}
 
+    def test_timestamps_to_the_millisecond(self, api_server, client, api_store, api_clock):
+        """Every timestamp on the wire is epoch seconds with at most 3 decimals, as from AWS."""
+        api_clock.now = 1_764_650_000.1234567
+        tunnel_id = client.open_tunnel()["tunnelId"]
+        api_clock.now = 1_764_650_005.9876543
+        api_store.set_connected(tunnel_id, "source", connected=True)
+        api_clock.now = 1_764_650_007.4567891
+        api_store.set_connected(tunnel_id, "source", connected=False)
+        api_clock.now = 1_764_650_009.0004999
+        client.close_tunnel(tunnelId=tunnel_id)
+        bodies = [
+            raw_call(api_server.url, f"IoTSecuredTunneling.{target}", body)[2]
+            for target, body in [
+                ("DescribeTunnel", json.dumps({"tunnelId": tunnel_id}).encode()),
+                ("ListTunnels", b"{}"),
+            ]
+        ]
+        stamps = [
+            re.findall(rb'"(createdAt|lastUpdatedAt)": ?(-?[0-9.eE+]+)', body) for body in bodies
+        ]
+
+        assert stamps[0] == [
+            (b"lastUpdatedAt", b"1764650007.457"),  # sourceConnectionState
+            (b"lastUpdatedAt", b"1764650000.123"),  # destinationConnectionState
+            (b"createdAt", b"1764650000.123"),
+            (b"lastUpdatedAt", b"1764650009.0"),
+        ]
+        assert stamps[1] == [
+            (b"createdAt", b"1764650000.123"),
+            (b"lastUpdatedAt", b"1764650009.0"),
+        ]
+
     def test_destination_config_without_thing(self, client):
         """A destinationConfig with services only is returned without thingName."""
         tunnel_id = client.open_tunnel(destinationConfig={"services": ["SSH"]})["tunnelId"]
@@ -225,7 +258,7 @@ class TestCloseTunnel:
 
         assert set(r) == {"ResponseMetadata"}
         assert d["status"] == "CLOSED"
-        assert d["lastUpdatedAt"].timestamp() == pytest.approx(api_clock.now, abs=1e-6)
+        assert d["lastUpdatedAt"].timestamp() == pytest.approx(round(api_clock.now, 3), abs=1e-6)
         assert d["sourceConnectionState"]["status"] == "DISCONNECTED"
         assert client.close_tunnel(tunnelId=tunnel_id)["ResponseMetadata"]["HTTPStatusCode"] == 200
 
@@ -356,7 +389,7 @@ class TestRotate:
         assert out["tunnelArn"] == r["tunnelArn"]
         assert returned == rotated
         assert t.expires_at == expires
-        assert d["lastUpdatedAt"].timestamp() == pytest.approx(api_clock.now, abs=1e-6)
+        assert d["lastUpdatedAt"].timestamp() == pytest.approx(round(api_clock.now, 3), abs=1e-6)
         for m in ("source", "destination"):
             if m in rotated:
                 assert out[f"{m}AccessToken"] != old[m]
@@ -767,7 +800,7 @@ class TestLifecycle:
         api_clock.now = start + 120
         d = client.describe_tunnel(tunnelId=r["tunnelId"])["tunnel"]
         assert d["status"] == "CLOSED"
-        assert d["lastUpdatedAt"].timestamp() == pytest.approx(start + 120, abs=1e-6)
+        assert d["lastUpdatedAt"].timestamp() == pytest.approx(round(start + 120, 3), abs=1e-6)
         assert [e.kind for e in events] == ["opened", "closed"]
         assert api_store.next_expiry() is None
         with pytest.raises(HandshakeRejected):

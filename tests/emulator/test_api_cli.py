@@ -100,7 +100,7 @@ class TestCliFlow:
         assert described["destinationConfig"] == {"thingName": "dev1", "services": ["SSH"]}
         assert described["timeoutConfig"] == {"maxLifetimeTimeoutMinutes": 30}
         assert described["status"] == "OPEN"
-        assert described["createdAt"] == pytest.approx(tunnel.created_at, abs=1e-6)
+        assert described["createdAt"] == tunnel.created_at == round(tunnel.created_at, 3)
         assert described["sourceConnectionState"]["status"] == "DISCONNECTED"
         assert [s["tunnelId"] for s in listed["tunnelSummaries"]] == [tunnel_id]
         assert set(rotated) == {"tunnelArn", "destinationAccessToken"}
