@@ -189,17 +189,22 @@ class ControlPlaneApi:
     async def _dispatch(self, request: web.Request) -> dict[str, Any]:
         # Order: method, signature, target, body (authenticate before revealing anything).
         if request.method != "POST":
-            raise ApiError("UnknownOperationException", 405, "Only POST is supported")
+            raise ApiError(
+                "UnknownOperationException", 405, f"Method {request.method} is not supported"
+            )
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
-            raise ApiError("SerializationException", 413, "Request body too large") from exc
+            raise ApiError(
+                "SerializationException", 413, f"Request body over {MAX_BODY} bytes"
+            ) from exc
         region = self._region(request, body)
         target = request.headers.get("X-Amz-Target", "")
         operation = target.removeprefix(TARGET_PREFIX)
         handler = self._operations.get(operation) if target.startswith(TARGET_PREFIX) else None
         if handler is None:
-            raise ApiError("UnknownOperationException", 400, f"Unknown operation {target!r}")
+            shown = f"'{target}'" if target else "(no X-Amz-Target header)"
+            raise ApiError("UnknownOperationException", 400, f"Unknown operation {shown}")
         shape = Shape(self._decode(body))
         if self._lazy_expiry:
             self.store.expire_due()
@@ -320,7 +325,7 @@ class ControlPlaneApi:
             ids = [t.tunnel_id for t in tunnels]
             if after not in ids:
                 # The tunnel the token points after is gone, or the token is foreign (§4).
-                raise ValidationFailed("Invalid nextToken")
+                raise ValidationFailed(f"Invalid nextToken '{token}': its tunnel is gone")
             start = ids.index(after) + 1
         page = tunnels[start : start + page_size]
         out: dict[str, Any] = {"tunnelSummaries": [self._summary(t) for t in page]}
@@ -360,7 +365,8 @@ class ControlPlaneApi:
     def _untag_resource(self, shape: Shape, _region: str) -> dict[str, Any]:
         arn = shape.string("resourceArn", required=True, max_len=1011)
         raw = shape.items("tagKeys", required=True, min_items=0, max_items=200) or []
-        self.store.untag(str(arn), [check_tag_key(k) for k in raw])
+        keys = [check_tag_key(k, f"tagKeys.{n}.member") for n, k in enumerate(raw, 1)]
+        self.store.untag(str(arn), keys)
         return {}
 
     def _list_tags(self, shape: Shape, _region: str) -> dict[str, Any]:

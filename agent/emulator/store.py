@@ -475,7 +475,7 @@ class TunnelStore:
         tunnel = self.get(tunnel_id)
         bad = [m for m in modes if m not in MODES]
         if bad or not modes:
-            raise ValidationFailed(f"Invalid client mode {bad}")
+            raise ValidationFailed(f"Invalid client mode '{', '.join(bad)}'")
         if services is not None and "destination" not in modes:
             raise ValidationFailed("You can not use DestinationConfig with source clientMode")
         if tunnel.status != "OPEN":

@@ -613,9 +613,132 @@ class TestValidation:
         with pytest.raises(ClientError) as info:
             getattr(raw_client, operation)(**params)
 
+        message = info.value.response["Error"]["Message"]
         assert error_of(info) == ("ValidationException", 400)
-        assert member in info.value.response["Error"]["Message"]
+        assert member in message
+        assert "Value '...'" not in message
         assert api_store.list_tunnels() == []
+
+    @pytest.mark.parametrize(
+        ("operation", "params", "message"),
+        [
+            (
+                "open_tunnel",
+                {"destinationConfig": {"services": ["SSH", "VNC", "SSH"]}},
+                (
+                    "Value 'SSH' at 'destinationConfig.services.3.member' failed to satisfy "
+                    "constraint: Member must be unique in the list"
+                ),
+            ),
+            (
+                "rotate_tunnel_access_token",
+                {
+                    "tunnelId": "t",
+                    "clientMode": "ALL",
+                    "destinationConfig": {"services": ["A", "A"]},
+                },
+                "Value 'A' at 'destinationConfig.services.2.member' failed",
+            ),
+            (
+                "open_tunnel",
+                {"destinationConfig": {"services": ["SSH", "S/H"]}},
+                "Value 'S/H' at 'destinationConfig.services.2.member' failed",
+            ),
+            (
+                "open_tunnel",
+                {"tags": [{"key": "k", "value": "1"}, {"key": "k", "value": "2"}]},
+                (
+                    "Value 'k' at 'tags.2.member.key' failed to satisfy constraint: "
+                    "Member must be unique in the list"
+                ),
+            ),
+            (
+                "open_tunnel",
+                {"tags": [{"key": "ok", "value": "v"}, {"key": "aws:owner", "value": "v"}]},
+                (
+                    "Value 'aws:owner' at 'tags.2.member.key' failed to satisfy constraint: "
+                    "Tag keys starting with 'aws:' are reserved"
+                ),
+            ),
+            (
+                "open_tunnel",
+                {"tags": [{"key": "k", "value": "bad*value"}]},
+                "Value 'bad*value' at 'tags.1.member.value' failed",
+            ),
+            ("open_tunnel", {"tags": []}, "Value '[]' at 'tags' failed"),
+            (
+                "open_tunnel",
+                {"tags": TAGS_201},
+                (
+                    "Value '[{key=k0, value=v}, {key=k1, value=v}, {key=k2, value=v}, "
+                    "{key=k3, value=v}, {key=k4, value=v}, ... (201 items)]' at 'tags' failed to "
+                    "satisfy constraint: Member must have length less than or equal to 200"
+                ),
+            ),
+            (
+                "open_tunnel",
+                {"description": "x" * 2049},
+                f"Value '{'x' * 64}...' at 'description' failed",
+            ),
+            (
+                "open_tunnel",
+                {"timeoutConfig": {"maxLifetimeTimeoutMinutes": 721}},
+                "Value '721' at 'timeoutConfig.maxLifetimeTimeoutMinutes' failed",
+            ),
+            (
+                "close_tunnel",
+                {},
+                "Value null at 'tunnelId' failed to satisfy constraint: Member must not be null",
+            ),
+            (
+                "untag_resource",
+                {"resourceArn": "arn", "tagKeys": ["ok", "bad#"]},
+                "Value 'bad#' at 'tagKeys.2.member' failed",
+            ),
+            (
+                "untag_resource",
+                {"resourceArn": "arn", "tagKeys": ["k"] * 201},
+                "Value '[k, k, k, k, k, ... (201 items)]' at 'tagKeys' failed",
+            ),
+            (
+                "rotate_tunnel_access_token",
+                {"tunnelId": "t", "clientMode": "BOTH"},
+                (
+                    "Value 'BOTH' at 'clientMode' failed to satisfy constraint: "
+                    "Member must satisfy enum value set: [SOURCE, DESTINATION, ALL]"
+                ),
+            ),
+            (
+                "list_tunnels",
+                {"nextToken": "Zm9vOmJhcg=="},
+                "Invalid nextToken 'Zm9vOmJhcg==': not issued by ListTunnels",
+            ),
+        ],
+    )
+    def test_message_names_the_value(self, raw_client, operation, params, message):
+        """A ValidationException quotes the offending value and where it is, never a stand-in."""
+        with pytest.raises(ClientError) as info:
+            getattr(raw_client, operation)(**params)
+
+        assert error_of(info) == ("ValidationException", 400)
+        assert message in info.value.response["Error"]["Message"]
+
+    def test_next_token_of_deleted_tunnel_is_quoted(self, client):
+        """A token whose tunnel is gone is refused with the token in the message."""
+        for _ in range(2):
+            client.open_tunnel()
+        token = client.list_tunnels(maxResults=1)["nextToken"]
+        client.close_tunnel(
+            tunnelId=client.list_tunnels()["tunnelSummaries"][0]["tunnelId"], delete=True
+        )
+
+        with pytest.raises(ClientError) as info:
+            client.list_tunnels(nextToken=token)
+
+        assert error_of(info) == ("ValidationException", 400)
+        assert info.value.response["Error"]["Message"] == (
+            f"Invalid nextToken '{token}': its tunnel is gone"
+        )
 
     @pytest.mark.parametrize(
         "params",
@@ -703,6 +826,18 @@ class TestWireProtocol:
 
         assert (status, json.loads(raw)["__type"]) == (400, "SerializationException")
         assert api_store.list_tunnels() == []
+
+    def test_wrong_type_message(self, api_server):
+        """A SerializationException names the member, the expected and the received type."""
+        body = json.dumps({"tags": [{"key": "k", "value": 5}]}).encode()
+
+        status, _, raw = raw_call(api_server.url, "IoTSecuredTunneling.OpenTunnel", body)
+
+        assert status == 400
+        assert json.loads(raw) == {
+            "__type": "SerializationException",
+            "message": "Expected string for 'tags.1.member.value', got integer",
+        }
 
     def test_empty_body_and_unknown_members(self, api_server):
         """An empty body counts as {} and unknown members are ignored."""
