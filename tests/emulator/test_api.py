@@ -5,6 +5,8 @@ from __future__ import annotations
 import http.client
 import json
 import re
+import socket
+import time
 from urllib.parse import urlsplit
 
 import pytest
@@ -23,7 +25,7 @@ from agent.emulator.store import (
 )
 from agent.emulator.validation import encode_next_token
 
-from .conftest import ACCESS_KEY, CREDENTIALS, SECRET_KEY
+from .conftest import ACCESS_KEY, CREDENTIALS, SCALE, SECRET_KEY
 
 
 DEST = {"thingName": "dev1", "services": ["SSH"]}
@@ -870,6 +872,115 @@ class TestWireProtocol:
         status, _, body = raw_call(api_server.url, None, b"", method="GET", sign=False)
 
         assert (status, json.loads(body)["__type"]) == (405, "UnknownOperationException")
+
+
+def exchange(
+    port: int, *parts: bytes, pause: float = 0.0
+) -> tuple[int, dict[str, str], dict[str, str]]:
+    """Send ``parts`` on a raw TCP socket, ``pause`` s apart, and read one response.
+
+    Returns the status, the lower-cased headers and the JSON body, read up to Content-Length
+    as an HTTP client does (the server may keep the socket open a while to drain the request).
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=10 * SCALE) as sock:
+        for i, part in enumerate(parts):
+            if i:
+                time.sleep(pause)
+            sock.sendall(part)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed without a response: {received!r}"
+            received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        while len(body) < int(headers["content-length"]):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed inside the body: {received!r}"
+            body += chunk
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+SIGNED_PREFIX = b"POST / HTTP/1.1\r\nHost: x\r\nX-Amz-Target: IoTSecuredTunneling.ListTunnels\r\n"
+MALFORMED = [
+    # (request bytes, words the message must contain)
+    (bytes(range(256)) * 4, "Malformed HTTP request"),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64, "HTTPS traffic"),
+    (b"POST\r\n\r\n", "Expected space after method"),
+    (b"POST / HTTP/9.Z\r\nHost: x\r\n\r\n", "Invalid minor version"),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n", "8190 bytes"),
+    (
+        b"POST / HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n",
+        "Too many headers",
+    ),
+    (SIGNED_PREFIX + b"Content-Length: abc\r\n\r\n{}", "Content-Length"),
+    (SIGNED_PREFIX + b"Content-Length: -2\r\n\r\n{}", "Content-Length"),
+    (SIGNED_PREFIX + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}", "Duplicate"),
+    (
+        SIGNED_PREFIX + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+        "Transfer-Encoding",
+    ),
+    (SIGNED_PREFIX + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", "chunk size"),
+    (SIGNED_PREFIX + b"X-Nul: a\x00b\r\n\r\n", "header value"),
+    (
+        SIGNED_PREFIX + b"Content-Encoding: gzip\r\nContent-Length: 4\r\n\r\nnope",
+        "Malformed HTTP request body",
+    ),
+]
+
+
+class TestMalformedHttp:
+    @pytest.mark.parametrize(("request_bytes", "words"), MALFORMED, ids=[w for _, w in MALFORMED])
+    def test_json_error_body(self, api_server, request_bytes, words):
+        """A request aiohttp cannot parse gets an AWS JSON error, not a plain-text 400."""
+        status, headers, body = exchange(api_server.port, request_bytes)
+
+        assert status == 400
+        assert headers["content-type"] == "application/x-amz-json-1.1"
+        assert headers["x-amzn-errortype"] == "SerializationException"
+        assert len(headers["x-amzn-requestid"]) == 36
+        assert set(body) == {"__type", "message"}
+        assert body["__type"] == "SerializationException"
+        assert words in body["message"]
+        assert "^" not in body["message"]
+
+    def test_server_still_serves(self, api_server, client):
+        """After garbage on one connection the API answers the next request normally."""
+        exchange(api_server.port, b"\x00" * 100)
+
+        assert client.list_tunnels()["tunnelSummaries"] == []
+
+    def test_bad_chunk_after_good_ones(self, api_harness, api_store):
+        """A body that breaks midway is answered with a JSON 408 once the body timeout passes."""
+        api = api_harness.start(api_store, body_timeout=0.5 * SCALE)
+        status, headers, body = exchange(
+            api.port,
+            SIGNED_PREFIX + b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n",
+            b"zz\r\n}\r\n0\r\n\r\n",
+            pause=0.2 * SCALE,
+        )
+
+        assert status == 408
+        assert headers["content-type"] == "application/x-amz-json-1.1"
+        assert body["__type"] == "RequestTimeoutException"
+        assert body["message"] == f"Request body not received within {0.5 * SCALE:g} s"
+
+    def test_client_leaving_mid_body_is_no_failure(self, api_server):
+        """A client closing before its body is complete is not logged as our failure."""
+        with structlog.testing.capture_logs() as logs:
+            with socket.create_connection(("127.0.0.1", api_server.port)) as sock:
+                sock.sendall(SIGNED_PREFIX + b"Content-Length: 100\r\n\r\n{")
+            deadline = time.monotonic() + 5 * SCALE
+            while not any(e["event"] == "api_error" for e in logs):
+                assert time.monotonic() < deadline, logs
+                time.sleep(0.01)
+
+        assert [e["code"] for e in logs if e["event"] == "api_error"] == ["SerializationException"]
+        assert not [e for e in logs if e["log_level"] in ("error", "exception")]
 
 
 class TestSignatures:
