@@ -23,8 +23,13 @@ With ``run_as=None`` (the default) a root emulator writes ``user root``: the
 emulator directory often sits below directories the ``mosquitto`` account cannot
 traverse (pytest's 0700 temp dirs, a home directory), and the broker listens on
 loopback only, as a child of a process that is already root. ``run_as="mosquitto"``
-lets it drop privileges instead: the broker directory is then handed to that
-account, and every directory above it must be traversable by it.
+runs it as that account instead (the emulator switches user between fork and exec):
+the broker directory is then handed to that account, and every directory above it
+must be traversable by it.
+
+Lifetime: the broker never outlives the emulator. The kernel sends it SIGTERM when
+the emulator's process ends, however it ends (``PR_SET_PDEATHSIG``, as for the
+agent's proxies), and mosquitto saves its sessions on SIGTERM.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ import structlog
 from agent.emulator.pki import PRIVILEGED_IDENTITY, THING_NAME_PATTERN, KeyPair
 from agent.exceptions import AgentError
 from agent.mqtt_common import AsyncMqttClient, MqttConnectError
+from agent.supervisor import _death_signal_preexec
 
 
 if TYPE_CHECKING:
@@ -462,6 +468,7 @@ class Broker:
         if self._log is None:
             self._log = self.log_file.open("ab")
         offset = self._log.tell()
+        user = self._drop_user()
         try:
             self._process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; waits are async
                 [binary, "-c", str(self.config_file)],
@@ -471,6 +478,15 @@ class Broker:
                 # Its own session: Ctrl-C in the emulator's terminal reaches the emulator only,
                 # which then stops the broker in order.
                 start_new_session=True,
+                # The kernel sends SIGTERM when the emulator dies, even by SIGKILL: a broker
+                # left behind would hold the port and the emulator's directory.
+                preexec_fn=_death_signal_preexec(os.getpid()),  # noqa: PLW1509 - one bound prctl call
+                # Switch user before exec rather than letting mosquitto drop privileges
+                # itself: a change of user clears the death signal, and here the switch
+                # happens before preexec_fn asks for it.
+                user=None if user is None else user.pw_uid,
+                group=None if user is None else user.pw_gid,
+                extra_groups=None if user is None else [],
             )
         except OSError as exc:
             await self.stop()  # closes the log file
