@@ -194,7 +194,8 @@ class TestForeground:
             running = json.loads((directory / "emulator.json").read_text())
             broker_pid = running["broker_pid"]
             host, port = running["mqtt"]
-            served = not await refused(host, port)
+            backend_host, backend_port = running["mqtt_backend"]
+            served = not await refused(host, port) and not await refused(backend_host, backend_port)
             broker_uid = _owner(broker_pid)
             process.kill()
             await _stop(process)
@@ -217,6 +218,7 @@ class TestForeground:
         assert _gone(broker_pid)
         assert waited < 5 * SCALE
         assert _port_free(host, port)
+        assert _port_free(backend_host, backend_port)
 
     async def test_startup_failure_exit_code(self, tmp_path):
         """A port already in use makes the emulator exit 1 with a message, leaving nothing."""
