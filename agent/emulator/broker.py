@@ -356,7 +356,6 @@ class Broker:
             server=server,
             backend=(_BACKEND_HOST, self.backend_port),
             identity_context=self._gate_identity,
-            handshake_timeout=self.start_timeout,
         )
         try:
             await gate.start()

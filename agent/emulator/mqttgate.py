@@ -4,7 +4,7 @@ The broker's front door: mutual TLS, then the AWS IoT rule "client id = thing na
 AWS IoT Core, with the usual ``iot:Connect`` policy on
 ``client/${iot:Connection.Thing.ThingName}``, refuses a certificate that connects with
 any client id but its own thing's name: CONNACK "not authorized", and the thing already
-connected under that id keeps its session. Mosquitto 2.0 cannot refuse that: with
+connected under that id keeps its session. Mosquitto 2.0.11 cannot refuse that: with
 ``use_identity_as_username`` it skips every authentication check, the dynamic-security
 plugin's pinned ``clientid`` included, so a thing could take over another thing's session.
 
@@ -14,7 +14,7 @@ CONNACK "not authorized" or opens a TLS connection to mosquitto on a loopback po
 forwards the bytes unchanged, both ways. Mosquitto still decides everything else (ACLs,
 sessions, CONNACK): it sees the same identity, because the gate connects with a
 certificate of the same CN, issued by a CA only the gate holds and only the backend
-listener trusts (``backend``, a callable giving the TLS context for one CN).
+listener trusts (``identity_context`` gives the TLS context for one CN).
 
 Identities outside the thing-name space (the emulator's own, with a ``.``) may use any
 client id: the notifier and the broker administration connect side by side.

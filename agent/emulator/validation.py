@@ -242,7 +242,7 @@ class Shape:
             where = f"{name}.services.{number}.member"
             service = check_string(item, where, pattern=THING_NAME, max_len=128)
             if service in services:
-                # Duplicates make the relay's service ids ambiguous (data-plane §5) [choice, §3].
+                # Duplicates would make the relay's service ids ambiguous.
                 raise _violation(service, where, "Member must be unique in the list")
             services.append(service)
         return thing, services
