@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import secrets
 import signal
@@ -28,6 +27,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from agent.common.process import death_signal_preexec
 from agent.daemon.proxyoutput import ConnectionWatch
 from agent.exceptions import ProxyStartError
 
@@ -64,41 +64,6 @@ _MAX_LINE = 2000
 _PIPE_LIMIT = 64 * 1024
 # After the proxy exits, how long its pipes may stay open (held by a grandchild).
 _PIPE_DRAIN_TIMEOUT = 1.0
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _load_prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:  # pragma: no cover - a Linux without a loadable libc
-        return None
-    prctl = libc.prctl
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    result: Callable[..., int] = prctl
-    return result
-
-
-# Resolved once at import: the forked child must only call an already-bound function.
-_prctl = _load_prctl()
-
-
-def _death_signal_preexec(parent_pid: int) -> Callable[[], None] | None:
-    if _prctl is None:  # pragma: no cover - non-Linux
-        return None
-    prctl = _prctl
-
-    def preexec() -> None:
-        # Runs in the child between fork and exec; keep it to one syscall and a check.
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        # The agent may have died before prctl took effect: then nobody would signal us.
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return preexec
 
 
 def proxy_command(binary: Literal["bundled"] | Path) -> list[str]:
@@ -457,7 +422,7 @@ class SubprocessLauncher:
                 limit=_PIPE_LIMIT,
                 close_fds=True,
                 process_group=0,
-                preexec_fn=_death_signal_preexec(os.getpid()),
+                preexec_fn=death_signal_preexec(os.getpid()),
             )
         except OSError as exc:
             # Name only the binary: the rest of argv is fine but the habit is not.
