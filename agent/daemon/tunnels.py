@@ -587,7 +587,6 @@ class TunnelManager:
             tunnel.handed_on = await handle.detach()
             if tunnel.handed_on is None and await handle.wait() == 0:
                 tunnel.stop_reason = "ended"  # the tunnel ended just now: nothing to hand on
-            log.info("proxy_handed_on", pid=handle.pid, running=tunnel.handed_on is not None)
             return None
         if not tunnel.stop_event.is_set():
             tunnel.request_stop("lifetime")
@@ -617,12 +616,17 @@ class TunnelManager:
                 unregister_secret(tunnel.token.get_secret_value())
                 unregister_secret(tunnel.client_token)
                 self._changed()
-                log.info(
-                    "tunnel_ended",
-                    reason=reason,
-                    restarts=tunnel.restarts,
-                    duration=round(asyncio.get_running_loop().time() - started, 3),
-                )
+                if reason == "handoff":
+                    # Not an end: the next program image supervises it from here.
+                    pid = None if tunnel.handed_on is None else tunnel.handed_on.pid
+                    log.info("tunnel_handed_on", pid=pid)
+                else:
+                    log.info(
+                        "tunnel_ended",
+                        reason=reason,
+                        restarts=tunnel.restarts,
+                        duration=round(asyncio.get_running_loop().time() - started, 3),
+                    )
 
     async def _run_once(self, tunnel: _Tunnel, spec: ProxySpec, *, first: bool) -> int | None:
         """
