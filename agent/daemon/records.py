@@ -186,7 +186,7 @@ def _read_checked(path: Path) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise RecordError(f"cannot open ({exc.strerror})") from None
-    with os.fdopen(fd, "rb") as file:
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise RecordError("not a regular file")
@@ -197,7 +197,9 @@ def _read_checked(path: Path) -> bytes:
             raise RecordError(f"mode {mode:04o} lets group or others access it (expected 0600)")
         if info.st_size > _MAX_SIZE:
             raise RecordError(f"{info.st_size} bytes, more than {_MAX_SIZE}")
-        return file.read(_MAX_SIZE + 1)
+        return os.read(fd, _MAX_SIZE + 1)
+    finally:
+        os.close(fd)
 
 
 def parse_record(data: bytes) -> TunnelRecord:

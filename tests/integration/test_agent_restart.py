@@ -12,17 +12,29 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import stat
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from agent.daemon.handoff import HANDOFF_ENV
 from tests.integration.dataplane import ThreadedServer, connect, echo, pattern_bytes, recv_exactly
-from tests.integration.test_agent_e2e import SCALE, Agent, World, alive, children, wait_until
+from tests.integration.test_agent_e2e import (
+    ROOT,
+    SCALE,
+    Agent,
+    World,
+    alive,
+    children,
+    wait_until,
+)
 
 
 if TYPE_CHECKING:
@@ -315,3 +327,34 @@ def test_no_persistence_when_turned_off(world):
     assert written == []
     assert second.events("tunnel_restored") == []
     assert destination(world, tunnel["tunnelId"])["status"] == "DISCONNECTED"
+
+
+def test_unreadable_handoff_stops_stray_children(world, tmp_path):
+    """A re-exec whose hand-off cannot be read: the children nobody supervises are stopped."""
+    log = tmp_path / "stray-agent.log"
+    with log.open("wb") as out:
+        # sh starts a child, then becomes the agent: the child is the agent's, unknown to it.
+        process = subprocess.Popen(
+            [
+                "sh", "-c", 'sleep 300 & echo "stray $!"; exec "$@"', "sh",
+                sys.executable, "-m", "agent", "run", "--config", str(world.bundle.config),
+                "--runtime-dir", str(tmp_path / "run"), "--logging-format", "json",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, HANDOFF_ENV: "99"},
+        )  # fmt: skip
+    try:
+        stray = int(wait_until(lambda: re.search(r"stray (\d+)", log.read_text()), 10).group(1))
+        wait_until(lambda: '"agent_started"' in log.read_text(), 15, "agent started")
+        wait_until(lambda: not alive(stray), 10, "stray stopped")
+        events = [json.loads(line) for line in log.read_text().splitlines() if line[:1] == "{"]
+        named = {e["event"]: e for e in events}
+    finally:
+        process.terminate()
+        process.wait(10)
+
+    assert named["handoff_unreadable"]["reason"] == "Bad file descriptor"
+    assert named["stray_child_stopping"]["pid"] == stray
+    assert process.returncode == 0
