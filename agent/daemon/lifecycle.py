@@ -271,7 +271,9 @@ class Daemon:
                 await self._close_source()
                 entered = False
                 await self._reexecute()
-                # Still here: execv failed and the proxies were adopted back.
+                # Still here: no exec (it failed, or a stop came first); proxies adopted back.
+                if self._stop.is_set():
+                    break
         finally:
             await self._shutdown(entered=entered)
             self._remove_signals(loop)
@@ -354,29 +356,42 @@ class Daemon:
 
     async def _reexecute(self) -> None:
         """
-        Hand the proxies to a fresh image of the agent; return only if that failed.
+        Hand the proxies to a fresh image of the agent; return only if that did not happen.
+
+        A stop request that arrives meanwhile wins: the proxies are taken back and the
+        caller shuts down as usual.
         """
         assert self._reexec_plan is not None  # noqa: S101 - only called with a plan
         handoff = await self._manager.detach()
-        log.info(
-            "agent_reexecuting",
-            tunnels=len(handoff.tunnels),
-            running=sum(t.child is not None for t in handoff.tunnels),
-        )
         self._state = "reloading"
         self.changed()
-        try:
-            fd = write_handoff(handoff, self._reexec_plan.runtime_dir)
+        # From here a signal waits for the next image; one that came just before is
+        # delivered by the loop now, and a stop request then cancels the exec.
+        reexec.hold_signals()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        if self._stop.is_set() or reexec.stop_pending():
+            reexec.unblock_signals()
+            log.info("agent_reload_cancelled", reason="stop requested")
+        else:
+            log.info(
+                "agent_reexecuting",
+                tunnels=len(handoff.tunnels),
+                running=sum(t.child is not None for t in handoff.tunnels),
+            )
             try:
-                reexec.execute(self._reexec_plan, fd)
-            finally:
-                os.close(fd)
-        except OSError as exc:
-            log.error("agent_reload_failed", stage="exec", error=exc.strerror)  # noqa: TRY400
-        # Only reached when the exec failed: take the proxies back, inherited pipes and all.
+                fd = write_handoff(handoff, self._reexec_plan.runtime_dir)
+                try:
+                    reexec.execute(self._reexec_plan, fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                reexec.unblock_signals()
+                log.error("agent_reload_failed", stage="exec", error=exc.strerror)  # noqa: TRY400
+            if self._notifier is not None:
+                self._notifier.notify("READY=1", "STATUS=reload failed: still running the old code")
+        # The exec did not happen: take the proxies back, inherited pipes and all.
         self._manager.adopt(handoff)
-        if self._notifier is not None:
-            self._notifier.notify("READY=1", "STATUS=reload failed: still running the old code")
 
     async def _close_source(self) -> None:
         try:

@@ -38,7 +38,15 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
-__all__ = ["HELD_SIGNALS", "ReexecPlan", "execute", "preflight", "unblock_signals"]
+__all__ = [
+    "HELD_SIGNALS",
+    "ReexecPlan",
+    "execute",
+    "hold_signals",
+    "preflight",
+    "stop_pending",
+    "unblock_signals",
+]
 
 log = structlog.get_logger("agent.daemon.reexec")
 
@@ -140,24 +148,38 @@ def execute(plan: ReexecPlan, handoff_fd: int) -> None:
     """
     Replace this program image with a fresh one; returns only if ``execv`` failed.
 
+    Call :func:`hold_signals` first: the mask survives the exec.
+
     Args:
         plan: The re-exec plan.
         handoff_fd: The inheritable hand-off descriptor; its number goes into the environment.
 
     Raises:
-        OSError: ``execv`` failed; signals are unblocked and the environment restored.
+        OSError: ``execv`` failed; the environment is restored (signals are still held).
     """
     os.environ[HANDOFF_ENV] = str(handoff_fd)
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
-    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
     try:
         os.execv(plan.executable, plan.argv)  # noqa: S606 - our own command line
     except OSError:
         os.environ.pop(HANDOFF_ENV, None)
-        unblock_signals()
         raise
+
+
+def hold_signals() -> None:
+    """
+    Block SIGHUP, SIGTERM and SIGINT in this thread: they wait for the next image.
+    """
+    signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+
+
+def stop_pending() -> bool:
+    """
+    Whether a SIGTERM or SIGINT is waiting behind the mask.
+    """
+    return bool(signal.sigpending() & {signal.SIGTERM, signal.SIGINT})
 
 
 def unblock_signals() -> None:
