@@ -291,6 +291,23 @@ class TestReload:
         assert record_files(world) == []
         assert tunnel["destinationAccessToken"] not in agent.text
 
+    def test_adopted_proxies_die_with_the_agent(self, world):
+        """After a reload, a kill -9 of the agent still takes its (adopted) proxies with it."""
+        agent = world.agent()
+        tunnel = world.open(["ECHO"])
+        world.wait_connected(tunnel["tunnelId"])
+        (proxy,) = agent.proxy_pids()
+        os.kill(agent.pid, signal.SIGHUP)
+        agent.wait_event("agent_started", 2)
+        adopted = children(agent.pid)
+
+        agent.process.kill()
+        agent.process.wait()
+        wait_until(lambda: not alive(proxy), 5, "the adopted proxy gone")
+
+        assert adopted == [proxy]
+        assert not alive(proxy)
+
     def test_failed_preflight_keeps_the_old_code_running(self, world, echo_service):
         """A configuration the new image would refuse: the old one carries on, tunnel intact."""
         agent = world.agent()
