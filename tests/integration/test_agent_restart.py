@@ -14,6 +14,7 @@ import json
 import os
 import re
 import signal
+import socket
 import stat
 import statistics
 import subprocess
@@ -38,7 +39,6 @@ from tests.integration.test_agent_e2e import (
 
 
 if TYPE_CHECKING:
-    import socket
     from pathlib import Path
 
 
@@ -239,6 +239,12 @@ class TestRestart:
         assert delays[-1] < RECONNECT_BUDGET * SCALE, delays
 
 
+def listen(sock: socket.socket, into: list[str]) -> None:
+    """Collect sd_notify assignments until the socket is shut down."""
+    while data := sock.recv(4096):
+        into += data.decode().split("\n")
+
+
 def rewrite_services(world: World, services: dict[str, str]) -> None:
     config = world.bundle.config
     text = config.read_text().split("[services]")[0]
@@ -247,9 +253,17 @@ def rewrite_services(world: World, services: dict[str, str]) -> None:
 
 
 class TestReload:
-    def test_sighup_keeps_the_session_and_runs_the_new_configuration(self, world, echo_service):
+    def test_sighup_keeps_the_session_and_runs_the_new_configuration(
+        self, world, echo_service, tmp_path
+    ):
         """SIGHUP: same pid, same proxy, the open TCP session carries data before and after."""
-        agent = world.agent()
+        # A stand-in for systemd's notify socket, read as it comes (a full queue blocks).
+        systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        systemd.bind(str(tmp_path / "notify.sock"))
+        notified: list[str] = []
+        listener = threading.Thread(target=listen, args=(systemd, notified), daemon=True)
+        listener.start()
+        agent = world.agent(env={"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
         tunnel = world.open(["ECHO"])
         world.wait_connected(tunnel["tunnelId"])
         source = world.source(tunnel["sourceAccessToken"], ["ECHO"])
@@ -273,12 +287,22 @@ class TestReload:
         world.client.close_tunnel(tunnelId=tunnel["tunnelId"])
         (ended,) = agent.wait_event("tunnel_ended")
         session.close()
+        systemd.shutdown(socket.SHUT_RDWR)
+        listener.join(5)
+        systemd.close()
 
         assert before[0] == before[1]
         assert during[0] == during[1]
         assert fresh[0] == fresh[1]
         assert agent.process.poll() is None
         assert agent.status()["pid"] == agent.pid
+        # systemd hears READY=1, RELOADING=1 (with the time), READY=1 from the new image.
+        assert [n for n in notified if n in {"READY=1", "RELOADING=1"}] == [
+            "READY=1",
+            "RELOADING=1",
+            "READY=1",
+        ]
+        assert any(n.startswith("MONOTONIC_USEC=") for n in notified)
         assert started["services"] == ["ECHO", "EXTRA"]
         assert agent.events("agent_started")[0]["services"] == ["ECHO"]
         assert agent.events("tunnels_adopted")[0]["running"] == 1
