@@ -314,7 +314,7 @@ class ProxyProcess:
         self._exit = ChildExit(child.pid)
         self._log = log.bind(pid=child.pid)
         self._stop_grace = stop_grace
-        # One watcher task; every waiter awaits it through a shield (STYLE §4).
+        # One watcher task; every waiter awaits it through a shield.
         self._exited = asyncio.ensure_future(self._watch())
 
     @classmethod

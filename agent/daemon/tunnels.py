@@ -242,7 +242,7 @@ class TunnelManager:
     Admits tunnel requests and supervises one proxy per tunnel until it ends.
     """
 
-    def __init__(  # noqa: PLR0913 - keyword-only, documented defaults (STYLE §6)
+    def __init__(  # noqa: PLR0913 - keyword-only, documented defaults
         self,
         *,
         launcher: ProxyLauncher,
@@ -637,7 +637,7 @@ class TunnelManager:
             try:
                 handle = await self._launcher.launch(spec, log=log.bind())
             except ProxyStartError as exc:
-                # A configuration problem, not our bug: no traceback (STYLE §7 levels).
+                # A configuration problem, not our bug: no traceback.
                 log.error("proxy_start_failed", error=str(exc))  # noqa: TRY400
                 return 127
         tunnel.pid, tunnel.state = handle.pid, "running"
