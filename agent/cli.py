@@ -183,6 +183,7 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 def _cmd_run(args: argparse.Namespace) -> int:
     # Imported here: `status` and `check-config` need neither asyncio apps nor SDKs.
     from agent.daemon.lifecycle import build_daemon  # noqa: PLC0415
+    from agent.daemon.reexec import ReexecPlan  # noqa: PLC0415
     from agent.logging import configure_logging  # noqa: PLC0415
 
     settings = _load(args)
@@ -192,8 +193,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     def reload() -> AgentSettings:
         return load_settings(args.config, overrides)
 
+    # SIGHUP re-executes this command line, which is only ours when main() got sys.argv.
+    run_args: list[str] = args.argv[1:]
+    plan = None
+    if args.argv == sys.argv[1:]:
+        plan = ReexecPlan.for_cli(run_args, runtime_dir=settings.state_dir)
     try:
-        daemon = build_daemon(settings, reload=reload)
+        daemon = build_daemon(settings, reload=reload, reexec_plan=plan)
     except ImportError as exc:
         _err(f"tunnel-agent: notification source unavailable: {exc}")
         return EXIT_FAILURE
@@ -283,6 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         result: int = module.main(arguments[1:])
         return result
     args = _parser().parse_args(arguments)
+    args.argv = arguments
     try:
         result = args.handler(args)
     except ConfigError as exc:

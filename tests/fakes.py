@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from agent.daemon.supervisor import ProxySpec
 
+from agent.daemon.children import Child
 from agent.notify.base import Acknowledgement, RawNotification
 
 
@@ -178,6 +179,7 @@ class FakeProxy:
         self.stopped = False
         self.connected: bool | None = None
         self.last_error: str | None = None
+        self.detached = False
 
     @property
     def pid(self) -> int:
@@ -199,14 +201,35 @@ class FakeProxy:
         self.exit(-signal.SIGTERM)
         return await self.wait()
 
+    async def detach(self) -> Child | None:
+        """Hand the fake on: it keeps 'running', described by its pid and fake pipe fds."""
+        if self.returncode is not None:
+            return None
+        self.detached = True
+        return Child(self._pid, 1000 + self._pid % 1000, 2000 + self._pid % 1000)
+
 
 class FakeProxyLauncher:
     """Records every launch; ``fail`` makes the next launches raise ProxyStartError."""
 
     def __init__(self) -> None:
         self.proxies: list[FakeProxy] = []
+        self.adopted: list[FakeProxy] = []
         self.fail = False
+        self.refuse_adoption = False
         self._pids = itertools.count(10_000)
+
+    async def adopt(
+        self, child: Child, *, log: Any, stop_grace: float, **_watch: Any
+    ) -> FakeProxy | None:
+        """Adopt a handed-on fake (``refuse_adoption``: as if it were not our child)."""
+        del stop_grace
+        if self.refuse_adoption:
+            return None
+        proxy = FakeProxy(None, child.pid)  # type: ignore[arg-type]
+        log.info("fake_proxy_adopted", pid=proxy.pid)
+        self.adopted.append(proxy)
+        return proxy
 
     async def launch(self, spec: ProxySpec, *, log: Any, on_change: Any = None) -> FakeProxy:
         from agent.exceptions import ProxyStartError
@@ -220,7 +243,7 @@ class FakeProxyLauncher:
 
     @property
     def running(self) -> list[FakeProxy]:
-        return [p for p in self.proxies if p.returncode is None]
+        return [p for p in self.proxies + self.adopted if p.returncode is None and not p.detached]
 
 
 FAKE_PROXY = """\

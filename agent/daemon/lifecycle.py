@@ -2,10 +2,20 @@
 The agent's lifecycle: start, receive notifications, supervise tunnels, stop.
 
 Signals only set flags (docs/architecture.md §6.5): SIGTERM/SIGINT set the stop event and the
-main coroutine runs the shutdown; SIGHUP reloads the services map and limits.
-Shutdown order: stop taking notifications, then stop every proxy (SIGTERM,
-grace, SIGKILL) while the notification source disconnects, all within
-``shutdown_timeout`` (5 s by default); exit status 0.
+main coroutine runs the shutdown; SIGHUP reloads. Shutdown order: stop taking
+notifications, then stop every proxy (SIGTERM, grace, SIGKILL) while the
+notification source disconnects, all within ``shutdown_timeout`` (5 s by
+default); exit status 0. The tunnels' records stay: the next start reconnects them.
+
+Reload (with a :class:`~agent.daemon.reexec.ReexecPlan`): preflight the code and
+configuration on disk while still serving; then stop taking notifications,
+disconnect the source cleanly, detach the proxies (they keep running) and
+re-execute in place. The new image adopts them before it connects its source.
+If the preflight fails the old image carries on; if ``execv`` fails it adopts its
+own proxies back. Without a plan, SIGHUP reloads the services map and limits in place.
+
+Start: adopt the proxies of a hand-off, stop any other child (a hand-off that
+could not be read), then restore the recorded tunnels, all before the source connects.
 
 Under systemd (``NOTIFY_SOCKET`` set) the daemon reports ``READY=1`` once the
 source is subscribed, ``STATUS=`` on every tunnel change, ``STOPPING=1`` and
@@ -17,13 +27,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import signal
+import time
 from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from agent import __version__
+from agent.daemon import reexec
 from agent.daemon.capath import hashed_ca_directory, needs_ca_directory
+from agent.daemon.children import ChildExit, our_children
+from agent.daemon.handoff import close_descriptors, read_handoff, write_handoff
 from agent.daemon.notification import parse_notification
+from agent.daemon.records import RecordStore
 from agent.daemon.sdnotify import SdNotifier, watchdog_interval
 from agent.daemon.status import StatusFile
 from agent.daemon.supervisor import SubprocessLauncher, proxy_command
@@ -36,6 +53,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
     from pathlib import Path
 
+    from agent.daemon.handoff import Handoff
+    from agent.daemon.reexec import ReexecPlan
     from agent.daemon.settings import AgentSettings
     from agent.daemon.supervisor import ProxyLauncher
     from agent.notify.base import NotificationSource, RawNotification
@@ -51,6 +70,9 @@ __all__ = [
 ]
 
 log = structlog.get_logger("agent.daemon")
+
+# A stray child (from a hand-off that could not be read) gets this long after SIGTERM.
+_STRAY_GRACE = 2.0
 
 
 class Daemon:
@@ -69,6 +91,9 @@ class Daemon:
         watchdog: float | None = None,
         shutdown_timeout: float = 5.0,
         thing_name: str | None = None,
+        records: RecordStore | None = None,
+        handoff: Handoff | None = None,
+        reexec_plan: ReexecPlan | None = None,
     ) -> None:
         """
         Assemble a daemon from its parts; nothing starts before :meth:`run`.
@@ -82,6 +107,9 @@ class Daemon:
             watchdog: Seconds between ``WATCHDOG=1`` pings, or ``None``.
             shutdown_timeout: Budget for the whole graceful stop, in seconds.
             thing_name: Bound to every log line of the daemon.
+            records: Recorded tunnels to restore at start, or ``None``.
+            handoff: What the previous program image handed over (a reload), or ``None``.
+            reexec_plan: How SIGHUP re-executes the agent; ``None`` reloads in place.
         """
         self._source = source
         self._manager = manager
@@ -91,7 +119,11 @@ class Daemon:
         self._watchdog = watchdog
         self._shutdown_timeout = shutdown_timeout
         self._context = {} if thing_name is None else {"thing_name": thing_name}
+        self._records = records
+        self._handoff = handoff
+        self._reexec_plan = reexec_plan
         self._stop = asyncio.Event()
+        self._reload_requested = asyncio.Event()
         self._state = "starting"
         self._tasks: set[asyncio.Task[Any]] = set()
 
@@ -105,8 +137,18 @@ class Daemon:
 
     def request_reload(self) -> None:
         """
-        Reload the services map and limits (what SIGHUP does); running tunnels stay.
+        Reload (what SIGHUP does): re-execute in place, or reload the services map and limits.
+
+        Running tunnels stay either way.
         """
+        if self._reexec_plan is not None:
+            if not self._reload_requested.is_set():
+                log.info("agent_reload_requested")
+            self._reload_requested.set()
+            return
+        self._reload_in_place()
+
+    def _reload_in_place(self) -> None:
         if self._reload is None:
             log.warning("config_reload_unavailable")
             return
@@ -200,6 +242,9 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.request_stop)
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        # Held across a re-exec: delivered now, to the handlers above. Before any proxy
+        # starts, which would inherit the mask.
+        reexec.unblock_signals()
 
     @staticmethod
     def _remove_signals(loop: asyncio.AbstractEventLoop) -> None:
@@ -224,41 +269,146 @@ class Daemon:
         entered = False
         try:
             self.changed()
+            self._start_tunnels()
             if self._watchdog is not None:
                 self._spawn(self._ping_watchdog(self._watchdog), "watchdog")
-            try:
-                entered = await self._enter_source()
-            except Exception as exc:
-                log.error("notification_source_failed", error=repr(exc))  # noqa: TRY400
-                return EXIT_FAILURE
-            if entered:
-                exit_code = await self._serve()
+            while True:
+                try:
+                    entered = await self._enter_source()
+                except Exception as exc:
+                    log.error("notification_source_failed", error=repr(exc))  # noqa: TRY400
+                    return EXIT_FAILURE
+                if not entered:
+                    break
+                served = await self._serve()
+                if served is not None:
+                    exit_code = served
+                    break
+                # Reload: preflight passed and notifications are stopped.
+                await self._close_source()
+                entered = False
+                await self._reexecute()
+                # Still here: no exec (it failed, or a stop came first); proxies adopted back.
+                if self._stop.is_set():
+                    break
         finally:
             await self._shutdown(entered=entered)
             self._remove_signals(loop)
         return exit_code
 
-    async def _serve(self) -> int:
+    def _start_tunnels(self) -> None:
+        """
+        Adopt the hand-off's proxies, stop stray children, restore recorded tunnels.
+        """
+        handoff, self._handoff = self._handoff, None
+        if handoff is not None:
+            adopted = {t.child.pid for t in handoff.tunnels if t.child is not None}
+            # After a re-exec every child is a proxy: those not handed over are strays.
+            for pid in our_children() - adopted:
+                self._spawn(_stop_stray(pid), f"stray-{pid}")
+            self._manager.adopt(handoff)
+            log.info("tunnels_adopted", count=len(handoff.tunnels), running=len(adopted))
+        if self._records is not None:
+            restored = self._manager.restore(self._records.load())
+            if restored:
+                log.info("tunnels_restored", count=restored)
+
+    async def _serve(self) -> int | None:
+        """
+        Take notifications until told to stop (an exit status) or to reload (``None``).
+        """
         self._state = "running"
         self.changed()
         if self._notifier is not None:
             self._notifier.notify("READY=1")
-        log.info("agent_started")
+        log.info("agent_started", version=__version__, services=sorted(self._manager.services))
         consumer = self._spawn(self._consume(), "notifications")
-        stopping = self._spawn(self._stop.wait(), "stop-wait")
-        await asyncio.wait({consumer, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if consumer.done():
-            if consumer.cancelled() or consumer.exception() is None:
-                log.error("notification_source_closed")
-            else:
-                log.error("notification_source_failed", error=repr(consumer.exception()))
-            return EXIT_FAILURE
+        while True:
+            stopping = self._spawn(self._stop.wait(), "stop-wait")
+            reloading = self._spawn(self._reload_requested.wait(), "reload-wait")
+            await asyncio.wait({consumer, stopping, reloading}, return_when=asyncio.FIRST_COMPLETED)
+            stopping.cancel()
+            reloading.cancel()
+            if consumer.done():
+                if consumer.cancelled() or consumer.exception() is None:
+                    log.error("notification_source_closed")
+                else:
+                    log.error("notification_source_failed", error=repr(consumer.exception()))
+                return EXIT_FAILURE
+            if self._stop.is_set() or await self._preflight():
+                break
         # 1. Stop taking notifications (docs/architecture.md §6.5).
         consumer.cancel("agent stopping")
         with contextlib.suppress(asyncio.CancelledError):
             await consumer
-        return EXIT_OK
+        return EXIT_OK if self._stop.is_set() else None
+
+    async def _preflight(self) -> bool:
+        """
+        Check the code and configuration on disk; True if the re-exec may go ahead.
+        """
+        assert self._reexec_plan is not None  # noqa: S101 - only set with a plan
+        self._reload_requested.clear()
+        if self._notifier is not None:
+            self._notifier.notify(
+                "RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}", "STATUS=reloading"
+            )
+        checking = self._spawn(reexec.preflight(self._reexec_plan), "preflight")
+        stopping = self._spawn(self._stop.wait(), "stop-wait")
+        await asyncio.wait({checking, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        if not checking.done():
+            checking.cancel("agent stopping")
+            with contextlib.suppress(asyncio.CancelledError):
+                await checking
+            return False
+        problem = checking.result()
+        if problem is None:
+            return True
+        # The old code keeps running, and keeps supervising every proxy.
+        log.error("agent_reload_failed", stage="preflight", reason=problem)
+        if self._notifier is not None:
+            self._notifier.notify("READY=1", "STATUS=reload failed: still running the old code")
+        return False
+
+    async def _reexecute(self) -> None:
+        """
+        Hand the proxies to a fresh image of the agent; return only if that did not happen.
+
+        A stop request that arrives meanwhile wins: the proxies are taken back and the
+        caller shuts down as usual.
+        """
+        assert self._reexec_plan is not None  # noqa: S101 - only called with a plan
+        handoff = await self._manager.detach()
+        self._state = "reloading"
+        self.changed()
+        # From here a signal waits for the next image; one that came just before is
+        # delivered by the loop now, and a stop request then cancels the exec.
+        reexec.hold_signals()
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        if self._stop.is_set() or reexec.stop_pending():
+            reexec.unblock_signals()
+            log.info("agent_reload_cancelled", reason="stop requested")
+        else:
+            log.info(
+                "agent_reexecuting",
+                tunnels=len(handoff.tunnels),
+                running=sum(t.child is not None for t in handoff.tunnels),
+            )
+            try:
+                fd = write_handoff(handoff, self._reexec_plan.runtime_dir)
+                try:
+                    reexec.execute(self._reexec_plan, fd)
+                finally:
+                    os.close(fd)
+            except OSError as exc:
+                reexec.unblock_signals()
+                log.error("agent_reload_failed", stage="exec", error=exc.strerror)  # noqa: TRY400
+            if self._notifier is not None:
+                self._notifier.notify("READY=1", "STATUS=reload failed: still running the old code")
+        # The exec did not happen: take the proxies back, inherited pipes and all.
+        self._manager.adopt(handoff)
 
     async def _close_source(self) -> None:
         try:
@@ -402,16 +552,54 @@ def build_source(settings: AgentSettings) -> NotificationSource:
     )
 
 
-def build_daemon(
+async def _stop_stray(pid: int) -> None:
+    """
+    Stop a child nobody supervises (SIGTERM to its group, grace, SIGKILL) and reap it.
+    """
+    log.warning("stray_child_stopping", pid=pid)
+    waiter = ChildExit(pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        # A proxy leads its own group: what it started goes too.
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, signal.SIGTERM)
+        else:
+            os.kill(pid, signal.SIGTERM)
+    try:
+        async with asyncio.timeout(_STRAY_GRACE):
+            await asyncio.shield(waiter.status)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+        await waiter.status
+
+
+def _record_store(settings: AgentSettings) -> RecordStore | None:
+    """
+    The tunnel records' store when persistence is on and its directory usable.
+    """
+    store = RecordStore(settings.tunnels.directory)
+    if settings.tunnels.persist:
+        return store if store.prepare() else None
+    # Tokens in memory only: records an earlier configuration left must not linger.
+    purged = store.purge()
+    if purged:
+        log.info("tunnel_records_purged", count=purged, path=str(store.directory))
+    return None
+
+
+def build_daemon(  # noqa: PLR0913 - keyword-only, each a seam for tests
     settings: AgentSettings,
     *,
     reload: Callable[[], AgentSettings] | None = None,
     source: NotificationSource | None = None,
     launcher: ProxyLauncher | None = None,
     environ: Mapping[str, str] | None = None,
+    reexec_plan: ReexecPlan | None = None,
 ) -> Daemon:
     """
-    Wire a daemon from settings: source, launcher, manager, status file, systemd.
+    Wire a daemon from settings: source, launcher, manager, records, status file, systemd.
+
+    Takes the hand-off of a previous program image (a reload), if there is one.
 
     Args:
         settings: Validated settings.
@@ -419,19 +607,28 @@ def build_daemon(
         source: Notification source; :func:`build_source` by default.
         launcher: Proxy launcher; :class:`SubprocessLauncher` by default.
         environ: Environment for systemd's variables; :data:`os.environ` by default.
+        reexec_plan: How SIGHUP re-executes the agent; ``None`` reloads in place.
 
     Returns:
         A daemon ready to :meth:`Daemon.run`.
     """
+    handoff = read_handoff()
     status = StatusFile(settings.state_dir, thing_name=settings.thing_name)
     holder: list[Daemon] = []
-    manager = TunnelManager(
-        launcher=launcher or SubprocessLauncher(),
-        services=settings.services,
-        limits=limits_from(settings),
-        options=spawn_config_from(settings),
-        on_change=lambda: holder[0].changed() if holder else None,
-    )
+    records = _record_store(settings)
+    try:
+        manager = TunnelManager(
+            launcher=launcher or SubprocessLauncher(),
+            services=settings.services,
+            limits=limits_from(settings),
+            options=spawn_config_from(settings),
+            on_change=lambda: holder[0].changed() if holder else None,
+            records=records,
+        )
+    except BaseException:
+        if handoff is not None:
+            close_descriptors(handoff.descriptors())
+        raise
 
     def reload_limits() -> tuple[Mapping[str, str], Limits]:
         assert reload is not None  # noqa: S101 - only passed down when set
@@ -446,6 +643,9 @@ def build_daemon(
         notifier=SdNotifier.from_environ(environ),
         watchdog=watchdog_interval(environ),
         thing_name=settings.thing_name,
+        records=records,
+        handoff=handoff,
+        reexec_plan=reexec_plan,
     )
     holder.append(daemon)
     return daemon

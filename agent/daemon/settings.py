@@ -50,11 +50,13 @@ if TYPE_CHECKING:
 __all__ = [
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_RUNTIME_DIR",
+    "DEFAULT_STATE_DIR",
     "AgentSettings",
     "LimitsSettings",
     "LoggingSettings",
     "MqttSettings",
     "ProxySettings",
+    "TunnelsSettings",
     "check_files",
     "load_settings",
     "parse_duration",
@@ -63,6 +65,7 @@ __all__ = [
 
 DEFAULT_CONFIG_PATH = Path("/etc/iot-tunnel-agent/config.toml")
 DEFAULT_RUNTIME_DIR = Path("/run/iot-tunnel-agent")
+DEFAULT_STATE_DIR = Path("/var/lib/iot-tunnel-agent")
 
 # host[:port] for the proxy endpoint override, as localproxy accepts it (docs/protocol.md §9.2).
 _ENDPOINT = re.compile(r"[a-z0-9.\[\]-]+(:[0-9]{1,5})?")
@@ -297,6 +300,28 @@ class LimitsSettings(_Section):
         return value
 
 
+class TunnelsSettings(_Section):
+    """
+    Whether live tunnels outlive the agent's process (restart, crash, reboot), and where.
+
+    ``persist = false`` keeps access tokens in memory only: a restart then loses the tunnels.
+    """
+
+    persist: bool = True
+    state_dir: Path | None = None
+
+    @property
+    def directory(self) -> Path:
+        """
+        Where tunnel records live: setting, ``$STATE_DIRECTORY`` (systemd), or ``/var/lib``.
+        """
+        if self.state_dir is not None:
+            return self.state_dir
+        # systemd may pass several directories separated by ':'; ours is the first.
+        env = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+        return Path(env) if env else DEFAULT_STATE_DIR
+
+
 # TOML data for the current load_settings() call: the lowest-priority source.
 _toml_data: ContextVar[Mapping[str, Any] | None] = ContextVar("_toml_data", default=None)
 
@@ -322,6 +347,7 @@ class AgentSettings(BaseSettings):
     proxy: ProxySettings = ProxySettings()
     logging: LoggingSettings = LoggingSettings()
     limits: LimitsSettings = LimitsSettings()
+    tunnels: TunnelsSettings = TunnelsSettings()
 
     @field_validator("thing_name")
     @classmethod

@@ -15,6 +15,7 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
+from agent import __version__
 from agent.common.files import write_private
 from agent.exceptions import AgentError
 
@@ -64,6 +65,7 @@ class StatusFile:
         document: dict[str, Any] = {
             "version": _FORMAT_VERSION,
             "pid": os.getpid(),
+            "agent_version": __version__,
             "thing_name": self._thing_name,
             "state": state,
             "started_at": self._started_at,

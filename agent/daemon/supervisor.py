@@ -10,7 +10,9 @@ environment is ever logged.
 
 Children die with the agent: each child asks the kernel for SIGTERM when its
 parent thread exits (``PR_SET_PDEATHSIG``), so not even ``kill -9`` of the
-agent leaves a proxy behind. Each child leads its own process group, so a
+agent leaves a proxy behind. A reload re-executes the agent in place: the process
+does not exit, so its proxies live on as its children and the next program image
+adopts them (:meth:`ProxyLauncher.adopt`). Each child leads its own process group, so a
 terminal's Ctrl-C reaches only the agent, which then stops the proxies in order
 (docs/architecture.md §6.5), and a stop reaches whatever the proxy itself started.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import secrets
 import signal
@@ -28,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from agent.common.process import death_signal_preexec
+from agent.daemon.children import Child, ChildExit, is_our_child, spawn
 from agent.daemon.proxyoutput import ConnectionWatch
 from agent.exceptions import ProxyStartError
 
@@ -189,6 +193,10 @@ class ProxySpec:
     connect_timeout: float = 30.0
 
 
+def _same(protocol: asyncio.StreamReaderProtocol) -> asyncio.StreamReaderProtocol:
+    return protocol
+
+
 class ProxyHandle(Protocol):
     """
     A running proxy, as the tunnel manager sees it.
@@ -234,6 +242,15 @@ class ProxyHandle(Protocol):
         """
         ...
 
+    async def detach(self) -> Child | None:
+        """
+        Stop watching the process and leave it running, for the next program image.
+
+        Returns:
+            Its pid and inheritable copies of its pipes, or ``None`` if it has exited.
+        """
+        ...
+
 
 class ProxyLauncher(Protocol):
     """
@@ -254,15 +271,35 @@ class ProxyLauncher(Protocol):
         """
         ...
 
+    async def adopt(
+        self,
+        child: Child,
+        *,
+        log: FilteringBoundLogger,
+        stop_grace: float,
+        connect_timeout: float = 30.0,
+        on_change: Callable[[], None] | None = None,
+    ) -> ProxyHandle | None:
+        """
+        Watch a proxy a previous program image of this process started (a reload).
+
+        Returns:
+            Its handle, or ``None`` if ``child`` is not (or no longer) our child.
+        """
+        ...
+
 
 class ProxyProcess:
     """
     One proxy child: its output goes to the log, its exit is awaited once and shared.
+
+    Launched and adopted proxies are the same: a pid and two pipes (agent/daemon/children.py).
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only watch settings
         self,
-        process: asyncio.subprocess.Process,
+        child: Child,
+        pipes: Sequence[tuple[asyncio.ReadTransport, asyncio.StreamReader]],
         *,
         log: FilteringBoundLogger,
         stop_grace: float,
@@ -270,37 +307,70 @@ class ProxyProcess:
         on_change: Callable[[], None] | None = None,
     ) -> None:
         """
-        Watch an already started child.
+        Watch a child whose pipes are already connected; use :meth:`watch`.
+        """
+        self._child = child
+        self._pipes = list(pipes)
+        self._exit = ChildExit(child.pid)
+        self._log = log.bind(pid=child.pid)
+        self._stop_grace = stop_grace
+        self._connection = ConnectionWatch(
+            log=self._log, timeout=connect_timeout, on_change=on_change
+        )
+        # One watcher task; every waiter awaits it through a shield.
+        self._exited = asyncio.ensure_future(self._watch())
+
+    @classmethod
+    async def watch(
+        cls,
+        child: Child,
+        *,
+        log: FilteringBoundLogger,
+        stop_grace: float,
+        connect_timeout: float = 30.0,
+        on_change: Callable[[], None] | None = None,
+    ) -> ProxyProcess:
+        """
+        Start watching ``child``: log its output lines, await its exit.
 
         Args:
-            process: The child, with stdout and stderr piped.
+            child: Our child; its pipe descriptors now belong to the returned object.
             log: Logger bound to the tunnel's context.
             stop_grace: Seconds between SIGTERM and SIGKILL in :meth:`stop`.
             connect_timeout: Seconds it may take to say it is connected before it is reported.
             on_change: Called when :attr:`connected` or :attr:`last_error` changes.
         """
-        self._process = process
-        self._log = log.bind(pid=process.pid)
-        self._stop_grace = stop_grace
-        self._connection = ConnectionWatch(
-            log=self._log, timeout=connect_timeout, on_change=on_change
+        loop = asyncio.get_running_loop()
+        pipes = []
+        for fd in (child.stdout, child.stderr):
+            reader = asyncio.StreamReader(limit=_PIPE_LIMIT, loop=loop)
+            protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+            # A pipe: no disk I/O. The transport owns (and closes) the descriptor.
+            pipe = os.fdopen(fd, "rb", buffering=0)
+            transport, _ = await loop.connect_read_pipe(functools.partial(_same, protocol), pipe)
+            pipes.append((transport, reader))
+        return cls(
+            child,
+            pipes,
+            log=log,
+            stop_grace=stop_grace,
+            connect_timeout=connect_timeout,
+            on_change=on_change,
         )
-        # One watcher task; every waiter awaits it through a shield (docs/architecture.md §6.5).
-        self._exited = asyncio.ensure_future(self._watch())
 
     @property
     def pid(self) -> int:
         """
         The process id.
         """
-        return self._process.pid
+        return self._child.pid
 
     @property
     def returncode(self) -> int | None:
         """
         The exit status once reaped, else ``None``.
         """
-        return self._process.returncode
+        return self._exit.returncode
 
     @property
     def connected(self) -> bool | None:
@@ -316,9 +386,7 @@ class ProxyProcess:
         """
         return self._connection.last_error
 
-    async def _pump(self, reader: asyncio.StreamReader | None, stream: str) -> None:
-        if reader is None:
-            return
+    async def _pump(self, reader: asyncio.StreamReader, stream: str) -> None:
         while True:
             try:
                 line = await reader.readline()
@@ -333,12 +401,13 @@ class ProxyProcess:
                 self._connection.feed(text[:_MAX_LINE], stream)
 
     async def _watch(self) -> int:
-        pumps = [
-            asyncio.ensure_future(self._pump(self._process.stdout, "stdout")),
-            asyncio.ensure_future(self._pump(self._process.stderr, "stderr")),
+        pumps: list[asyncio.Future[None]] = [
+            asyncio.ensure_future(self._pump(reader, stream))
+            for (_, reader), stream in zip(self._pipes, ("stdout", "stderr"), strict=True)
         ]
+        pending: set[asyncio.Future[None]] = set()
         try:
-            returncode = await self._process.wait()
+            returncode = await asyncio.shield(self._exit.status)
             # At once: a proxy that has exited is not one that failed to connect.
             self._connection.close()
             # Whatever the proxy left in its group (a wrapper's child) goes with it.
@@ -348,6 +417,8 @@ class ProxyProcess:
             self._connection.close()
             for pump in pumps:
                 pump.cancel()
+            for transport, _ in self._pipes:
+                transport.close()
         for pump in pending:
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
@@ -356,7 +427,7 @@ class ProxyProcess:
     def _signal_group(self, sig: signal.Signals) -> None:
         # The child leads its own group (process_group=0): pgid == pid.
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self._process.pid, sig)
+            os.killpg(self._child.pid, sig)
 
     async def wait(self) -> int:
         """
@@ -374,7 +445,7 @@ class ProxyProcess:
         Returns:
             The exit status.
         """
-        if self._process.returncode is None and not self._exited.done():
+        if self._exit.returncode is None and not self._exited.done():
             self._log.info("proxy_stopping", grace=self._stop_grace)
             self._signal_group(signal.SIGTERM)
             try:
@@ -384,6 +455,32 @@ class ProxyProcess:
                 self._log.warning("proxy_kill", reason="grace_expired")
                 self._signal_group(signal.SIGKILL)
         return await asyncio.shield(self._exited)
+
+    async def detach(self) -> Child | None:
+        """
+        Stop watching and leave the process running; its pipes are handed on.
+
+        Lines already read are logged first; what the proxy writes from now on waits in
+        the pipe for the next reader.
+
+        Returns:
+            The pid and inheritable duplicates of the pipes, or ``None`` if it has exited.
+        """
+        if self._exit.returncode is not None or self._exited.done():
+            return None
+        for transport, _ in self._pipes:
+            transport.pause_reading()
+        for _ in range(3):
+            await asyncio.sleep(0)  # the pumps log complete lines already buffered
+        out, err = os.dup(self._child.stdout), os.dup(self._child.stderr)
+        for fd in (out, err):
+            os.set_inheritable(fd, True)  # noqa: FBT003 - os API
+        self._exit.release()
+        self._connection.close()
+        self._exited.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._exited
+        return Child(self._child.pid, out, err)
 
 
 class SubprocessLauncher:
@@ -404,7 +501,7 @@ class SubprocessLauncher:
         Args:
             spec: Command, environment, stop grace and connect timeout.
             log: Logger bound to the tunnel's context.
-            on_change: Called when the proxy's connection state changes.
+            on_change: Called when the proxy's ``connected`` or ``last_error`` changes.
 
         Returns:
             The running process.
@@ -413,24 +510,51 @@ class SubprocessLauncher:
             ProxyStartError: The binary is missing or cannot be executed.
         """
         try:
-            process = await asyncio.create_subprocess_exec(
-                *spec.argv,
-                env=dict(spec.env),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
-                limit=_PIPE_LIMIT,
-                close_fds=True,
-                process_group=0,
-                preexec_fn=death_signal_preexec(os.getpid()),
-            )
+            child = spawn(spec.argv, env=spec.env, preexec_fn=death_signal_preexec(os.getpid()))
         except OSError as exc:
             # Name only the binary: the rest of argv is fine but the habit is not.
             raise ProxyStartError(f"cannot start {spec.argv[0]}: {exc.strerror}") from exc
-        return ProxyProcess(
-            process,
+        return await ProxyProcess.watch(
+            child,
             log=log,
             stop_grace=spec.stop_grace,
             connect_timeout=spec.connect_timeout,
+            on_change=on_change,
+        )
+
+    async def adopt(
+        self,
+        child: Child,
+        *,
+        log: FilteringBoundLogger,
+        stop_grace: float,
+        connect_timeout: float = 30.0,
+        on_change: Callable[[], None] | None = None,
+    ) -> ProxyProcess | None:
+        """
+        Watch a proxy started before this process re-executed itself.
+
+        Args:
+            child: Its pid and pipe descriptors (inherited across the exec).
+            log: Logger bound to the tunnel's context.
+            stop_grace: Seconds between SIGTERM and SIGKILL.
+            connect_timeout: Seconds it may take to say it is connected before it is reported.
+            on_change: Called when the proxy's ``connected`` or ``last_error`` changes.
+
+        Returns:
+            The process, or ``None`` when ``child.pid`` is not our child (its pipes are closed).
+        """
+        if not is_our_child(child.pid):
+            for fd in (child.stdout, child.stderr):
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            return None
+        for fd in (child.stdout, child.stderr):
+            os.set_inheritable(fd, False)  # noqa: FBT003 - os API
+        return await ProxyProcess.watch(
+            child,
+            log=log,
+            stop_grace=stop_grace,
+            connect_timeout=connect_timeout,
             on_change=on_change,
         )

@@ -22,6 +22,14 @@ Policy, in one place (docs/architecture.md §4.3):
   tokens after a backoff delay, at most ``max_restarts`` times in a row. A run
   longer than ``restart_reset_after`` resets the count (docs/architecture.md §4.3).
 
+- **Records**: with a :class:`~agent.daemon.records.RecordStore`, each tunnel's record
+  (tokens included) is on disk while the tunnel lives. It is removed when the tunnel ends,
+  reaches its lifetime, is evicted or superseded, or its proxy gives up; it is kept when
+  the agent stops (shutdown) or re-executes itself (hand-off), so the next process can
+  :meth:`~TunnelManager.restore` it with the same client token.
+- **Hand-off**: :meth:`~TunnelManager.detach` stops supervising without stopping any
+  proxy; :meth:`~TunnelManager.adopt` supervises them again in the next program image.
+
 Stopping never cancels a tunnel's task: it sets the tunnel's stop event and the
 task stops its proxy and returns (docs/architecture.md §6.5).
 """
@@ -39,6 +47,8 @@ from typing import TYPE_CHECKING, Literal
 import structlog
 
 from agent.common.retry import backoff
+from agent.daemon.handoff import Handoff, HandoffTunnel
+from agent.daemon.records import TunnelRecord
 from agent.daemon.supervisor import ProxySpec, build_argv, build_env, new_client_token
 from agent.exceptions import ProxyStartError
 from agent.logging import register_secret, unregister_secret
@@ -46,12 +56,14 @@ from agent.protocol.ids import token_digest
 
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator, Mapping, Sequence
+    from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
     from pathlib import Path
 
     from pydantic import SecretStr
 
+    from agent.daemon.children import Child
     from agent.daemon.notification import TunnelRequest
+    from agent.daemon.records import RecordStore
     from agent.daemon.supervisor import ProxyHandle, ProxyLauncher
 
 
@@ -61,6 +73,8 @@ log = structlog.get_logger("agent.daemon.tunnels")
 
 # How many recent token digests are remembered for dedupe (a few hours of tunnels).
 _RECENT_TOKENS = 256
+# End reasons after which the tunnel lives on in the next agent process: its record stays.
+_CONTINUED = frozenset({"shutdown", "handoff"})
 
 
 class Outcome(enum.StrEnum):
@@ -163,11 +177,16 @@ class _Tunnel:
     key: str
     services: tuple[str, ...]
     region: str
+    endpoint: str | None
     token: SecretStr = field(repr=False)
     client_token: str = field(repr=False)
     digest: str
     started_at: float
+    expires_at: float
     deadline: float
+    generation: int = 0
+    # The event of its first proxy: a notification, a record, or a hand-off.
+    origin: str = "tunnel_started"
     state: str = "starting"
     pid: int | None = None
     restarts: int = 0
@@ -179,6 +198,41 @@ class _Tunnel:
     last_error: str | None = None
     # Set once the first proxy launch was attempted (or the tunnel ended before it).
     launched: asyncio.Event = field(default_factory=asyncio.Event)
+    # The proxy handed over by the previous program image, until adopted.
+    inherited: Child | None = None
+    # The proxy handed on to the next program image (detach).
+    handed_on: Child | None = None
+
+    def record(self) -> TunnelRecord:
+        return TunnelRecord(
+            key=self.key,
+            services=self.services,
+            region=self.region,
+            endpoint=self.endpoint,
+            token=self.token,
+            client_token=self.client_token,
+            started_at=self.started_at,
+            expires_at=self.expires_at,
+            generation=self.generation,
+        )
+
+    @classmethod
+    def from_record(cls, record: TunnelRecord, *, origin: str) -> _Tunnel:
+        remaining = record.expires_at - time.time()
+        return cls(
+            key=record.key,
+            services=record.services,
+            region=record.region,
+            endpoint=record.endpoint,
+            token=record.token,
+            client_token=record.client_token,
+            digest=token_digest(record.token.get_secret_value()),
+            started_at=record.started_at,
+            expires_at=record.expires_at,
+            deadline=asyncio.get_running_loop().time() + remaining,
+            generation=record.generation,
+            origin=origin,
+        )
 
     def info(self) -> TunnelInfo:
         connected = None if self.handle is None else self.handle.connected
@@ -210,7 +264,7 @@ class TunnelManager:
     Admits tunnel requests and supervises one proxy per tunnel until it ends.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only, documented defaults
         self,
         *,
         launcher: ProxyLauncher,
@@ -218,6 +272,7 @@ class TunnelManager:
         limits: Limits,
         options: SpawnConfig,
         on_change: Callable[[], None] | None = None,
+        records: RecordStore | None = None,
     ) -> None:
         """
         Create an idle manager.
@@ -228,8 +283,11 @@ class TunnelManager:
             limits: Cap, lifetime and over-cap policy.
             options: Proxy command and restart policy.
             on_change: Called (synchronously) whenever the set of tunnels or a pid changes.
+            records: Where live tunnels are recorded; ``None`` keeps tokens in memory only.
         """
         self._launcher = launcher
+        self._records = records
+        self._handed_on: list[HandoffTunnel] = []
         self._services = dict(services)
         self._limits = limits
         self._options = options
@@ -361,18 +419,30 @@ class TunnelManager:
             key=key,
             services=request.services,
             region=request.region,
+            endpoint=self._options.endpoint,
             token=request.token,
             client_token=new_client_token(),
             digest=digest,
             started_at=now,
+            expires_at=now + self._limits.max_lifetime,
             deadline=asyncio.get_running_loop().time() + self._limits.max_lifetime,
+            generation=0 if admitted is None else admitted.generation + 1,
         )
         if admitted is not None:
             admitted.superseded = True
+            # Its token is revoked by the rotation: no later process may reconnect it.
+            self._forget(admitted)
             log.info("tunnel_superseded", tunnel_key=admitted.key, by=key)
+        self._save(tunnel)
+        self._start(tunnel)
+        await tunnel.launched.wait()
+        return Outcome.STARTED
+
+    def _start(self, tunnel: _Tunnel) -> None:
         # From here on every log line masks both tokens, whatever the key name.
-        register_secret(request.token.get_secret_value())
+        register_secret(tunnel.token.get_secret_value())
         register_secret(tunnel.client_token)
+        key = tunnel.key
         self._tunnels[key] = tunnel
         task = asyncio.create_task(self._run(tunnel), name=f"tunnel-{key}")
         self._tasks[key] = task
@@ -380,8 +450,102 @@ class TunnelManager:
         # Also when the task is cancelled before it ever ran.
         task.add_done_callback(lambda _task: tunnel.launched.set())
         self._changed()
-        await tunnel.launched.wait()
-        return Outcome.STARTED
+
+    def _save(self, tunnel: _Tunnel) -> None:
+        if self._records is not None:
+            self._records.save(tunnel.record())
+
+    def _forget(self, tunnel: _Tunnel) -> None:
+        if self._records is not None:
+            self._records.remove(tunnel.key)
+
+    def restore(self, records: Iterable[TunnelRecord]) -> int:
+        """
+        Reconnect the tunnels an earlier agent process recorded, with their client tokens.
+
+        Expired records are deleted. Of several records for the same services (a crash in
+        the middle of a rotation) only the newest generation is kept. Records beyond
+        ``max_concurrent`` (counting the running tunnels) are deleted, oldest kept first.
+
+        Args:
+            records: From :meth:`RecordStore.load`.
+
+        Returns:
+            How many tunnels were restored.
+        """
+        now = time.time()
+        newest: dict[frozenset[str], TunnelRecord] = {}
+        restored = 0
+        for record in sorted(records, key=lambda r: (r.generation, r.started_at)):
+            if record.key in self._tunnels:
+                continue  # adopted from a hand-off
+            services = frozenset(record.services)
+            if services in newest:
+                self._drop(newest[services], "superseded")
+            newest[services] = record
+        for record in sorted(newest.values(), key=lambda r: r.started_at):
+            if record.expires_at <= now:
+                self._drop(record, "expired")
+            elif self._closing:
+                break
+            elif len(self._counted()) >= self._limits.max_concurrent:
+                self._drop(record, "limit")
+            else:
+                tunnel = _Tunnel.from_record(record, origin="tunnel_restored")
+                self._is_duplicate(tunnel.digest)
+                self._start(tunnel)
+                restored += 1
+        return restored
+
+    def _drop(self, record: TunnelRecord, reason: str) -> None:
+        log.info(
+            "tunnel_record_dropped",
+            tunnel_key=record.key,
+            services=list(record.services),
+            reason=reason,
+        )
+        if self._records is not None:
+            self._records.remove(record.key)
+
+    def adopt(self, handoff: Handoff) -> None:
+        """
+        Supervise the tunnels (and running proxies) a previous program image handed over.
+
+        Args:
+            handoff: From :func:`agent.daemon.handoff.read_handoff` or :meth:`detach`.
+        """
+        self._closing = False
+        for digest in handoff.recent:
+            self._is_duplicate(digest)
+        for entry in handoff.tunnels:
+            tunnel = _Tunnel.from_record(entry.record, origin="tunnel_adopted")
+            tunnel.restarts = entry.restarts
+            tunnel.inherited = entry.child
+            self._is_duplicate(tunnel.digest)
+            # The previous image may have kept tokens in memory only; this one may persist.
+            self._save(tunnel)
+            self._start(tunnel)
+
+    async def detach(self) -> Handoff:
+        """
+        Stop supervising every tunnel but leave its proxy running, for the next program image.
+
+        Returns:
+            The tunnels (with their proxies' pids and inheritable pipes) and recent digests.
+        """
+        self._closing = True
+        self._handed_on = []
+        for tunnel in list(self._tunnels.values()):
+            if tunnel.superseded:
+                # Its token is revoked: stop it now rather than hand over a dying proxy.
+                tunnel.request_stop("superseded")
+            else:
+                tunnel.request_stop("handoff")
+        tasks = list(self._tasks.values())
+        if tasks:
+            await asyncio.wait(tasks)
+        handed_on, self._handed_on = self._handed_on, []
+        return Handoff(tuple(handed_on), tuple(self._recent))
 
     def _spec(self, tunnel: _Tunnel, services: Mapping[str, str]) -> ProxySpec:
         opts = self._options
@@ -389,7 +553,7 @@ class TunnelManager:
             opts.command,
             services=services,
             region=tunnel.region,
-            endpoint=opts.endpoint,
+            endpoint=tunnel.endpoint,
             ca=opts.ca,
             no_verify=opts.no_verify,
             extra_args=opts.extra_args,
@@ -450,6 +614,11 @@ class TunnelManager:
             exited.cancel()  # handle.wait() is shielded: the process is unaffected.
         if handle.returncode is not None and not tunnel.stop_event.is_set():
             return handle.returncode
+        if tunnel.stop_reason == "handoff":
+            tunnel.handed_on = await handle.detach()
+            if tunnel.handed_on is None and await handle.wait() == 0:
+                tunnel.stop_reason = "ended"  # the tunnel ended just now: nothing to hand on
+            return None
         if not tunnel.stop_event.is_set():
             tunnel.request_stop("lifetime")
             log.info("tunnel_lifetime_exceeded", max_lifetime=self._limits.max_lifetime)
@@ -469,36 +638,52 @@ class TunnelManager:
                 log.exception("tunnel_failed")
             finally:
                 self._tunnels.pop(tunnel.key, None)
+                if reason == "handoff":
+                    self._handed_on.append(
+                        HandoffTunnel(tunnel.record(), tunnel.handed_on, tunnel.restarts)
+                    )
+                elif reason not in _CONTINUED:
+                    self._forget(tunnel)
                 unregister_secret(tunnel.token.get_secret_value())
                 unregister_secret(tunnel.client_token)
                 self._changed()
-                log.info(
-                    "tunnel_ended",
-                    reason=reason,
-                    restarts=tunnel.restarts,
-                    duration=round(asyncio.get_running_loop().time() - started, 3),
-                )
+                if reason == "handoff":
+                    # Not an end: the next program image supervises it from here.
+                    pid = None if tunnel.handed_on is None else tunnel.handed_on.pid
+                    log.info("tunnel_handed_on", pid=pid)
+                else:
+                    log.info(
+                        "tunnel_ended",
+                        reason=reason,
+                        restarts=tunnel.restarts,
+                        duration=round(asyncio.get_running_loop().time() - started, 3),
+                    )
 
     async def _run_once(self, tunnel: _Tunnel, spec: ProxySpec, *, first: bool) -> int | None:
         """
         Run one proxy to its end: its exit status, or ``None`` if we stopped it.
         """
         try:
-            handle = await self._launcher.launch(spec, log=log.bind(), on_change=self._changed)
-        except ProxyStartError as exc:
-            # A configuration problem, not our bug: no traceback.
-            log.error("proxy_start_failed", error=str(exc))  # noqa: TRY400
-            return 127
+            handle = await self._adopt(tunnel)
+            if handle is None:
+                try:
+                    handle = await self._launcher.launch(
+                        spec, log=log.bind(), on_change=self._changed
+                    )
+                except ProxyStartError as exc:
+                    # A configuration problem, not our bug: no traceback.
+                    log.error("proxy_start_failed", error=str(exc))  # noqa: TRY400
+                    return 127
         finally:
             tunnel.launched.set()
         tunnel.pid, tunnel.state, tunnel.handle = handle.pid, "running", handle
         self._changed()
         if first:
             log.info(
-                "tunnel_started",
+                tunnel.origin,
                 pid=handle.pid,
                 region=tunnel.region,
-                endpoint=self._options.endpoint,
+                endpoint=tunnel.endpoint,
             )
         else:
             log.info("proxy_restarted", pid=handle.pid, attempt=tunnel.restarts)
@@ -514,6 +699,25 @@ class TunnelManager:
         if returncode is not None:
             log.info("proxy_exited", pid=handle.pid, returncode=returncode)
         return returncode
+
+    async def _adopt(self, tunnel: _Tunnel) -> ProxyHandle | None:
+        """
+        Take over the proxy the previous program image ran for this tunnel, if any.
+        """
+        child, tunnel.inherited = tunnel.inherited, None
+        if child is None:
+            return None
+        handle = await self._launcher.adopt(
+            child,
+            log=log.bind(),
+            stop_grace=self._options.stop_grace,
+            connect_timeout=self._options.connect_timeout,
+            on_change=self._changed,
+        )
+        if handle is None:
+            # Reaped before the hand-off completed: start a new proxy with the same tokens.
+            log.warning("proxy_adoption_failed", pid=child.pid, reason="not_our_child")
+        return handle
 
     async def _run_proxies(self, tunnel: _Tunnel) -> str:
         loop = asyncio.get_running_loop()

@@ -564,6 +564,8 @@ class Emulator:
                 f"endpoint = {_toml_string(endpoints['relay'])}",
                 f"ca = {_toml_string(str(bundle.ca))}",
             ]
+        # Tunnel records beside the bundle, not in the system's /var/lib/iot-tunnel-agent.
+        lines += ["", "[tunnels]", f"state_dir = {_toml_string(str(bundle.directory / 'state'))}"]
         lines += ["", "[services]"]
         lines += [f"{key} = {_toml_string(str(value))}" for key, value in services.items()]
         bundle.config.write_text("\n".join(lines) + "\n")

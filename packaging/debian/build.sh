@@ -17,7 +17,8 @@
 # Needs: python3 (>= 3.11) with the venv module (python3-venv), dpkg-dev (dpkg-deb,
 # dpkg-shlibdeps), and PyPI for the pinned wheels (packaging/debian/constraints.txt).
 # Environment: PYTHON (default /usr/bin/python3), DIST (default <repo>/dist), CONFIG_EXAMPLE
-# (default <repo>/config/config.example.toml),
+# (default <repo>/config/config.example.toml), PACKAGE_VERSION (default agent.__version__;
+# set, it is also written into the packaged agent/__init__.py, e.g. to test an upgrade),
 # SOURCE_DATE_EPOCH (default: the last commit's time, for reproducible timestamps),
 # SOURCE_BUILDS=1 (allow compiling dependencies that have no wheel, e.g. awscrt on armhf).
 set -euo pipefail
@@ -47,6 +48,12 @@ done
 
 VERSION=$(sed -n 's/^__version__ = "\(.*\)"$/\1/p' "$REPO/agent/__init__.py")
 [ -n "$VERSION" ] || die "cannot read __version__ from agent/__init__.py"
+if [ -n "${PACKAGE_VERSION:-}" ]; then
+  # Digits and dots: valid for both Debian and Python (PEP 440), and safe in sed below.
+  [[ "$PACKAGE_VERSION" =~ ^[0-9]+(\.[0-9]+)*$ ]] \
+    || die "PACKAGE_VERSION=$PACKAGE_VERSION: only digits and dots (e.g. 1.2.3)"
+  VERSION=$PACKAGE_VERSION
+fi
 ARCH=$(dpkg --print-architecture)
 # The venv's python symlink points at this exact interpreter and the wheels are built
 # for its ABI, so the package depends on that minor version, not just "python3".
@@ -72,6 +79,9 @@ tar -C "$REPO" --exclude=__pycache__ --exclude='*.pyc' \
   --exclude=agent/emulator --exclude='agent/demo' --exclude='agent/demo.py' \
   -cf - pyproject.toml agent | tar -C "$WORK/src" -xf -
 if [ -f "$REPO/README.md" ]; then cp "$REPO/README.md" "$WORK/src/"; else : >"$WORK/src/README.md"; fi
+# The version the package says is the version the agent reports.
+sed -i "s/^__version__ = \".*\"$/__version__ = \"$VERSION\"/" "$WORK/src/agent/__init__.py"
+grep -qx "__version__ = \"$VERSION\"" "$WORK/src/agent/__init__.py" || die "cannot set __version__"
 if [ -f "$REPO/LICENSE" ]; then cp "$REPO/LICENSE" "$WORK/src/"; fi
 
 # -- 2. the virtualenv at its final path inside the staging root -------------------

@@ -458,6 +458,7 @@ class TestWiring:
             '[proxy]\nendpoint = "127.0.0.1:8443"\nno_verify = true\nmax_restarts = 2\n'
             'extra_env = {A = "b"}\n'
             '[limits]\nmax_tunnel_lifetime = "30m"\non_limit = "stop_oldest"\n'
+            f'[tunnels]\nstate_dir = "{tmp_path / "state"}"\n'
         )
         return load_settings(path, overrides)
 
@@ -540,6 +541,7 @@ class AgentProcess:
             f'[proxy]\nbinary = "{binary}"\nstop_grace = 1.0\n'
             f"restart_backoff_initial = 0.05\nrestart_backoff_max = 0.2\n"
             f'extra_env = {{FAKE_PROXY_DIR = "{self.proxy_dir}"{echo}}}\n'
+            f'[tunnels]\nstate_dir = "{tmp_path / "state"}"\n'
         )
         self.log = tmp_path / "agent.log"
         self._log_file = self.log.open("wb")

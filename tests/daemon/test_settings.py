@@ -104,6 +104,21 @@ class TestDefaults:
         assert from_systemd == Path("/run/a")
         assert configured == Path("/tmp/x")
 
+    def test_tunnels_state_dir_precedence(self, files, monkeypatch):
+        """Tunnel records: setting, then $STATE_DIRECTORY (systemd), then /var/lib."""
+        path = write_config(files)
+        monkeypatch.delenv("STATE_DIRECTORY", raising=False)
+        default = load_settings(path).tunnels
+        default_dir = default.directory
+        monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/a:/var/lib/b")
+        from_systemd = load_settings(path).tunnels.directory
+        configured = load_settings(path, {"tunnels": {"state_dir": "/tmp/y"}}).tunnels.directory
+
+        assert default.persist is True
+        assert default_dir == Path("/var/lib/iot-tunnel-agent")
+        assert from_systemd == Path("/var/lib/a")
+        assert configured == Path("/tmp/y")
+
     def test_example_config_valid(self):
         """config/config.example.toml parses (its placeholder paths aside)."""
         example = Path(__file__).parents[2] / "config" / "config.example.toml"
@@ -117,7 +132,7 @@ class TestDefaults:
     def test_example_documents_every_field(self):
         """Every setting appears in config/config.example.toml (set or commented out)."""
         example = (Path(__file__).parents[2] / "config" / "config.example.toml").read_text()
-        sections = {"mqtt", "proxy", "logging", "limits"}
+        sections = {"mqtt", "proxy", "logging", "limits", "tunnels"}
         missing = []
         for name, info in AgentSettings.model_fields.items():
             fields = info.annotation.model_fields if name in sections else {name: None}

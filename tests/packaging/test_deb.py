@@ -131,10 +131,10 @@ def inputs_digest() -> str:
     return digest.hexdigest()
 
 
-@pytest.fixture(scope="module")
-def deb() -> Path:
+def build_deb(version: str = agent.__version__) -> Path:
+    """Build (or reuse) the .deb of ``version``; another than agent.__version__ is patched in."""
     need("dpkg-deb", "dpkg-dev")
-    path = DIST / f"{PKG}_{agent.__version__}_{architecture()}.deb"
+    path = DIST / f"{PKG}_{version}_{architecture()}.deb"
     stamp = path.with_name(path.name + ".inputs")
     digest = inputs_digest()
     if path.is_file() and stamp.is_file() and stamp.read_text() == digest:
@@ -142,6 +142,9 @@ def deb() -> Path:
     stamp.unlink(missing_ok=True)
     env = {**os.environ, "DIST": str(DIST)}
     env.pop("CONFIG_EXAMPLE", None)
+    env.pop("PACKAGE_VERSION", None)
+    if version != agent.__version__:
+        env["PACKAGE_VERSION"] = version
     result = subprocess.run(
         ["bash", str(DEBIAN / "build.sh")],
         capture_output=True,
@@ -156,6 +159,21 @@ def deb() -> Path:
     assert result.stdout.strip() == str(path)
     stamp.write_text(digest)
     return path
+
+
+@pytest.fixture(scope="module")
+def deb() -> Path:
+    return build_deb()
+
+
+#: The next release, for upgrade tests: the same tree with a higher version.
+NEXT_VERSION = f"{agent.__version__}.1"
+
+
+@pytest.fixture(scope="module")
+def deb_next(deb: Path) -> Path:
+    del deb  # built first: both builds share dist/
+    return build_deb(NEXT_VERSION)
 
 
 @pytest.fixture(scope="module")
@@ -560,6 +578,9 @@ class Container:
 
         return self._wait_for(probe, what, timeout)
 
+    def wait_for(self, probe, what: str, timeout: float = 30):
+        return self._wait_for(probe, what, timeout)
+
     def process_status(self, pid: str) -> dict[str, str]:
         text = self.run("cat", f"/proc/{pid}/status").stdout
         return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
@@ -626,6 +647,8 @@ def configure_for_emulator(root: Root, world) -> None:
         os.chown(target, uid, gid)
         target.chmod(mode)
         config = config.replace(str(source), f"/etc/iot-tunnel-agent/certs/{source.name}")
+    # The bundle keeps tunnel records beside itself; the unit has its StateDirectory=.
+    config = re.sub(r"\[tunnels\]\nstate_dir = .*\n", "", config)
     (root / "etc/iot-tunnel-agent/config.toml").write_text(config)
 
 
@@ -637,6 +660,10 @@ def container(deb, root, tmp_path):
         yield booted
     finally:
         booted.close()
+
+
+def journal(container: Container) -> str:
+    return container.run("journalctl", "-u", UNIT, "--no-pager", "-o", "cat").stdout
 
 
 def http_get(port: int) -> bytes:
@@ -681,6 +708,8 @@ class TestUnderSystemd:
         first = container.show("MainPID")["MainPID"]
 
         container.run("systemctl", "reload", UNIT)
+        # The agent re-executes itself: its second agent_started is the new image, READY.
+        container.wait_for(lambda: journal(container).count("agent_started") == 2, "the reload")
         reloaded = container.show("ActiveState", "MainPID")
         container.run("systemctl", "kill", "--signal=KILL", UNIT)
         restarted = container.wait_state(
@@ -745,3 +774,53 @@ class TestUnderSystemd:
 
         assert match is not None, output
         assert float(match.group(1)) <= 2.0, output
+
+
+class TestUpgradeUnderSystemd:
+    def test_upgrade_reloads_and_the_session_survives(self, deb_next, container, tmp_path):
+        """Install N, open a session through it, install N+1: the session lives on N+1."""
+        from tests.integration.dataplane import ThreadedServer, connect, echo
+        from tests.integration.test_agent_e2e import World
+        from tests.integration.test_agent_restart import exchange
+
+        server = ThreadedServer(echo)
+        world = World(tmp_path / "world", {"ECHO": f"127.0.0.1:{server.port}"})
+        try:
+            configure_for_emulator(container.root, world)
+            container.run("systemctl", "start", UNIT)
+            main = container.show("MainPID")["MainPID"]
+            tunnel = world.open(["ECHO"])
+            world.wait_connected(tunnel["tunnelId"])
+            proxy = container.run("cat", f"/proc/{main}/task/{main}/children").stdout.split()
+            source = world.source(tunnel["sourceAccessToken"], ["ECHO"])
+            session = connect(source.port("ECHO"))
+            before = exchange(session, 256 * 1024, seed=1)
+            shutil.copy2(deb_next, container.root / "root" / deb_next.name)
+
+            container.run("dpkg", "-i", f"/root/{deb_next.name}")
+            container.wait_for(
+                lambda: container.run("tunnel-agent", "status", "--json").stdout.count(
+                    f'"agent_version": "{NEXT_VERSION}"'
+                ),
+                "the agent to run the new version",
+            )
+            after = exchange(session, 256 * 1024, seed=2)
+            # RELOADING=1 until the new image is subscribed and says READY=1.
+            state = container.wait_state(lambda s: s["ActiveState"] != "reloading", "READY=1")
+            state = {k: state[k] for k in ("ActiveState", "MainPID", "NRestarts")}
+            children = container.run("cat", f"/proc/{main}/task/{main}/children").stdout.split()
+            status = json.loads(container.run("tunnel-agent", "status", "--json").stdout)
+            logged = journal(container)
+            session.close()
+        finally:
+            world.close()
+            server.close()
+
+        assert before[0] == before[1]
+        assert after[0] == after[1]
+        assert state == {"ActiveState": "active", "MainPID": main, "NRestarts": "0"}
+        assert children == proxy
+        assert [t["pid"] for t in status["tunnels"]] == [int(p) for p in proxy]
+        assert "agent_reexecuting" in logged
+        assert "tunnel_adopted" in logged
+        assert tunnel["destinationAccessToken"] not in logged

@@ -180,6 +180,7 @@ class TestRecipeFormat:
             "TUNNEL_AGENT_NOTIFY": "greengrass",
             "TUNNEL_AGENT_THING_NAME": "{iot:thingName}",
             "TUNNEL_AGENT_RUNTIME_DIR": "{work:path}/run",
+            "TUNNEL_AGENT_TUNNELS__STATE_DIR": "{work:path}/state",
         }
 
     def test_artifacts_are_placeholders_used_by_the_scripts(self):
