@@ -4,6 +4,7 @@ Fixtures shared by every test directory.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import pytest
@@ -31,3 +32,15 @@ def clean_logging() -> Iterator[None]:
 def capture() -> LogCapture:
     """Captured log events of the test."""
     return LogCapture()
+
+
+SYSTEM_STATE_DIR = Path("/var/lib/iot-tunnel-agent")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def no_records_in_the_system_state_dir() -> Iterator[None]:
+    """No test may leave tunnel records where the installed service keeps its own."""
+    before = set(SYSTEM_STATE_DIR.glob("tunnel-*.json"))
+    yield
+    left = sorted(str(p) for p in set(SYSTEM_STATE_DIR.glob("tunnel-*.json")) - before)
+    assert left == [], f"a test wrote tunnel records into {SYSTEM_STATE_DIR}: give it a state_dir"

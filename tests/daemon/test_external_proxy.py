@@ -115,6 +115,7 @@ class Agent:
             f'[proxy]\nbinary = "{binary}"\nca = "{ca}"\nendpoint = "localhost:{port}"\n'
             'connect_timeout = "1s"\nstop_grace = 1.0\n'
             f'extra_env = {{FAKE_RECORD_DIR = "{self.records}", ECHO = "1"}}\n'
+            f'[tunnels]\nstate_dir = "{tmp_path}/state"\n'
         )
         self.log = tmp_path / "agent.log"
         self._log_file = self.log.open("wb")
