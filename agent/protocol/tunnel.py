@@ -16,7 +16,7 @@ Rule 2: one :class:`TunnelProtocol` class serves the four roles (docs/architectu
 
 Rule 3: each element of ``messages_to_send()`` is exactly one length-prefixed frame; every
     frame other than DATA is a :class:`~agent.protocol.framing.LoneFrame`, which the writer
-    sends in a WebSocket message of its own (docs/protocol.md §5.6, §5.7).
+    sends in a WebSocket message of its own (docs/protocol.md §5.7).
 
 Rule 4: the SERVICE side never rewrites a frame. ``messages_to_forward()`` holds the valid
     frames byte-for-byte, in order, and nothing after a violation (docs/protocol.md §7.3). When a

@@ -271,7 +271,7 @@ class Bridge:
         """
         Reset every local connection: streams do not survive a WebSocket session.
 
-        A stream still open when its session ends was cut (docs/protocol.md §8.4, §10.4).
+        A stream still open when its session ends was cut (docs/protocol.md §10.4).
         """
         self.conn = None
         self._reset_all("session ended")
