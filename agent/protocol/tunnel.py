@@ -783,24 +783,27 @@ class TunnelProtocol:
         fresh = not len(frames)
         frames.feed(data)
         spans: list[tuple[Buffer, int, int]] = []
-        # Indexes in spans of the frames other than DATA: each is forwarded alone (Rule 4).
-        lone: list[int] = []
+        # Indexes in spans of the frames other than DATA: each is forwarded alone (Rule 4). None
+        # while there are none: the DATA path allocates nothing for it.
+        lone: list[int] | None = None
         valid = False
         try:
             while (span := frames.next_span()) is not None:
                 if not self._validate(*span):
+                    if lone is None:
+                        lone = []
                     lone.append(len(spans))
                 spans.append(span)
             valid = True
         finally:
             if spans:
-                if valid and fresh and not lone and not len(frames) and type(data) is bytes:
+                if valid and fresh and lone is None and not len(frames) and type(data) is bytes:
                     # Rule 4: whole valid DATA frames only, nothing buffered: zero copy.
                     self._to_forward.append(data)
                 else:
                     self._forward_frames(spans, lone)
 
-    def _forward_frames(self, spans: list[tuple[Buffer, int, int]], lone: list[int]) -> None:
+    def _forward_frames(self, spans: list[tuple[Buffer, int, int]], lone: list[int] | None) -> None:
         """
         Queue frames one by one, copied out of their buffer; those at ``lone`` as LoneFrames.
         """
@@ -810,7 +813,7 @@ class TunnelProtocol:
                 frame = buf[start - 2 : end]
             else:
                 frame = bytes(memoryview(buf)[start - 2 : end])
-            forward(LoneFrame(frame) if lone and index in lone else frame)
+            forward(LoneFrame(frame) if lone is not None and index in lone else frame)
 
     def _validate(self, buf: Buffer, start: int, end: int) -> bool:  # noqa: C901, PLR0912
         """
