@@ -3,8 +3,9 @@ The emulator's data plane: the WebSocket relay between a tunnel's source and des
 
 Per tunnel, at most one live WebSocket per mode. Every valid tunnel frame goes to the other
 mode byte for byte (docs/protocol.md §7.3); the relay checks fields with ``TunnelProtocol`` in
-the SERVICE role and never rewrites them. Backpressure crosses the relay: when one peer's
-socket is full, the relay stops reading the other.
+the SERVICE role and never rewrites them. Only WebSocket message boundaries may change: DATA
+frames are grouped, every other frame travels alone (docs/protocol.md §5.7). Backpressure
+crosses the relay: when one peer's socket is full, the relay stops reading the other.
 """
 
 from __future__ import annotations
@@ -166,7 +167,8 @@ class _Peer(BufferedWebSocket):
         """
         Send what websockets queued (a pong, say) first, then tunnel messages as binary frames.
 
-        Several tunnel frames share one WebSocket message, up to the size limit.
+        DATA frames share WebSocket messages, up to the size limit; any other frame travels
+        alone (docs/protocol.md §5.7).
         """
         if self._ws_dirty:
             self._flush_ws()

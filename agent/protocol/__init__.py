@@ -25,6 +25,7 @@ from agent.protocol.framing import (
     MAX_FRAME_SIZE,
     MAX_WS_MESSAGE_SIZE,
     FrameBuffer,
+    LoneFrame,
     encode_frame,
 )
 from agent.protocol.messages import (
@@ -98,6 +99,7 @@ __all__ = [
     "FrameBuffer",
     "FrameTooLarge",
     "LocalProtocolError",
+    "LoneFrame",
     "Message",
     "MessageType",
     "Mode",

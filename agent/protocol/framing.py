@@ -2,7 +2,8 @@
 Tunnel framing: a 2-byte big-endian length prefix, then the message body (docs/protocol.md §5.1).
 
 Frames do not line up with WebSocket messages: one message may carry several frames or part
-of one, so the receiver reassembles them in a :class:`FrameBuffer`.
+of one, so the receiver reassembles them in a :class:`FrameBuffer`. A frame other than DATA is a
+:class:`LoneFrame`: it must travel in a WebSocket message of its own (docs/protocol.md §5.7).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ __all__ = [
     "MAX_WS_MESSAGE_SIZE",
     "PREFIX_SIZE",
     "FrameBuffer",
+    "LoneFrame",
     "encode_frame",
 ]
 
@@ -30,6 +32,20 @@ MAX_FRAME_SIZE: Final = 65535
 MAX_WS_MESSAGE_SIZE: Final = 131076
 #: Size of the length prefix.
 PREFIX_SIZE: Final = 2
+
+
+class LoneFrame(bytes):
+    """
+    A whole frame, prefix included, that travels in a WebSocket message of its own.
+
+    Every frame other than DATA is one (docs/protocol.md §5.7): the AWS localproxy stops reading
+    a WebSocket message after some control messages, so nothing may share a message with them.
+    Whoever makes a frame knows its type: the tunnel core wraps each control message it encodes,
+    the relay each non-DATA frame it forwards. A writer that groups frames into WebSocket
+    messages groups plain ``bytes`` only; telling them apart costs a type check, no parsing.
+    """
+
+    __slots__ = ()
 
 
 def encode_frame(body: bytes) -> bytes:

@@ -14,13 +14,15 @@ Rule 2: one :class:`TunnelProtocol` class serves the four roles (docs/architectu
     each role may send and receive; streams.py, which holds every stream transition, does not
     know the role.
 
-Rule 3: each element of ``messages_to_send()`` is exactly one length-prefixed frame, as the
-    local proxy writes them (docs/protocol.md §5.6).
+Rule 3: each element of ``messages_to_send()`` is exactly one length-prefixed frame; every
+    frame other than DATA is a :class:`~agent.protocol.framing.LoneFrame`, which the writer
+    sends in a WebSocket message of its own (docs/protocol.md §5.7).
 
 Rule 4: the SERVICE side never rewrites a frame. ``messages_to_forward()`` holds the valid
     frames byte-for-byte, in order, and nothing after a violation (docs/protocol.md §7.3). When a
-    WebSocket message held only whole valid frames and nothing was buffered, it is the very
-    object received (zero copy).
+    WebSocket message held only whole valid DATA frames and nothing was buffered, it is the very
+    object received (zero copy). Any other frame comes out as a ``LoneFrame`` of its own, so a
+    control frame the peer grouped with others is forwarded alone (docs/protocol.md §5.7).
 
 Rule 5: the DESTINATION client never mixes formats: the first STREAM_START fixes it
     (connectionId absent -> V2, serviceId empty as well -> V1; docs/protocol.md §6.10) and
@@ -50,7 +52,13 @@ from agent.protocol.events import (
     StreamReset,
     StreamStarted,
 )
-from agent.protocol.framing import MAX_FRAME_SIZE, MAX_WS_MESSAGE_SIZE, FrameBuffer, encode_frame
+from agent.protocol.framing import (
+    MAX_FRAME_SIZE,
+    MAX_WS_MESSAGE_SIZE,
+    FrameBuffer,
+    LoneFrame,
+    encode_frame,
+)
 from agent.protocol.messages import (
     INT32_MAX,
     MAX_PAYLOAD_SIZE,
@@ -308,7 +316,9 @@ class TunnelProtocol:
 
     def messages_to_send(self) -> list[bytes]:
         """
-        Return the binary WebSocket messages for the peer (one frame each), and forget them.
+        Return the frames for the peer, and forget them.
+
+        One frame each; a control message is a ``LoneFrame`` (Rule 3).
         """
         messages, self._to_send = self._to_send, []
         return messages
@@ -317,8 +327,9 @@ class TunnelProtocol:
         """
         Return the valid frames from the peer for the relay's other end, and forget them.
 
-        Each element is one WebSocket binary message of whole frames, byte-for-byte as
-        received (Rule 4).
+        Each element is whole frames, byte-for-byte as received: DATA frames as ``bytes``
+        (a received WebSocket message of only DATA frames stays one element), any other frame
+        as a ``LoneFrame`` of its own (Rule 4).
 
         Raises:
             LocalProtocolError: Called on the CLIENT side.
@@ -585,9 +596,9 @@ class TunnelProtocol:
 
     def _queue(self, msg: Message) -> None:
         """
-        Queue one control message as one frame (Rule 3).
+        Queue one control message as one frame, to be sent alone (Rule 3).
         """
-        self._to_send.append(encode_frame(encode_message(msg)))
+        self._to_send.append(LoneFrame(encode_frame(encode_message(msg))))
 
     def _fail(self, exc: RemoteProtocolError, code: int) -> None:
         """
@@ -772,30 +783,47 @@ class TunnelProtocol:
         fresh = not len(frames)
         frames.feed(data)
         spans: list[tuple[Buffer, int, int]] = []
+        # Indexes in spans of the frames other than DATA: each is forwarded alone (Rule 4). None
+        # while there are none: the DATA path allocates nothing for it.
+        lone: list[int] | None = None
         valid = False
         try:
             while (span := frames.next_span()) is not None:
-                self._validate(*span)
+                if not self._validate(*span):
+                    if lone is None:
+                        lone = []
+                    lone.append(len(spans))
                 spans.append(span)
             valid = True
         finally:
             if spans:
-                if valid and fresh and not len(frames) and type(data) is bytes:
-                    # Rule 4: whole valid frames only, nothing buffered: zero copy.
+                if valid and fresh and lone is None and not len(frames) and type(data) is bytes:
+                    # Rule 4: whole valid DATA frames only, nothing buffered: zero copy.
                     self._to_forward.append(data)
                 else:
-                    for buf, start, end in spans:
-                        if type(buf) is bytes:
-                            self._to_forward.append(buf[start - 2 : end])
-                        else:
-                            self._to_forward.append(bytes(memoryview(buf)[start - 2 : end]))
+                    self._forward_frames(spans, lone)
 
-    def _validate(self, buf: Buffer, start: int, end: int) -> None:  # noqa: C901, PLR0912
+    def _forward_frames(self, spans: list[tuple[Buffer, int, int]], lone: list[int] | None) -> None:
+        """
+        Queue frames one by one, copied out of their buffer; those at ``lone`` as LoneFrames.
+        """
+        forward = self._to_forward.append
+        for index, (buf, start, end) in enumerate(spans):
+            if type(buf) is bytes:
+                frame = buf[start - 2 : end]
+            else:
+                frame = bytes(memoryview(buf)[start - 2 : end])
+            forward(LoneFrame(frame) if lone is not None and index in lone else frame)
+
+    def _validate(self, buf: Buffer, start: int, end: int) -> bool:  # noqa: C901, PLR0912
         """
         Check one frame against docs/protocol.md §6 and track streams in the shared table.
 
         One flat function, DATA first, keeps the per-frame cost low (Rule 6); hence the
         complexity noqa.
+
+        Returns:
+            True for a DATA frame, False for any other (it must be forwarded alone).
 
         Raises:
             RemoteProtocolError: The frame breaks a rule.
@@ -813,7 +841,7 @@ class TunnelProtocol:
                 raise RemoteProtocolError("service id on a stream started without one")
             if service_id not in table.started:
                 raise RemoteProtocolError("no STREAM_START for this service")
-            return
+            return True
         if mtype not in _STREAM_TYPES:
             if mtype in _KNOWN_TYPES:
                 # SESSION_RESET and SERVICE_IDS flow from the service only (docs/protocol.md §6.1).
@@ -822,7 +850,7 @@ class TunnelProtocol:
                 raise RemoteProtocolError("message type 0")
             if not ignorable:
                 raise RemoteProtocolError("unknown message type")
-            return
+            return False
         if mtype == MessageType.STREAM_START and self.mode is DESTINATION:
             raise RemoteProtocolError("only the source sends STREAM_START")
         if stream_id <= 0:
@@ -835,7 +863,7 @@ class TunnelProtocol:
         if mtype == MessageType.STREAM_START:
             table.start(service_id, stream_id)
             self._events.append(StreamStarted(service_id, stream_id, conn))
-            return
+            return False
         if service_id not in table.started:
             raise RemoteProtocolError("no STREAM_START for this service")
         if mtype == MessageType.STREAM_RESET:
@@ -845,3 +873,4 @@ class TunnelProtocol:
             self._events.append(ConnectionStarted(service_id, stream_id, conn))
         else:
             self._events.append(ConnectionReset(service_id, stream_id, conn))
+        return False

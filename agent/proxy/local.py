@@ -6,12 +6,20 @@ Flow control runs both ways without unbounded buffers:
   service and then the far proxy stop sending, and TCP pushes back to the far application;
 - a congested WebSocket pauses reading every local socket.
 Head-of-line blocking across streams is the price: one stalled reader holds the whole tunnel.
+
+How a connection ends tells its application whether it got everything (docs/protocol.md §10.4):
+a stream the far side ended (STREAM_RESET, CONNECTION_RESET) closes with a FIN after its data;
+a stream cut by the end of its session (a drop, a violation, SESSION_RESET, the proxy stopping)
+is reset (RST), so a reader sees ECONNRESET rather than an EOF short of the data.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import socket
+import struct
 from typing import TYPE_CHECKING, cast
 
 from agent.protocol import (
@@ -34,7 +42,7 @@ if TYPE_CHECKING:
     from agent.proxy.websocket import TunnelWebSocket
 
 
-__all__ = ["Bridge", "LocalConnection"]
+__all__ = ["Bridge", "LocalConnection", "reset_transport"]
 
 log = logging.getLogger("agent.proxy")
 
@@ -44,6 +52,22 @@ LOCAL_WRITE_HIGH_WATER = 128 * 1024
 PAUSED_READ_SIZE = 1024
 # One read fills exactly four DATA payloads (docs/protocol.md §5.2: 64512 bytes each).
 READ_SIZE = MAX_PAYLOAD_SIZE
+# SO_LINGER on with a zero timeout: closing the socket sends RST and drops unsent data.
+_LINGER_RESET = struct.pack("ii", 1, 0)
+
+
+def reset_transport(transport: asyncio.BaseTransport) -> None:
+    """
+    Close a local connection as an error to its application: RST for TCP, no draining.
+
+    A Unix socket has no RST: it is closed without writing what is queued (its peer sees EOF,
+    or ECONNRESET if it left data unread).
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sock.family != socket.AF_UNIX:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+    cast("asyncio.WriteTransport", transport).abort()
 
 
 class LocalConnection(asyncio.BufferedProtocol):
@@ -62,6 +86,7 @@ class LocalConnection(asyncio.BufferedProtocol):
         self.closed_by_peer = False
         self.closed = False
         self._close_when_connected = False
+        self._reset_when_connected = False
         self._pending: list[bytes] = []
         self._pending_size = 0
 
@@ -77,7 +102,11 @@ class LocalConnection(asyncio.BufferedProtocol):
         Attach the transport and deliver what arrived while connecting.
         """
         if self.closed:
-            transport.close()
+            # Ended before it was connected: normally (nothing to deliver), or cut.
+            if self._reset_when_connected:
+                reset_transport(transport)
+            else:
+                transport.close()
             return
         # uvloop's transports are not asyncio.Transport subclasses: cast, don't check.
         self.transport = cast("asyncio.Transport", transport)
@@ -174,6 +203,24 @@ class LocalConnection(asyncio.BufferedProtocol):
         else:
             self.abandon()
 
+    def reset(self) -> None:
+        """
+        The stream was cut, not ended: reset the connection and drop what is queued for it.
+
+        Nothing is sent to the tunnel (its session is gone or was reset). A connection still
+        connecting is reset as soon as it connects.
+        """
+        self.closed_by_peer = True
+        self._pending.clear()
+        self._pending_size = 0
+        if self.transport is not None:
+            reset_transport(self.transport)
+            return
+        self._reset_when_connected = True
+        if not self.closed:
+            self.closed = True
+            self.bridge.local_closed(self)
+
     def abandon(self) -> None:
         """
         Give up a connection that never reached its application; what was pending is dropped.
@@ -222,12 +269,12 @@ class Bridge:
 
     def session_ended(self) -> None:
         """
-        Close every local connection: streams do not survive a WebSocket session.
+        Reset every local connection: streams do not survive a WebSocket session.
 
-        See docs/protocol.md §8.4.
+        A stream still open when its session ends was cut (docs/protocol.md §10.4).
         """
         self.conn = None
-        self._close_all(lambda _key: True)
+        self._reset_all("session ended")
 
     def handle_event(self, event: Event) -> None:
         """
@@ -360,7 +407,7 @@ class Bridge:
 
     def _on_session_reset(self, _event: Event) -> None:
         log.info("session reset")
-        self._close_all(lambda _key: True)
+        self._reset_all("session reset")
 
     def _on_service_ids(self, event: ServiceIdsReceived) -> None:
         """
@@ -370,3 +417,13 @@ class Bridge:
     def _close_all(self, match: Callable[[tuple[str, int]], bool]) -> None:
         for key in [key for key in self.locals if match(key)]:
             self.locals[key].close_by_peer()
+
+    def _reset_all(self, why: str) -> None:
+        """
+        Reset every connection the far side has not ended; those it ended still get their data.
+        """
+        cut = [local for local in self.locals.values() if not local.closed_by_peer]
+        for local in cut:
+            local.reset()
+        if cut:
+            log.warning("%s: reset %d local connection(s)", why, len(cut))

@@ -10,7 +10,7 @@ import socket
 from typing import TYPE_CHECKING
 
 from agent.protocol import LocalProtocolError, ProtocolVersion, ServiceIdsReceived
-from agent.proxy.local import Bridge, LocalConnection
+from agent.proxy.local import Bridge, LocalConnection, reset_transport
 from agent.proxy.mapping import MappingError, match_services
 
 
@@ -128,7 +128,8 @@ class _Accepted(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         local = self._bridge.accept(self._service)
         if local is None:
-            transport.close()
+            # Refused with a reset: an EOF would look like a complete, empty answer.
+            reset_transport(transport)
             return
         # From now on the transport calls the LocalConnection directly (no indirection per read).
         transport.set_protocol(local)

@@ -24,6 +24,8 @@ try:  # websockets' C extension; its pure-Python fallback when not built for thi
 except ImportError:  # pragma: no cover - wheels ship the extension on our platforms
     from websockets.utils import apply_mask
 
+from agent.protocol.framing import LoneFrame
+
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
@@ -254,7 +256,8 @@ class FrameWriter:
     Consecutive messages share one WebSocket message, up to ``max_size`` bytes unmasked and up to
     4 KB masked (masking a group means joining it first: a copy that only pays off for small
     messages). Each message given stays whole and in order inside its group: grouping only saves
-    headers and records.
+    headers and records. A :class:`~agent.protocol.framing.LoneFrame` (any tunnel frame but
+    DATA) is never grouped: it gets a WebSocket message of its own (docs/protocol.md §5.7).
 
     Args:
         mask: Whether to mask (True on the client side).
@@ -281,6 +284,12 @@ class FrameWriter:
         size = 0
         limit = self._group_limit
         for message in messages:
+            if type(message) is LoneFrame:
+                if group:
+                    self._frame(group, size, out)
+                    group, size = [], 0
+                self._frame([message], len(message), out)
+                continue
             if group and size + len(message) > limit:
                 self._frame(group, size, out)
                 group, size = [], 0

@@ -26,6 +26,7 @@ from agent.protocol import (
     SERVICE_IDS,
     STREAM_START,
     Message,
+    Mode,
     ProtocolVersion,
     decode_message,
     encode_frame,
@@ -421,6 +422,162 @@ class TestLifecycle:
 
         assert code == 0
         assert relay.tunnel(tokens.tunnel_id).destination.connected is False
+
+
+class Receiver:
+    """
+    An application that reads one connection to its end and records how it ended.
+
+    It stops reading after ``pause_after`` bytes until ``resume`` is set, so a test can cut the
+    tunnel while the transfer is surely in flight.
+    """
+
+    def __init__(self, *, pause_after: int | None = None) -> None:
+        self.pause_after = pause_after
+        self.midway = threading.Event()
+        self.resume = threading.Event()
+        self.done = threading.Event()
+        self.size = 0
+        self.digest = ""
+        self.end = ""  # "eof", "reset" or the unexpected exception
+
+    def read(self, sock: socket.socket) -> None:
+        sock.settimeout(60 * SCALE)
+        digest = hashlib.sha256()
+        try:
+            with sock:
+                while data := sock.recv(1 << 20):
+                    digest.update(data)
+                    self.size += len(data)
+                    if self.pause_after is not None and self.size >= self.pause_after:
+                        self.pause_after = None
+                        self.midway.set()
+                        self.resume.wait(30 * SCALE)
+        except ConnectionResetError:
+            self.end = "reset"
+        except OSError as exc:
+            self.end = repr(exc)
+        else:
+            self.end = "eof"
+        finally:
+            self.digest = digest.hexdigest()
+            self.done.set()
+
+
+def send_all(sock: socket.socket, size: int, outcome: list[str]) -> None:
+    """Send ``size`` pattern bytes, then close normally; record the digest or the error."""
+    digest = hashlib.sha256()
+    try:
+        with sock:
+            for chunk in pattern_bytes(size, 3):
+                sock.sendall(chunk)
+                digest.update(chunk)
+        outcome.append(digest.hexdigest())
+    except OSError as exc:
+        outcome.append(repr(exc))
+
+
+def session_reset(relay: RelayThread, tunnel_id: str, mode: Mode) -> None:
+    """Have the relay send SESSION_RESET to one mode's proxy (it has no reason of its own)."""
+
+    async def send() -> None:
+        assert relay.relay is not None
+        peer = relay.relay.sessions[tunnel_id].peers[mode]
+        assert peer.tunnel is not None
+        peer.tunnel.send_session_reset()
+        peer.flush()
+
+    relay.call(send())
+
+
+def transfer(
+    relay: RelayThread, tmp_path: Path, pairs: list[Pair], direction: str, size: int, *,
+    pause_after: int | None = None,
+) -> tuple[Receiver, list[str], Pair, TunnelTokens, threading.Thread]:  # fmt: skip
+    """
+    Start ``size`` bytes through a new tunnel: "up" from the client to the service, "down" back.
+
+    Returns:
+        The receiving application, the sender's outcome, the proxies, the tunnel, and the
+        thread of the client's end (the sender up, the receiver down).
+    """
+    receiver = Receiver(pause_after=pause_after)
+    sent: list[str] = []
+    if direction == "up":
+        server = ThreadedServer(receiver.read)
+    else:
+        server = ThreadedServer(lambda conn: send_all(conn, size, sent))
+    tokens = relay.open_tunnel(("BULK",))
+    pair = Pair(relay, tmp_path, tokens, f"BULK={server.port}", "BULK=0")
+    pairs.append(pair)
+    client = connect(pair.source.port("BULK"), timeout=60)
+    if direction == "up":
+        thread = threading.Thread(target=send_all, args=(client, size, sent), daemon=True)
+    else:
+        thread = threading.Thread(target=receiver.read, args=(client,), daemon=True)
+    thread.start()
+    return receiver, sent, pair, tokens, thread
+
+
+class TestAbnormalEnd:
+    """
+    How a transfer ends is what the receiving application learns (docs/protocol.md §10.4).
+
+    A normal end is an EOF after every byte. A tunnel cut mid-transfer (relay gone, SESSION_RESET,
+    the proxy stopped) makes the application's next read fail with ECONNRESET: never an EOF
+    short of the data.
+    """
+
+    @pytest.mark.parametrize("direction", ["up", "down"])
+    def test_a_normal_end_is_eof_after_every_byte(self, relay, tmp_path, pairs, direction):
+        """64 MiB sent and closed arrive whole, then EOF."""
+        size = 64 * 1024 * 1024
+        receiver, sent, _, _, thread = transfer(relay, tmp_path, pairs, direction, size)
+
+        assert receiver.done.wait(60 * SCALE)
+        thread.join(10 * SCALE)
+        print(f"{direction}, normal end: {receiver.end} after {receiver.size} of {size} bytes")
+
+        assert (receiver.end, receiver.size) == ("eof", size)
+        assert [receiver.digest] == sent
+
+    @pytest.mark.parametrize("direction", ["up", "down"])
+    @pytest.mark.parametrize("cut", ["relay killed", "proxy stopped", "session reset"])
+    def test_a_cut_transfer_is_a_reset(self, relay, tmp_path, pairs, direction, cut):
+        """
+        Cut mid-transfer, the receiving application's read fails with ECONNRESET.
+
+        The receiver pauses after 2 MiB of 128 MiB, so the cut lands mid-transfer; it resumes
+        once its proxy has reacted, and reads what was delivered, then the reset.
+        """
+        size = 128 * 1024 * 1024
+        receiver, _, pair, tokens, thread = transfer(
+            relay, tmp_path, pairs, direction, size, pause_after=2 * 1024 * 1024
+        )
+        near = pair.destination if direction == "up" else pair.source
+        mode = Mode.DESTINATION if direction == "up" else Mode.SOURCE
+        assert receiver.midway.wait(30 * SCALE)
+
+        if cut == "relay killed":
+            relay.stop(abort=True)
+            near.wait_for("connection lost")
+        elif cut == "proxy stopped":
+            near.proc.terminate()
+            near.wait(10)
+        else:
+            session_reset(relay, tokens.tunnel_id, mode)
+            near.wait_for("session reset")
+        receiver.resume.set()
+        assert receiver.done.wait(30 * SCALE)
+        pair.stop()
+        thread.join(10 * SCALE)
+        print(f"{direction}, {cut}: {receiver.end} after {receiver.size} of {size} bytes")
+
+        assert receiver.end == "reset"
+        assert 2 * 1024 * 1024 <= receiver.size < size
+        assert ": reset 1 local connection(s)" in near.log
+        if cut == "proxy stopped":
+            assert near.proc.returncode == 0
 
 
 class TestRefusals:

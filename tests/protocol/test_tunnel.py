@@ -30,6 +30,7 @@ from agent.protocol import (
     DataReceived,
     FrameTooLarge,
     LocalProtocolError,
+    LoneFrame,
     Message,
     Mode,
     ProtocolFailed,
@@ -187,6 +188,33 @@ class TestClientSource:
 
         assert protocol.messages_to_send() == [
             bytes.fromhex("00 0b 08 02 10 01 2a 03 53 53 48 38 01")
+        ]
+
+    def test_control_messages_are_lone_frames_and_data_is_plain(self):
+        """Every control message is queued as a LoneFrame (sent alone); DATA as plain bytes."""
+        protocol = source()
+        protocol.send_stream_start("SSH")
+        protocol.send_data("SSH", 1, b"a")
+        connection = protocol.send_connection_start("SSH")
+        protocol.send_data("SSH", connection, b"b" * (MAX_PAYLOAD_SIZE + 1))
+        protocol.send_connection_reset("SSH", connection)
+        protocol.send_stream_reset("SSH")
+        relay = TunnelProtocol(SERVICE, SOURCE, services=("SSH",))
+        relay.send_service_ids()
+        relay.send_session_reset()
+
+        sent = protocol.messages_to_send() + relay.messages_to_send()
+
+        assert [(decode_frames(m)[0].type, type(m)) for m in sent] == [
+            (STREAM_START, LoneFrame),
+            (DATA, bytes),
+            (CONNECTION_START, LoneFrame),
+            (DATA, bytes),
+            (DATA, bytes),
+            (CONNECTION_RESET, LoneFrame),
+            (STREAM_RESET, LoneFrame),
+            (SERVICE_IDS, LoneFrame),
+            (SESSION_RESET, LoneFrame),
         ]
 
     def test_stream_ids_per_service(self):
@@ -788,15 +816,43 @@ class TestServiceForwarding:
         assert relay_source.events_received() == []
 
     def test_zero_copy_several_frames(self):
-        """A message of several whole valid frames is forwarded as the same object."""
+        """A message of several whole valid DATA frames is forwarded as the same object."""
         _, relay_destination = started_relay()
-        message = DATA_1 + frame(CONNECTION_RESET, stream_id=1, service_id="SSH", connection_id=1)
+        message = DATA_1 + DATA_1 + DATA_1
 
         relay_destination.receive_message(message)
         forwarded = relay_destination.messages_to_forward()
 
         assert len(forwarded) == 1
         assert forwarded[0] is message
+        assert type(forwarded[0]) is bytes
+
+    def test_control_frames_grouped_by_the_peer_are_forwarded_alone(self):
+        """Each frame but DATA leaves a grouped message as a LoneFrame; DATA stays plain bytes."""
+        relay_source, _ = started_relay()
+        start = frame(STREAM_START, stream_id=2, service_id="SSH", connection_id=1)
+        data_2 = frame(DATA, stream_id=2, service_id="SSH", connection_id=1, payload=b"hi")
+        more = frame(CONNECTION_START, stream_id=2, service_id="SSH", connection_id=2)
+        unknown = frame(99, ignorable=True)
+
+        relay_source.receive_message(start + data_2 + data_2 + more + unknown + data_2)
+        forwarded = relay_source.messages_to_forward()
+
+        assert forwarded == [start, data_2, data_2, more, unknown, data_2]
+        assert [type(f) for f in forwarded] == [
+            LoneFrame, bytes, bytes, LoneFrame, LoneFrame, bytes,
+        ]  # fmt: skip
+
+    def test_a_lone_control_frame_is_marked(self):
+        """A message that is one control frame is forwarded as a LoneFrame, equal bytes."""
+        relay_source, _ = started_relay()
+        reset = frame(STREAM_RESET, stream_id=1, service_id="SSH")
+
+        relay_source.receive_message(reset)
+        forwarded = relay_source.messages_to_forward()
+
+        assert forwarded == [reset]
+        assert type(forwarded[0]) is LoneFrame
 
     def test_split_frames(self):
         """Frames split across messages are forwarded whole, byte for byte, in order."""
@@ -1168,7 +1224,7 @@ class TestTunnelPair:
         assert pair.relay_source.failure is pair.relay_destination.failure is None
 
     def test_forwarded_bytes_identical(self):
-        """The relay forwards the very messages the clients sent (zero copy, one frame each)."""
+        """The relay forwards DATA messages zero copy, and STREAM_START as equal bytes."""
         pair = TunnelPair()
         pair.connect()
         pair.source.send_stream_start("SSH")
@@ -1179,8 +1235,10 @@ class TestTunnelPair:
             pair.relay_source.receive_message(message)
         forwarded = pair.relay_source.messages_to_forward()
 
-        assert len(forwarded) == len(sent) == 3
-        assert all(f is s for f, s in zip(forwarded, sent, strict=True))
+        assert forwarded == sent
+        assert len(sent) == 3
+        assert all(f is s for f, s in zip(forwarded[1:], sent[1:], strict=True))
+        assert type(forwarded[0]) is LoneFrame
 
     def test_v3_connections(self):
         """Several V3 connections carry separate data; resets close them one by one."""

@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from websockets.frames import Close, Frame, Opcode
 from websockets.streams import StreamReader
 
-from agent.protocol import MAX_WS_MESSAGE_SIZE
+from agent.protocol import MAX_WS_MESSAGE_SIZE, LoneFrame
 from agent.ws.frames import MAX_HEAD_SIZE, FrameReader, FrameWriter
 
 
@@ -91,6 +91,39 @@ class TestWriter:
 
         assert [len(f.data) for f in parsed] == [4000, 2000]
         assert b"".join(bytes(f.data) for f in parsed) == b"".join(payloads)
+
+    @pytest.mark.parametrize("mask", [False, True])
+    def test_lone_frames_get_a_message_of_their_own(self, mask):
+        """A LoneFrame (a control message) never shares a message; plain bytes around it do."""
+        data = [bytes([i]) * 10 for i in range(6)]
+        lone = [LoneFrame(bytes([0xC0 + i]) * 5) for i in range(3)]
+        messages = [lone[0], data[0], data[1], lone[1], lone[2], data[2], data[3], data[4]]
+
+        chunks = FrameWriter(mask=mask, max_size=MAX_WS_MESSAGE_SIZE).frames(messages)
+        parsed = [bytes(f.data) for f in parse_all(b"".join(chunks), mask=mask)]
+
+        assert parsed == [
+            lone[0], data[0] + data[1], lone[1], lone[2], data[2] + data[3] + data[4],
+        ]  # fmt: skip
+
+    @given(
+        st.lists(st.tuples(st.booleans(), st.integers(min_value=1, max_value=70000)), max_size=12),
+        st.booleans(),
+    )
+    @settings(max_examples=60, deadline=None)
+    def test_any_mix_keeps_order_and_lone_frames_alone(self, items, mask):
+        """For any mix and sizes: bytes and order kept, each LoneFrame exactly one message."""
+        messages = [
+            LoneFrame(b"L" * size) if lone else bytes([i % 64]) * size
+            for i, (lone, size) in enumerate(items)
+        ]
+
+        chunks = FrameWriter(mask=mask, max_size=MAX_WS_MESSAGE_SIZE).frames(messages)
+        parsed = [bytes(f.data) for f in parse_all(b"".join(chunks), mask=mask)]
+
+        assert b"".join(parsed) == b"".join(messages)
+        lone = [m for m in messages if type(m) is LoneFrame]
+        assert [p for p in parsed if p[:1] == b"L"] == lone
 
     @pytest.mark.parametrize("mask", [False, True])
     @pytest.mark.parametrize(
