@@ -1,13 +1,13 @@
 """
 ``tunnel-agent``: the command line of the device agent.
 
-Sub-commands: ``run`` (the daemon), ``check-config``, ``status``, ``version``;
-``emulator`` and ``connect`` dispatch lazily to modules that are not needed on
-a device (imported only when that sub-command runs).
+Sub-commands: ``run`` (the daemon), ``check-config``, ``status``, ``version``,
+``import-device-client``; ``emulator`` and ``connect`` dispatch lazily to modules
+that are not needed on a device (imported only when that sub-command runs). Without
+their extra ([emulator], [operator]) they print one line naming it and exit 1.
 
-Every setting has a flag mirroring its environment variable one to one, as
-uvicorn's ``auto_envvar_prefix`` does: ``TUNNEL_AGENT_MQTT__PORT``
-is ``--mqtt-port``; ``[services]`` entries are ``--service NAME=TARGET``.
+Every setting has a flag mirroring its environment variable one to one
+(agent/daemon/flags.py): ``TUNNEL_AGENT_MQTT__PORT`` is ``--mqtt-port``.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 configuration error (EX_CONFIG).
 """
@@ -17,25 +17,28 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.util
 import json
 import os
 import sys
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args, get_origin
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
+from agent.daemon.flags import add_setting_arguments, overrides
 from agent.daemon.settings import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_RUNTIME_DIR,
     AgentSettings,
+    check_dates,
     check_files,
     load_settings,
 )
 from agent.daemon.status import format_status, read_status
 from agent.exceptions import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, AgentError, ConfigError
+from agent.protocol.ids import THING_NAME
 
 
 if TYPE_CHECKING:
@@ -45,12 +48,31 @@ if TYPE_CHECKING:
 __all__ = ["main"]
 
 
-# Sub-commands implemented elsewhere; imported only when used.
+@dataclass(frozen=True)
+class _Lazy:
+    """A sub-command implemented elsewhere, imported only when used, and the extra it needs."""
+
+    module: str
+    help: str
+    extra: str
+    # Top-level modules of the extra's distributions, checked before anything is imported.
+    requires: tuple[str, ...]
+
+
 _LAZY = {
-    "emulator": ("agent.emulator.cli", "run the Secure Tunneling emulator (development)"),
-    "connect": ("agent.connect.command", "open a tunnel and connect to a device (operator side)"),
+    "emulator": _Lazy(
+        "agent.emulator.cli",
+        "run the Secure Tunneling emulator (development)",
+        "emulator",
+        ("aiohttp", "botocore", "boto3", "cryptography", "regex"),
+    ),
+    "connect": _Lazy(
+        "agent.connect.command",
+        "open a tunnel and connect to a device (operator side)",
+        "operator",
+        ("boto3",),
+    ),
 }
-_SKIPPED_FIELDS = frozenset({"services"})
 
 
 def _out(text: str) -> None:
@@ -61,92 +83,16 @@ def _err(text: str) -> None:
     sys.stderr.write(text + "\n")
 
 
-def _is_scalar(annotation: Any) -> bool:
-    origin = get_origin(annotation)
-    if origin in (dict, tuple, list):
-        return False
-    return all(_is_scalar(arg) for arg in get_args(annotation) if arg is not type(None))
-
-
-def _is_bool(annotation: Any) -> bool:
-    return annotation is bool
-
-
-def _setting_flags() -> list[tuple[tuple[str, ...], str, bool]]:
-    """
-    List (path, flag, is_bool) for every scalar setting, sections included.
-    """
-    flags: list[tuple[tuple[str, ...], str, bool]] = []
-    for name, info in AgentSettings.model_fields.items():
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            for sub, sub_info in annotation.model_fields.items():
-                if _is_scalar(sub_info.annotation):
-                    flag = f"--{name}-{sub}".replace("_", "-")
-                    flags.append(((name, sub), flag, _is_bool(sub_info.annotation)))
-        elif name not in _SKIPPED_FIELDS and _is_scalar(annotation):
-            flags.append(((name,), f"--{name}".replace("_", "-"), _is_bool(annotation)))
-    return flags
-
-
-def _add_setting_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=os.environ.get("TUNNEL_AGENT_CONFIG"),
-        help=f"TOML settings file (default {DEFAULT_CONFIG_PATH}; env TUNNEL_AGENT_CONFIG)",
-    )
-    group = parser.add_argument_group("settings (each overrides its TUNNEL_AGENT_* variable)")
-    for path, flag, is_bool in _setting_flags():
-        env = "TUNNEL_AGENT_" + "__".join(path).upper()
-        dest = "setting:" + ".".join(path)
-        if is_bool:
-            group.add_argument(
-                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=env
-            )
-        else:
-            group.add_argument(flag, dest=dest, metavar="VALUE", default=None, help=env)
-    group.add_argument(
-        "--service",
-        dest="services",
-        action="append",
-        metavar="NAME=TARGET",
-        default=[],
-        help="add or replace a [services] entry (TARGET: port, host:port or socket path)",
-    )
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
-    for dest, value in vars(args).items():
-        if not dest.startswith("setting:") or value is None:
-            continue
-        *sections, leaf = dest.removeprefix("setting:").split(".")
-        target = overrides
-        for section in sections:
-            target = target.setdefault(section, {})
-        target[leaf] = value
-    services: dict[str, str] = {}
-    for entry in args.services:
-        name, sep, target = entry.partition("=")
-        if not sep:
-            raise ConfigError(f"--service {entry!r}: expected NAME=TARGET")
-        services[name] = target
-    if services:
-        overrides["services"] = services
-    return overrides
-
-
-def _load(args: argparse.Namespace) -> AgentSettings:
-    settings = load_settings(args.config, _overrides(args))
-    problems = check_files(settings)
+def _load(args: argparse.Namespace, *, dates: bool) -> AgentSettings:
+    settings = load_settings(args.config, overrides(args))
+    problems = check_files(settings) + (check_dates(settings) if dates else [])
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return settings
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    settings = _load(args)
+    settings = _load(args, dates=True)
     source = args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
     _out(f"configuration ok ({source or 'environment and flags only'})")
     _out(f"  thing_name: {settings.thing_name}")
@@ -164,15 +110,21 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     # Imported here: `status` and `check-config` need neither asyncio apps nor SDKs.
+    import structlog  # noqa: PLC0415
+
     from agent.daemon.lifecycle import build_daemon  # noqa: PLC0415
     from agent.logging import configure_logging  # noqa: PLC0415
 
-    settings = _load(args)
+    settings = _load(args, dates=False)
     configure_logging(level=settings.logging.level, fmt=settings.logging.format)
-    overrides = _overrides(args)
+    for problem in check_dates(settings):
+        # Not fatal here: the clock may be wrong until NTP has synced, or the certificate
+        # renewed in place; AWS IoT's refusal is then logged and retried.
+        structlog.get_logger("agent.cli").warning("certificate_not_valid_now", problem=problem)
+    flags = overrides(args)
 
     def reload() -> AgentSettings:
-        return load_settings(args.config, overrides)
+        return load_settings(args.config, flags)
 
     try:
         daemon = build_daemon(settings, reload=reload)
@@ -182,27 +134,48 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(daemon.run())
 
 
-def _status_dir(args: argparse.Namespace) -> Path:
+def _status_target(args: argparse.Namespace) -> tuple[Path, str | None]:
+    """
+    Where the agent's status file is: its runtime directory, and its thing when known.
+
+    The thing comes from --thing, else ``TUNNEL_AGENT_THING_NAME``, else the file given with
+    --config; without any, :func:`read_status` takes the only live agent in the directory.
+    """
+    config: dict[str, Any] = {}
+    if args.config is not None or DEFAULT_CONFIG_PATH.exists():
+        try:
+            with Path(args.config or DEFAULT_CONFIG_PATH).open("rb") as file:
+                config = tomllib.load(file)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            if args.config is not None:
+                raise ConfigError(f"config: {args.config}: {_reason(exc)}") from None
+    thing = args.thing or os.environ.get("TUNNEL_AGENT_THING_NAME")
+    if thing is None and args.config is not None and isinstance(config.get("thing_name"), str):
+        thing = config["thing_name"]
+    if thing is not None and not THING_NAME.fullmatch(thing):
+        raise ConfigError(f"thing_name = {thing!r}: must match [a-zA-Z0-9:_-]{{1,128}}")
     if args.runtime_dir is not None:
-        return Path(args.runtime_dir)
+        return Path(args.runtime_dir), thing
     if env := os.environ.get("TUNNEL_AGENT_RUNTIME_DIR"):
-        return Path(env)
-    config = args.config or DEFAULT_CONFIG_PATH
-    try:
-        with Path(config).open("rb") as file:
-            configured = tomllib.load(file).get("runtime_dir")
-    except (OSError, tomllib.TOMLDecodeError):
-        configured = None
-    if isinstance(configured, str):
-        return Path(configured)
+        return Path(env), thing
+    if isinstance(config.get("runtime_dir"), str):
+        return Path(config["runtime_dir"]), thing
     if env := os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]:
-        return Path(env)
-    return DEFAULT_RUNTIME_DIR
+        return Path(env), thing
+    return DEFAULT_RUNTIME_DIR, thing
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return f"invalid TOML: {exc}"
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     try:
-        document = read_status(_status_dir(args))
+        document = read_status(*_status_target(args))
     except AgentError as exc:
         _err(f"tunnel-agent: {exc}")
         return EXIT_FAILURE
@@ -225,23 +198,58 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tunnel-agent {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="run the agent daemon")
-    _add_setting_arguments(run)
+    add_setting_arguments(run)
     run.set_defaults(handler=_cmd_run)
     check = commands.add_parser(
         "check-config", help="validate the settings; exit 78 and say what is wrong"
     )
-    _add_setting_arguments(check)
+    add_setting_arguments(check)
     check.set_defaults(handler=_cmd_check_config)
     status = commands.add_parser("status", help="show the running agent's tunnels")
     status.add_argument("--runtime-dir", help="directory of the agent's status file")
-    status.add_argument("--config", type=Path, help="settings file (for its runtime_dir)")
+    status.add_argument(
+        "--config", type=Path, help="the agent's settings file (for its thing_name and runtime_dir)"
+    )
+    status.add_argument(
+        "--thing",
+        metavar="NAME",
+        help="the agent serving this thing, when several run on this host (default: the only one)",
+    )
     status.add_argument("--json", action="store_true", help="print the raw status document")
     status.set_defaults(handler=_cmd_status)
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(handler=_cmd_version)
-    for name, (_, help_text) in _LAZY.items():
-        commands.add_parser(name, help=help_text, add_help=False)
+    for name, lazy in _LAZY.items():
+        commands.add_parser(name, help=f"{lazy.help} [{lazy.extra} extra]", add_help=False)
     return parser
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _run_lazy(command: str, argv: list[str]) -> int:
+    lazy = _LAZY[command]
+    # A device installs neither extra: say which one to add, not a ModuleNotFoundError.
+    missing = (
+        f"error: tunnel-agent {command} needs the [{lazy.extra}] extra: "
+        f"pip install 'iot-tunnel-agent[{lazy.extra}]'"
+    )
+    if not all(_installed(name) for name in lazy.requires):
+        _err(missing)
+        return EXIT_FAILURE
+    try:
+        module = importlib.import_module(lazy.module)
+    except ImportError as exc:
+        name = exc.name or ""
+        ours = not name or name.split(".")[0] in lazy.requires or lazy.module.startswith(name)
+        _err(missing if ours else f"error: tunnel-agent {command}: {exc}")
+        return EXIT_FAILURE
+    status: int = module.main(argv)
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -256,17 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments and arguments[0] in _LAZY:
-        try:
-            module = importlib.import_module(_LAZY[arguments[0]][0])
-        except ImportError as exc:
-            # e.g. a device install without the emulator/operator extras.
-            _err(f"tunnel-agent: '{arguments[0]}' is not available in this installation: {exc}")
-            return EXIT_FAILURE
-        result: int = module.main(arguments[1:])
-        return result
+        return _run_lazy(arguments[0], arguments[1:])
     args = _parser().parse_args(arguments)
     try:
-        result = args.handler(args)
+        result: int = args.handler(args)
     except ConfigError as exc:
         _err(f"tunnel-agent: {exc}")
         return EXIT_CONFIG
