@@ -27,7 +27,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from agent import __version__
-from agent.daemon.flags import add_setting_arguments, overrides
+from agent.common.files import write_private
+from agent.daemon.device_client import (
+    AGENT_USER,
+    DEFAULT_CERTS_DIR,
+    IMPLIED_SERVICES,
+    DeviceClientConfig,
+    read_device_client_config,
+    render_toml,
+)
+from agent.daemon.flags import add_setting_arguments, overrides, parse_service_flags
 from agent.daemon.settings import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_RUNTIME_DIR,
@@ -42,7 +51,7 @@ from agent.protocol.ids import THING_NAME
 
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 
 __all__ = ["main"]
@@ -186,6 +195,81 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+_IMPLIED = " and ".join(f"{name} on port {port}" for name, port in IMPLIED_SERVICES.items())
+
+
+def _confirm(question: str) -> bool:
+    # Asked on the terminal only: stdout may be the TOML being written.
+    if not sys.stdin.isatty():
+        return False
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in {"y", "yes"}
+
+
+def _cmd_import_device_client(args: argparse.Namespace) -> int:
+    config = read_device_client_config(args.path)
+    services = parse_service_flags(args.services)
+    question = f"Allow {_IMPLIED}, as the Device Client's tunneling did?"
+    if config.tunneling and not services and (args.yes or _confirm(question)):
+        services = dict(IMPLIED_SERVICES)
+    text = render_toml(config, services=services, certs_dir=args.certs_dir)
+    report = _out if args.output else _err
+    if args.output is not None:
+        if args.output.exists() and not (args.yes or _confirm(f"Replace {args.output}?")):
+            _err(f"tunnel-agent: {args.output} exists: pass --yes to replace it")
+            return EXIT_FAILURE
+        # No secret in it (the key stays in its own file): readable like any configuration.
+        write_private(args.output, text.encode())
+        args.output.chmod(0o644)
+        report(f"wrote {args.output} for thing {config.thing_name}")
+    else:
+        sys.stdout.write(text)
+    _import_report(config, services, args, report)
+    return EXIT_OK
+
+
+def _import_report(
+    config: DeviceClientConfig,
+    services: dict[str, str],
+    args: argparse.Namespace,
+    report: Callable[[str], None],
+) -> None:
+    if services:
+        report("services: " + ", ".join(f"{k}={v}" for k, v in services.items()))
+    elif config.tunneling:
+        report(
+            f"services: none. The Device Client's tunneling allowed {_IMPLIED} for any tunnel; "
+            "this agent refuses every service not listed: rerun with --service SSH=22 "
+            "(--service VNC=5900) or --yes to allow them, or edit [services]."
+        )
+    for title, lines in (("notes", config.notes), ("not carried over", config.dropped)):
+        if lines:
+            report(f"{title}:")
+            for line in lines:
+                report(f"  - {line}")
+    copies = config.copies(args.certs_dir)
+    report(
+        f"next steps, as root. This agent requires its key owned by its own user "
+        f"({AGENT_USER}), mode 0600 or 0400 (the Device Client's is root's), and cannot "
+        "read home directories: the files are copied for it."
+    )
+    report(f"  sudo install -d -o root -g {AGENT_USER} -m 0750 {args.certs_dir}")
+    for copy in copies:
+        try:
+            copy.source.stat()
+        except OSError as exc:
+            report(f"  # {copy.setting}: {copy.source}: {exc.strerror} here")
+        report(f"  {copy.command()}")
+    target = args.output or "FILE"
+    report(f"  sudo -u {AGENT_USER} tunnel-agent check-config --config {target}")
+    report(
+        "  then stop the Device Client (sudo systemctl disable --now aws-iot-device-client) or "
+        'at least its tunneling ("tunneling": {"enabled": false}): AWS IoT allows one '
+        f"connection per client id, and both would connect as {config.thing_name}."
+    )
+
+
 def _cmd_version(_args: argparse.Namespace) -> int:
     _out(f"tunnel-agent {__version__}")
     return EXIT_OK
@@ -217,6 +301,41 @@ def _parser() -> argparse.ArgumentParser:
     )
     status.add_argument("--json", action="store_true", help="print the raw status document")
     status.set_defaults(handler=_cmd_status)
+    importer = commands.add_parser(
+        "import-device-client",
+        help="turn an AWS IoT Device Client configuration into this agent's",
+        description="Write this agent's TOML configuration from the AWS IoT Device Client's "
+        "JSON one, and say what it could not carry over and which commands give the agent "
+        "its certificate files. The TOML goes to stdout (the report to stderr) unless "
+        "--output is given. Exit status 78 when required values are missing.",
+    )
+    importer.add_argument("path", type=Path, help="the Device Client's configuration file")
+    importer.add_argument(
+        "--output", type=Path, metavar="FILE", help="write the TOML here (default: stdout)"
+    )
+    importer.add_argument(
+        "--service",
+        dest="services",
+        action="append",
+        metavar="NAME=TARGET",
+        default=[],
+        help="a [services] entry (repeatable); without any, SSH=22 and VNC=5900 (what the "
+        "Device Client's tunneling allowed) are written only when confirmed or with --yes",
+    )
+    importer.add_argument(
+        "--certs-dir",
+        type=Path,
+        metavar="DIR",
+        default=DEFAULT_CERTS_DIR,
+        help=f"where the certificate and key are copied for the agent (default: "
+        f"{DEFAULT_CERTS_DIR})",
+    )
+    importer.add_argument(
+        "--yes",
+        action="store_true",
+        help="answer yes: allow SSH=22 and VNC=5900, replace an existing --output file",
+    )
+    importer.set_defaults(handler=_cmd_import_device_client)
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(handler=_cmd_version)
     for name, lazy in _LAZY.items():

@@ -23,10 +23,19 @@ from agent.exceptions import ConfigError
 
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from pydantic.fields import FieldInfo
 
 
-__all__ = ["ENV_PREFIX", "SettingFlag", "add_setting_arguments", "overrides", "setting_flags"]
+__all__ = [
+    "ENV_PREFIX",
+    "SettingFlag",
+    "add_setting_arguments",
+    "overrides",
+    "parse_service_flags",
+    "setting_flags",
+]
 
 ENV_PREFIX = "TUNNEL_AGENT_"
 # Mappings and lists have no flag: the TOML file or the variable (JSON) sets them.
@@ -200,12 +209,22 @@ def overrides(args: argparse.Namespace) -> dict[str, Any]:
         for section in sections:
             target = target.setdefault(section, {})
         target[leaf] = value
-    services: dict[str, str] = {}
-    for entry in args.services:
-        name, sep, target_value = entry.partition("=")
-        if not sep:
-            raise ConfigError(f"--service {entry!r}: expected NAME=TARGET")
-        services[name] = target_value
-    if services:
+    if services := parse_service_flags(args.services):
         found["services"] = services
     return found
+
+
+def parse_service_flags(entries: Iterable[str]) -> dict[str, str]:
+    """
+    Turn ``--service NAME=TARGET`` values into a map (targets are validated later).
+
+    Raises:
+        ConfigError: A value is not ``NAME=TARGET``.
+    """
+    services: dict[str, str] = {}
+    for entry in entries:
+        name, sep, target = entry.partition("=")
+        if not sep:
+            raise ConfigError(f"--service {entry!r}: expected NAME=TARGET")
+        services[name] = target
+    return services
