@@ -290,9 +290,12 @@ def _parser() -> argparse.ArgumentParser:
     add_setting_arguments(check)
     check.set_defaults(handler=_cmd_check_config)
     status = commands.add_parser("status", help="show the running agent's tunnels")
-    status.add_argument("--runtime-dir", help="directory of the agent's status file")
+    status.add_argument("--runtime-dir", metavar="DIR", help="directory of the agent's status file")
     status.add_argument(
-        "--config", type=Path, help="the agent's settings file (for its thing_name and runtime_dir)"
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the agent's settings file (for its thing_name and runtime_dir)",
     )
     status.add_argument(
         "--thing",

@@ -4,8 +4,8 @@ The device's certificate, private key and CA files, checked with the standard li
 A device has no ``cryptography`` package, so OpenSSL is reached through :mod:`ssl`:
 ``load_verify_locations(cadata=...)`` parses each certificate, ``load_cert_chain`` parses
 the key and refuses one that does not belong to the certificate. Neither looks at dates,
-so the validity period is read from the DER encoding by the few lines below (RFC 5280
-§4.1: the fifth field of ``tbsCertificate``).
+so the validity period is read from the DER encoding by the few lines below (the fifth
+field of an X.509 ``tbsCertificate``).
 
 Every check returns ``field = 'path': why`` lines, empty when all is well. The dates are a
 check of their own: ``check-config`` refuses a certificate outside its validity period,
@@ -57,7 +57,7 @@ def _time(tag: int, text: bytes) -> dt.datetime:
     value = text.decode("ascii")
     if tag == _UTC_TIME and len(value) == 13:
         year = int(value[:2])
-        # RFC 5280 §4.1.2.5.1: YY >= 50 is 19YY.
+        # X.509's UTCTime: YY >= 50 is 19YY, below is 20YY.
         value = ("19" if year >= 50 else "20") + value
     elif tag != _GENERALIZED_TIME or len(value) != 15:
         raise ValueError("not a DER time")
