@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from agent import __version__
 from agent.common.files import write_private
+from agent.daemon.capath import ca_directory_plan, needs_ca_directory
 from agent.daemon.device_client import (
     AGENT_USER,
     DEFAULT_CERTS_DIR,
@@ -47,6 +48,7 @@ from agent.daemon.settings import (
 )
 from agent.daemon.status import format_status, read_status
 from agent.exceptions import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, AgentError, ConfigError
+from agent.notify import resolve_kind
 from agent.protocol.ids import THING_NAME
 
 
@@ -114,6 +116,22 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
         f"on_limit={settings.limits.on_limit}"
     )
     _out(f"  proxy: {settings.proxy.binary}")
+    if resolve_kind(settings.notify) == "mqtt":
+        mqtt = settings.mqtt
+        _out(
+            f"  mqtt: reconnect {mqtt.min_reconnect_delay:g}-{mqtt.max_reconnect_delay:g}s "
+            f"(reset after {mqtt.reconnect_reset_after:g}s connected) "
+            f"receive_maximum={mqtt.receive_maximum}"
+        )
+    proxy = settings.proxy
+    if proxy.ca is not None and needs_ca_directory(proxy.binary, proxy.ca):
+        # The file must hold certificates the agent can hash: fail now, not at start.
+        directory = ca_directory_plan(proxy.ca, settings.state_dir / "ca")
+        _err(
+            f"tunnel-agent: warning: proxy.ca = '{proxy.ca}' is a file, but proxy.binary = "
+            f"'{proxy.binary}' takes only a hashed CA directory (-c): at start the agent makes "
+            f"one from the file, {directory}, and passes that instead"
+        )
     return EXIT_OK
 
 

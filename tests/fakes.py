@@ -5,6 +5,9 @@ Test doubles for the agent's two seams, and a real stand-in proxy process.
   fed by ``publish()``.
 - ``SocketNotificationSource``: a notification source fed over a Unix datagram socket,
   so a *separate* agent process can be driven by a test (``python -m tests.fakes agent``).
+- ``python -m tests.fakes agent-stuck CONFIG MARKER``: a real daemon on the real MQTT
+  source whose proxy launches never finish (it touches MARKER when one starts), to kill
+  an agent between receiving a notification and handling it.
 - ``FakeProxyLauncher``: an in-memory proxy launcher (docs/architecture.md §5.2) whose
   proxies exit on command.
 - ``write_fake_proxy()``: a tiny executable standing in for ``tunnel-localproxy``;
@@ -32,7 +35,7 @@ if TYPE_CHECKING:
 
     from agent.daemon.supervisor import ProxySpec
 
-from agent.notify.base import RawNotification
+from agent.notify.base import Acknowledgement, RawNotification
 
 
 __all__ = [
@@ -42,6 +45,7 @@ __all__ = [
     "FakeProxyLauncher",
     "LogCapture",
     "SocketNotificationSource",
+    "StuckLauncher",
     "all_cmdlines",
     "notification",
     "read_runs",
@@ -83,13 +87,17 @@ async def wait_for(predicate, timeout: float = 5000 * MS, interval: float = 10 *
 
 
 class FakeNotificationSource:
-    """An in-memory notification source: ``publish()`` delivers, ``close()`` ends iteration."""
+    """An in-memory notification source: ``publish()`` delivers, ``close()`` ends iteration.
+
+    Each notification's acknowledgement appends its payload to ``acked``.
+    """
 
     def __init__(self, *, fail_on_enter: BaseException | None = None, block_enter: bool = False):
         self.entered = 0
         self.exited = 0
         self.fail_on_enter = fail_on_enter
         self.block_enter = block_enter
+        self.acked: list[bytes] = []
         self._queue: asyncio.Queue[RawNotification | None] = asyncio.Queue()
 
     async def __aenter__(self) -> Self:
@@ -104,8 +112,11 @@ class FakeNotificationSource:
         self.exited += 1
         self._queue.put_nowait(None)
 
-    def publish(self, payload: bytes, topic: str = TOPIC) -> None:
-        self._queue.put_nowait(RawNotification(topic=topic, payload=payload))
+    def publish(self, payload: bytes, topic: str = TOPIC) -> RawNotification:
+        ack = Acknowledgement(lambda: self.acked.append(payload))
+        raw = RawNotification(topic=topic, payload=payload, ack=ack)
+        self._queue.put_nowait(raw)
+        return raw
 
     def close(self) -> None:
         """End the iteration as a source that lost its connection for good would."""
@@ -165,6 +176,8 @@ class FakeProxy:
         self._pid = pid
         self._exit: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.stopped = False
+        self.connected: bool | None = None
+        self.last_error: str | None = None
 
     @property
     def pid(self) -> int:
@@ -195,7 +208,7 @@ class FakeProxyLauncher:
         self.fail = False
         self._pids = itertools.count(10_000)
 
-    async def launch(self, spec: ProxySpec, *, log: Any) -> FakeProxy:
+    async def launch(self, spec: ProxySpec, *, log: Any, on_change: Any = None) -> FakeProxy:
         from agent.exceptions import ProxyStartError
 
         if self.fail:
@@ -330,6 +343,31 @@ def _agent_main(argv: list[str]) -> int:
     return asyncio.run(daemon.run())
 
 
+class StuckLauncher:
+    """A launcher whose launches never complete; the first one touches ``marker``."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    async def launch(self, spec: ProxySpec, *, log: Any, on_change: Any = None) -> Any:
+        log.info("stuck_launch", argv0=spec.argv[0])
+        self.marker.touch()
+        await asyncio.Event().wait()
+
+
+def _stuck_agent_main(argv: list[str]) -> int:
+    """``python -m tests.fakes agent-stuck CONFIG MARKER``: real MQTT, launches that hang."""
+    from agent.daemon.lifecycle import build_daemon
+    from agent.daemon.settings import load_settings
+    from agent.logging import configure_logging
+
+    config, marker = Path(argv[0]), Path(argv[1])
+    settings = load_settings(config, {"runtime_dir": str(marker.parent)})
+    configure_logging(level=settings.logging.level, fmt="json")
+    daemon = build_daemon(settings, launcher=StuckLauncher(marker))
+    return asyncio.run(daemon.run())
+
+
 def all_cmdlines() -> bytes:
     """Every process' command line, concatenated."""
     chunks = []
@@ -343,4 +381,6 @@ def all_cmdlines() -> bytes:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["agent"]:
         raise SystemExit(_agent_main(sys.argv[2:]))
-    raise SystemExit(f"usage: {sys.argv[0]} agent CONFIG SOCKET")
+    if sys.argv[1:2] == ["agent-stuck"]:
+        raise SystemExit(_stuck_agent_main(sys.argv[2:]))
+    raise SystemExit(f"usage: {sys.argv[0]} agent CONFIG SOCKET | agent-stuck CONFIG MARKER")

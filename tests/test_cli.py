@@ -84,6 +84,7 @@ class TestCheckConfig:
         assert code == 0
         assert out.startswith(f"configuration ok ({config})\n")
         assert "  services: SSH=22\n" in out
+        assert "  mqtt: reconnect 1-20s (reset after 10s connected) receive_maximum=10\n" in out
 
     def test_flags_mirror_env(self, config, capsys, monkeypatch):
         """Flags override env, env overrides the file, for every setting."""

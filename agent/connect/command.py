@@ -125,6 +125,22 @@ def _on_signal(_signum: int, _frame: FrameType | None) -> None:
     raise _Interrupted
 
 
+def _catch_stop_signals() -> dict[int, Any]:
+    """
+    Make SIGTERM and SIGINT close the tunnel; return the handlers they had.
+
+    SIGINT explicitly too: a process started with SIGINT ignored (a background job of a
+    script, ``nohup``) inherits that, and Python then installs no KeyboardInterrupt
+    handler. Ctrl-C must close the tunnel whatever the parent did.
+    """
+    return {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_signals(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
 def _client(args: argparse.Namespace) -> Any:
     import boto3  # noqa: PLC0415 - operator extra, only for this command
 
@@ -230,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if len(args.service) > 3 or len({s.name for s in args.service}) != len(args.service):
         _say("error: give 1 to 3 distinct services")
         return 2
-    previous = signal.signal(signal.SIGTERM, _on_signal)
+    previous = _catch_stop_signals()
     tunnel_id = None
     client = None
     proxy = None
@@ -265,5 +281,5 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _say(f"tunnel {tunnel_id} closed")
             except Exception as exc:
                 _say(f"error: closing the tunnel: {_error_line(exc)}")
-        signal.signal(signal.SIGTERM, previous)
+        _restore_signals(previous)
     return 0

@@ -22,17 +22,19 @@ from typing import TYPE_CHECKING, Any
 
 import structlog
 
+from agent.daemon.capath import hashed_ca_directory, needs_ca_directory
 from agent.daemon.notification import parse_notification
 from agent.daemon.sdnotify import SdNotifier, watchdog_interval
 from agent.daemon.status import StatusFile
 from agent.daemon.supervisor import SubprocessLauncher, proxy_command
-from agent.daemon.tunnels import Limits, SpawnConfig, TunnelManager
+from agent.daemon.tunnels import Limits, Outcome, SpawnConfig, TunnelManager
 from agent.exceptions import EXIT_FAILURE, EXIT_OK, ConfigError, InvalidNotification
 from agent.notify import load_source_class, resolve_kind
 
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
+    from pathlib import Path
 
     from agent.daemon.settings import AgentSettings
     from agent.daemon.supervisor import ProxyLauncher
@@ -44,6 +46,7 @@ __all__ = [
     "build_daemon",
     "build_source",
     "limits_from",
+    "proxy_ca",
     "spawn_config_from",
 ]
 
@@ -138,24 +141,38 @@ class Daemon:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _handle(self, raw: RawNotification) -> None:
+    async def _handle(self, raw: RawNotification) -> bool:
+        """
+        Handle one notification; return whether the outcome is final (to acknowledge).
+        """
         # Never the payload: it carries the token (docs/architecture.md §7.4).
         log.info("notification_received", topic=raw.topic, size=len(raw.payload))
         try:
             request = parse_notification(raw.payload, allowed_services=self._manager.services)
         except InvalidNotification as exc:
             log.warning("notification_rejected", reason=str(exc))
-            return
+            return True
         outcome = await self._manager.open(request)
         log.info("notification_handled", outcome=str(outcome), services=list(request.services))
+        # A stopping agent's refusal is the one outcome a redelivery would change.
+        return outcome is not Outcome.CLOSING
 
     async def _consume(self) -> None:
+        # One at a time, in order: a rotation must follow the token it replaces.
         async for raw in self._source:
+            final = True
             try:
-                await self._handle(raw)
+                final = await self._handle(raw)
             except Exception:
-                # Input must never bring the daemon down (docs/protocol.md §17.4).
+                # Input must never bring the daemon down; acknowledged all
+                # the same, or the broker would redeliver it forever.
                 log.exception("notification_handling_failed")
+            # Cancelled (the agent stops) before an outcome: not acknowledged, redelivered.
+            if final:
+                try:
+                    raw.ack()
+                except Exception:
+                    log.exception("notification_ack_failed")
 
     async def _ping_watchdog(self, interval: float) -> None:
         while True:
@@ -294,6 +311,37 @@ def limits_from(settings: AgentSettings) -> Limits:
     )
 
 
+def proxy_ca(settings: AgentSettings) -> Path | None:
+    """
+    Return what the proxy gets as ``-c``: ``proxy.ca``, or a hashed directory made from it.
+
+    An external binary (the AWS localproxy) takes only a hashed CA directory; the bundled
+    proxy takes a file or a directory. So for an external binary and a CA *file*, the
+    directory is made here, under ``<runtime dir>/ca/``.
+
+    Args:
+        settings: Validated settings.
+
+    Returns:
+        The path for ``-c``, or ``None`` for the system's trust store.
+
+    Raises:
+        ConfigError: The CA file holds no usable certificate, or the runtime
+            directory cannot be written.
+    """
+    proxy = settings.proxy
+    if proxy.ca is None or not needs_ca_directory(proxy.binary, proxy.ca):
+        return proxy.ca
+    parent = settings.state_dir / "ca"
+    try:
+        directory = hashed_ca_directory(proxy.ca, parent)
+    except OSError as exc:
+        message = f"cannot make the proxy's CA directory in {parent}: {exc.strerror}"
+        raise ConfigError(message) from None
+    log.info("proxy_ca_directory", ca=str(proxy.ca), directory=str(directory))
+    return directory
+
+
 def spawn_config_from(settings: AgentSettings) -> SpawnConfig:
     """
     Extract how proxies are started from the settings.
@@ -302,19 +350,21 @@ def spawn_config_from(settings: AgentSettings) -> SpawnConfig:
         settings: Validated settings.
 
     Returns:
-        Plain values for :class:`TunnelManager`.
+        Plain values for :class:`TunnelManager`; an external binary's CA directory is
+        made on the way (:func:`proxy_ca`).
     """
     proxy = settings.proxy
     http_proxy = settings.mqtt.http_proxy
     return SpawnConfig(
         command=tuple(proxy_command(proxy.binary)),
         endpoint=proxy.endpoint,
-        ca=proxy.ca,
+        ca=proxy_ca(settings),
         no_verify=proxy.no_verify,
         extra_args=proxy.extra_args,
         extra_env={k: v.get_secret_value() for k, v in proxy.extra_env.items()},
         http_proxy=None if http_proxy is None else http_proxy.get_secret_value(),
         stop_grace=proxy.stop_grace,
+        connect_timeout=proxy.connect_timeout.total_seconds(),
         max_restarts=proxy.max_restarts,
         backoff_initial=proxy.restart_backoff_initial,
         backoff_max=proxy.restart_backoff_max,
@@ -345,6 +395,10 @@ def build_source(settings: AgentSettings) -> NotificationSource:
         key=mqtt.key,
         ca=mqtt.ca,
         http_proxy=None if mqtt.http_proxy is None else mqtt.http_proxy.get_secret_value(),
+        min_reconnect_delay=mqtt.min_reconnect_delay,
+        max_reconnect_delay=mqtt.max_reconnect_delay,
+        reconnect_reset_after=mqtt.reconnect_reset_after,
+        receive_maximum=mqtt.receive_maximum,
     )
 
 

@@ -83,7 +83,9 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)([dhms])", re.ASCII)
 _DURATION_UNITS = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
 # The agent sets these per tunnel; configuration must not override them (docs/architecture.md §5.2).
-_RESERVED_ENV = frozenset({"AWSIOT_TUNNEL_ACCESS_TOKEN", "AWSIOT_TUNNEL_CLIENT_TOKEN"})
+_RESERVED_ENV = frozenset(
+    {"AWSIOT_TUNNEL_ACCESS_TOKEN", "AWSIOT_TUNNEL_CLIENT_TOKEN", "AWSIOT_CLIENT_TOKEN"}
+)
 # Flags the agent builds itself; extra_args must not change the tunnel's shape or carry a token.
 _RESERVED_ARGS = frozenset(
     {"-t", "--access-token", "-i", "--client-token", "-r", "--region", "-e", "--proxy-endpoint",
@@ -195,6 +197,36 @@ class MqttSettings(_Section):
         description="outbound web proxy http://[user:password@]host:port, also given to each "
         "local proxy; a secret: prefer the environment variable to the flag",
     )
+    # Reconnection: exponential backoff with jitter from the minimum to the maximum delay,
+    # back to the minimum once a connection lasted reconnect_reset_after seconds.
+    min_reconnect_delay: float = Field(
+        default=1.0,
+        gt=0,
+        le=300,
+        description="first reconnection delay in seconds, (0, 300]; keep it >= 1 (AWS IoT "
+        "accepts one CONNECT per second per client id)",
+    )
+    max_reconnect_delay: float = Field(
+        default=20.0,
+        gt=0,
+        le=3600,
+        description="longest reconnection delay in seconds, (0, 3600], >= the first",
+    )
+    reconnect_reset_after: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="seconds a connection must last for the delay to start again from the "
+        "first, (0, 3600]",
+    )
+    # Unacknowledged notifications the broker may have out at once (MQTT5 Receive Maximum).
+    receive_maximum: int = Field(
+        default=10,
+        ge=1,
+        le=100,
+        description="notifications the broker may send before the agent acknowledged them "
+        "(MQTT 5 Receive Maximum), 1-100",
+    )
 
     @field_validator("endpoint")
     @classmethod
@@ -202,6 +234,12 @@ class MqttSettings(_Section):
         if value is not None and not _HOSTNAME.fullmatch(value):
             raise ValueError("must be a host name or address, without scheme or port")
         return value
+
+    @model_validator(mode="after")
+    def _check_delays(self) -> Self:
+        if self.max_reconnect_delay < self.min_reconnect_delay:
+            raise ValueError("max_reconnect_delay must be >= min_reconnect_delay")
+        return self
 
     @field_validator("http_proxy")
     @classmethod
@@ -247,6 +285,12 @@ class ProxySettings(_Section):
     stop_grace: float = Field(
         default=2.0, gt=0, le=30, description="seconds between SIGTERM and SIGKILL, (0, 30]"
     )
+    # A proxy with no connected line this long after its start (or a drop) is reported.
+    connect_timeout: Duration = Field(
+        default=timedelta(seconds=30),
+        description="a proxy not connected this long after its start or a drop is reported "
+        "(proxy_not_connected, status); 1s to 1h",
+    )
     max_restarts: int = Field(
         default=5,
         ge=0,
@@ -268,6 +312,13 @@ class ProxySettings(_Section):
     def _check_binary(cls, value: object) -> object:
         if isinstance(value, str) and value != "bundled" and not value.startswith("/"):
             raise ValueError("must be 'bundled' or an absolute path to a localproxy binary")
+        return value
+
+    @field_validator("connect_timeout")
+    @classmethod
+    def _check_connect_timeout(cls, value: timedelta) -> timedelta:
+        if not timedelta(seconds=1) <= value <= timedelta(hours=1):
+            raise ValueError("must be between 1 second and 1 hour")
         return value
 
     @field_validator("endpoint")

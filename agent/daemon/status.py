@@ -82,6 +82,8 @@ class StatusFile:
                     "started_at": t.started_at,
                     "restarts": t.restarts,
                     "superseded": t.superseded,
+                    "connected": t.connected,
+                    "last_error": t.last_error,
                 }
                 for t in tunnels
             ],
@@ -177,6 +179,10 @@ def _read_one(path: Path) -> dict[str, Any]:
     return document
 
 
+# connected: true, false (overdue: see last_error), null (still within connect_timeout).
+_CONNECTED = {True: "yes", False: "NO", None: "..."}
+
+
 def _duration(seconds: float) -> str:
     seconds = max(0, int(seconds))
     hours, rest = divmod(seconds, 3600)
@@ -206,6 +212,7 @@ def format_status(document: Mapping[str, Any], *, now: float | None = None) -> s
     if tunnels:
         lines.append(
             f"{'KEY':<10} {'SERVICES':<24} {'STATE':<11} {'PID':>7} {'UPTIME':>10} RESTARTS"
+            " CONNECTED"
         )
         for t in tunnels:
             services = ",".join(t.get("services", []))
@@ -215,6 +222,9 @@ def format_status(document: Mapping[str, Any], *, now: float | None = None) -> s
             uptime = _duration(now - t.get("started_at", now))
             lines.append(
                 f"{t.get('key', '?'):<10} {services:<24} {t.get('state', '?'):<11} "
-                f"{pid:>7} {uptime:>10} {t.get('restarts', 0)}"
+                f"{pid:>7} {uptime:>10} {t.get('restarts', 0):<8} "
+                f"{_CONNECTED.get(t.get('connected'), '-')}"
             )
+            if t.get("last_error") and t.get("connected") is not True:
+                lines.append(f"{'':<10} last error: {t['last_error']}")
     return "\n".join(lines) + "\n"

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import os
 import secrets
 import signal
@@ -28,6 +27,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
+from agent.common.process import death_signal_preexec
+from agent.daemon.proxyoutput import ConnectionWatch
 from agent.exceptions import ProxyStartError
 
 
@@ -63,41 +64,6 @@ _MAX_LINE = 2000
 _PIPE_LIMIT = 64 * 1024
 # After the proxy exits, how long its pipes may stay open (held by a grandchild).
 _PIPE_DRAIN_TIMEOUT = 1.0
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _load_prctl() -> Callable[..., int] | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-    except OSError:  # pragma: no cover - a Linux without a loadable libc
-        return None
-    prctl = libc.prctl
-    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-    prctl.restype = ctypes.c_int
-    result: Callable[..., int] = prctl
-    return result
-
-
-# Resolved once at import: the forked child must only call an already-bound function.
-_prctl = _load_prctl()
-
-
-def _death_signal_preexec(parent_pid: int) -> Callable[[], None] | None:
-    if _prctl is None:  # pragma: no cover - non-Linux
-        return None
-    prctl = _prctl
-
-    def preexec() -> None:
-        # Runs in the child between fork and exec; keep it to one syscall and a check.
-        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-        # The agent may have died before prctl took effect: then nobody would signal us.
-        if os.getppid() != parent_pid:
-            os._exit(1)
-
-    return preexec
 
 
 def proxy_command(binary: Literal["bundled"] | Path) -> list[str]:
@@ -199,7 +165,9 @@ def build_env(
         env["HTTPS_PROXY"] = http_proxy
     env.update(extra_env or {})
     env["AWSIOT_TUNNEL_ACCESS_TOKEN"] = token
-    env["AWSIOT_TUNNEL_CLIENT_TOKEN"] = client_token
+    # The spec names AWSIOT_TUNNEL_CLIENT_TOKEN; the AWS localproxy reads AWSIOT_CLIENT_TOKEN.
+    # Both, so either binary reconnects with the same client token.
+    env["AWSIOT_TUNNEL_CLIENT_TOKEN"] = env["AWSIOT_CLIENT_TOKEN"] = client_token
     return env
 
 
@@ -212,11 +180,13 @@ class ProxySpec:
         argv: The command line (no secrets).
         env: The complete environment, tokens included; excluded from repr.
         stop_grace: Seconds between SIGTERM and SIGKILL on stop.
+        connect_timeout: Seconds the proxy may take to say it is connected.
     """
 
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(repr=False)
     stop_grace: float = 2.0
+    connect_timeout: float = 30.0
 
 
 class ProxyHandle(Protocol):
@@ -238,6 +208,20 @@ class ProxyHandle(Protocol):
         """
         ...
 
+    @property
+    def connected(self) -> bool | None:
+        """
+        ``True`` once connected, ``None`` while connecting, ``False`` once overdue.
+        """
+        ...
+
+    @property
+    def last_error(self) -> str | None:
+        """
+        The proxy's latest warning or error line since it last connected.
+        """
+        ...
+
     async def wait(self) -> int:
         """
         Wait for the process to exit and return its status; safe to await concurrently.
@@ -256,9 +240,17 @@ class ProxyLauncher(Protocol):
     Starts proxies: the real :class:`SubprocessLauncher` or a test fake.
     """
 
-    async def launch(self, spec: ProxySpec, *, log: FilteringBoundLogger) -> ProxyHandle:
+    async def launch(
+        self,
+        spec: ProxySpec,
+        *,
+        log: FilteringBoundLogger,
+        on_change: Callable[[], None] | None = None,
+    ) -> ProxyHandle:
         """
         Start one proxy; ``log`` carries the tunnel's context for its output lines.
+
+        ``on_change`` is called when the proxy's ``connected`` or ``last_error`` changes.
         """
         ...
 
@@ -269,7 +261,13 @@ class ProxyProcess:
     """
 
     def __init__(
-        self, process: asyncio.subprocess.Process, *, log: FilteringBoundLogger, stop_grace: float
+        self,
+        process: asyncio.subprocess.Process,
+        *,
+        log: FilteringBoundLogger,
+        stop_grace: float,
+        connect_timeout: float = 30.0,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         """
         Watch an already started child.
@@ -278,10 +276,15 @@ class ProxyProcess:
             process: The child, with stdout and stderr piped.
             log: Logger bound to the tunnel's context.
             stop_grace: Seconds between SIGTERM and SIGKILL in :meth:`stop`.
+            connect_timeout: Seconds it may take to say it is connected before it is reported.
+            on_change: Called when :attr:`connected` or :attr:`last_error` changes.
         """
         self._process = process
         self._log = log.bind(pid=process.pid)
         self._stop_grace = stop_grace
+        self._connection = ConnectionWatch(
+            log=self._log, timeout=connect_timeout, on_change=on_change
+        )
         # One watcher task; every waiter awaits it through a shield (docs/architecture.md §6.5).
         self._exited = asyncio.ensure_future(self._watch())
 
@@ -299,6 +302,20 @@ class ProxyProcess:
         """
         return self._process.returncode
 
+    @property
+    def connected(self) -> bool | None:
+        """
+        ``True`` once connected, ``None`` while connecting, ``False`` once overdue.
+        """
+        return self._connection.connected
+
+    @property
+    def last_error(self) -> str | None:
+        """
+        The proxy's latest warning or error line since it last connected (tokens masked).
+        """
+        return self._connection.last_error
+
     async def _pump(self, reader: asyncio.StreamReader | None, stream: str) -> None:
         if reader is None:
             return
@@ -313,7 +330,7 @@ class ProxyProcess:
                 return
             text = line.decode("utf-8", "replace").rstrip()
             if text:
-                self._log.info("proxy_output", stream=stream, line=text[:_MAX_LINE])
+                self._connection.feed(text[:_MAX_LINE], stream)
 
     async def _watch(self) -> int:
         pumps = [
@@ -322,10 +339,13 @@ class ProxyProcess:
         ]
         try:
             returncode = await self._process.wait()
+            # At once: a proxy that has exited is not one that failed to connect.
+            self._connection.close()
             # Whatever the proxy left in its group (a wrapper's child) goes with it.
             self._signal_group(signal.SIGKILL)
             _, pending = await asyncio.wait(pumps, timeout=_PIPE_DRAIN_TIMEOUT)
         finally:
+            self._connection.close()
             for pump in pumps:
                 pump.cancel()
         for pump in pending:
@@ -371,13 +391,20 @@ class SubprocessLauncher:
     Starts each proxy as a child process of the agent.
     """
 
-    async def launch(self, spec: ProxySpec, *, log: FilteringBoundLogger) -> ProxyProcess:
+    async def launch(
+        self,
+        spec: ProxySpec,
+        *,
+        log: FilteringBoundLogger,
+        on_change: Callable[[], None] | None = None,
+    ) -> ProxyProcess:
         """
         Start one proxy process.
 
         Args:
-            spec: Command, environment and stop grace.
+            spec: Command, environment, stop grace and connect timeout.
             log: Logger bound to the tunnel's context.
+            on_change: Called when the proxy's connection state changes.
 
         Returns:
             The running process.
@@ -395,9 +422,15 @@ class SubprocessLauncher:
                 limit=_PIPE_LIMIT,
                 close_fds=True,
                 process_group=0,
-                preexec_fn=_death_signal_preexec(os.getpid()),
+                preexec_fn=death_signal_preexec(os.getpid()),
             )
         except OSError as exc:
             # Name only the binary: the rest of argv is fine but the habit is not.
             raise ProxyStartError(f"cannot start {spec.argv[0]}: {exc.strerror}") from exc
-        return ProxyProcess(process, log=log, stop_grace=spec.stop_grace)
+        return ProxyProcess(
+            process,
+            log=log,
+            stop_grace=spec.stop_grace,
+            connect_timeout=spec.connect_timeout,
+            on_change=on_change,
+        )

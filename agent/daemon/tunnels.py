@@ -5,7 +5,11 @@ No I/O of its own: processes come from a :class:`~agent.daemon.supervisor.ProxyL
 Policy, in one place (docs/architecture.md §4.3):
 
 - **Dedupe**: a notification whose token was seen recently is ignored
-  (docs/protocol.md §17.3).
+  (docs/protocol.md §17.3); this also catches the broker's redelivery of one
+  handled but not yet acknowledged.
+- **Handled**: :meth:`TunnelManager.open` returns once the tunnel's first proxy
+  was started (or failed to start), so what the daemon acknowledges to the
+  broker has a process behind it.
 - **Rotation**: a new token for the services of a running tunnel starts a new
   proxy; the old one is *superseded* (it no longer counts against the cap) and
   ends on its own when the service replaces its connection (docs/protocol.md §8.3: the
@@ -101,6 +105,7 @@ class SpawnConfig:
         extra_env: Added to the environment (excluded from repr).
         http_proxy: Outbound web proxy for the data plane (excluded from repr).
         stop_grace: Seconds from SIGTERM to SIGKILL.
+        connect_timeout: Seconds a proxy may take to connect before it is reported.
         max_restarts: Consecutive failed runs restarted before giving up.
         backoff_initial: First restart delay, in seconds.
         backoff_max: Largest restart delay, in seconds.
@@ -115,6 +120,7 @@ class SpawnConfig:
     extra_env: Mapping[str, str] = field(default_factory=dict, repr=False)
     http_proxy: str | None = field(default=None, repr=False)
     stop_grace: float = 2.0
+    connect_timeout: float = 30.0
     max_restarts: int = 5
     backoff_initial: float = 1.0
     backoff_max: float = 30.0
@@ -135,6 +141,9 @@ class TunnelInfo:
         started_at: Wall-clock start, seconds since the epoch.
         restarts: Proxy restarts so far.
         superseded: A newer token for the same services arrived (rotation).
+        connected: The proxy said it is connected (``True``), is still within its
+            connect timeout (``None``), or is overdue (``False``).
+        last_error: The proxy's latest warning or error line while not connected.
     """
 
     key: str
@@ -145,6 +154,8 @@ class TunnelInfo:
     started_at: float
     restarts: int
     superseded: bool
+    connected: bool | None = None
+    last_error: str | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -163,8 +174,17 @@ class _Tunnel:
     superseded: bool = False
     stop_reason: str | None = None
     stop_event: asyncio.Event = field(default_factory=asyncio.Event)
+    handle: ProxyHandle | None = None
+    # The last run's error line, shown while the next run has none of its own.
+    last_error: str | None = None
+    # Set once the first proxy launch was attempted (or the tunnel ended before it).
+    launched: asyncio.Event = field(default_factory=asyncio.Event)
 
     def info(self) -> TunnelInfo:
+        connected = None if self.handle is None else self.handle.connected
+        last_error = None
+        if connected is not True:
+            last_error = (self.handle and self.handle.last_error) or self.last_error
         return TunnelInfo(
             key=self.key,
             services=self.services,
@@ -174,6 +194,8 @@ class _Tunnel:
             started_at=self.started_at,
             restarts=self.restarts,
             superseded=self.superseded,
+            connected=connected,
+            last_error=last_error,
         )
 
     def request_stop(self, reason: str) -> None:
@@ -314,7 +336,8 @@ class TunnelManager:
             request: From :func:`agent.daemon.notification.parse_notification`.
 
         Returns:
-            What was done; every refusal is also logged.
+            What was done, once it is done: for :attr:`Outcome.STARTED`, after the
+            first proxy launch was attempted. Every refusal is also logged.
         """
         if self._closing:
             return Outcome.CLOSING
@@ -354,7 +377,10 @@ class TunnelManager:
         task = asyncio.create_task(self._run(tunnel), name=f"tunnel-{key}")
         self._tasks[key] = task
         task.add_done_callback(lambda _task: self._tasks.pop(key, None))
+        # Also when the task is cancelled before it ever ran.
+        task.add_done_callback(lambda _task: tunnel.launched.set())
         self._changed()
+        await tunnel.launched.wait()
         return Outcome.STARTED
 
     def _spec(self, tunnel: _Tunnel, services: Mapping[str, str]) -> ProxySpec:
@@ -374,7 +400,12 @@ class TunnelManager:
             extra_env=opts.extra_env,
             http_proxy=opts.http_proxy,
         )
-        return ProxySpec(argv=tuple(argv), env=env, stop_grace=opts.stop_grace)
+        return ProxySpec(
+            argv=tuple(argv),
+            env=env,
+            stop_grace=opts.stop_grace,
+            connect_timeout=opts.connect_timeout,
+        )
 
     def _delays(self) -> Iterator[float]:
         return backoff(initial=self._options.backoff_initial, maximum=self._options.backoff_max)
@@ -453,12 +484,14 @@ class TunnelManager:
         Run one proxy to its end: its exit status, or ``None`` if we stopped it.
         """
         try:
-            handle = await self._launcher.launch(spec, log=log.bind())
+            handle = await self._launcher.launch(spec, log=log.bind(), on_change=self._changed)
         except ProxyStartError as exc:
             # A configuration problem, not our bug: no traceback.
             log.error("proxy_start_failed", error=str(exc))  # noqa: TRY400
             return 127
-        tunnel.pid, tunnel.state = handle.pid, "running"
+        finally:
+            tunnel.launched.set()
+        tunnel.pid, tunnel.state, tunnel.handle = handle.pid, "running", handle
         self._changed()
         if first:
             log.info(
@@ -475,6 +508,9 @@ class TunnelManager:
             # Only close() cancels, after its grace: still reap the child.
             await asyncio.shield(handle.stop())
             raise
+        finally:
+            tunnel.last_error = handle.last_error or tunnel.last_error
+            tunnel.handle = None
         if returncode is not None:
             log.info("proxy_exited", pid=handle.pid, returncode=returncode)
         return returncode

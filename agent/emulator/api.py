@@ -11,6 +11,7 @@ notifier publishes them.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from typing import TYPE_CHECKING, Any
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 from aiohttp import web
 
+from agent.emulator.jsonserver import CONTENT_TYPE, JsonErrorServer, error_response
 from agent.emulator.sigv4 import SignatureVerifier, region_from_authorization
 from agent.emulator.store import StoreError, ValidationFailed
 from agent.emulator.validation import (
@@ -34,7 +36,7 @@ from agent.protocol.ids import THING_NAME
 
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Sequence
+    from collections.abc import Awaitable, Callable
 
     from agent.emulator.store import Endpoint, Tunnel, TunnelStore
 
@@ -44,7 +46,6 @@ __all__ = ["TARGET_PREFIX", "ControlPlaneApi"]
 log = structlog.get_logger(__name__)
 
 TARGET_PREFIX = "IoTSecuredTunneling."
-CONTENT_TYPE = "application/x-amz-json-1.1"
 # Caps the body before signature checks; the largest valid input (200 tags) is far smaller.
 MAX_BODY = 1024 * 1024
 _MODES = {"SOURCE": ("source",), "DESTINATION": ("destination",), "ALL": ("source", "destination")}
@@ -55,13 +56,21 @@ class ApiError(StoreError):
     A protocol-level refusal: unknown operation or method (a choice, docs/protocol.md §13.2).
     """
 
-    def __init__(self, code: str, status: int, message: str) -> None:
+    def __init__(self, code: str, status: int, message: str, *, close: bool = False) -> None:
         """
         Record the AWS error code and HTTP status.
+
+        Args:
+            code: The AWS error code.
+            status: The HTTP status.
+            message: Text safe to show the caller.
+            close: Close the connection after answering: the request's body was not read to
+                its end, so the next request on it cannot be found.
         """
         super().__init__(message)
         self.code = code  # type: ignore[misc] # per instance, like SignatureRejected
         self.status = status
+        self.close = close
 
 
 def _reject_constant(name: str) -> float:
@@ -85,7 +94,6 @@ class ControlPlaneApi:
 
     Attributes:
         store: The tunnel store every operation reads and changes.
-        app: The aiohttp application (mountable elsewhere for tests).
     """
 
     def __init__(  # noqa: PLR0913 - keyword-only server settings, each documented
@@ -96,7 +104,8 @@ class ControlPlaneApi:
         port: int = 0,
         credentials: dict[str, str] | None = None,
         lazy_expiry: bool = True,
-        routes: Sequence[web.RouteDef] = (),
+        extra: Callable[[web.BaseRequest], Awaitable[web.Response | None]] | None = None,
+        body_timeout: float = 30.0,
     ) -> None:
         """
         Configure the server; nothing listens before :meth:`start`.
@@ -109,14 +118,17 @@ class ControlPlaneApi:
                 None turns the check off (docs/protocol.md §12.4).
             lazy_expiry: Run ``store.expire_due()`` before each operation, so answers are
                 exact even between two ticks of the app's expiry timer (docs/protocol.md §16.4).
-            routes: Other services' REST routes served on the same port (iot-data shadows).
+            extra: Another service on the same port (the iot-data shadows): asked first,
+                it answers its own paths and returns ``None`` for the rest.
+            body_timeout: Seconds a request's body may take to arrive once its headers have.
         """
         self.store = store
         self._host = host
         self._port = port
         self._verifier = None if credentials is None else SignatureVerifier(credentials)
         self._lazy_expiry = lazy_expiry
-        self._runner: web.AppRunner | None = None
+        self._body_timeout = body_timeout
+        self._runner: web.ServerRunner | None = None
         self._operations: dict[str, Callable[[Shape, str], dict[str, Any]]] = {
             "OpenTunnel": self._open_tunnel,
             "CloseTunnel": self._close_tunnel,
@@ -127,10 +139,7 @@ class ControlPlaneApi:
             "UntagResource": self._untag_resource,
             "ListTagsForResource": self._list_tags,
         }
-        self.app = web.Application(client_max_size=MAX_BODY)
-        # Registered first: the awsJson catch-all below would answer any path.
-        self.app.router.add_routes(routes)
-        self.app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._extra = extra
 
     @property
     def port(self) -> int:
@@ -151,7 +160,15 @@ class ControlPlaneApi:
         """
         Start listening.
         """
-        runner = web.AppRunner(self.app, access_log=None)
+        # Every path and method reaches _handle; requests aiohttp cannot even parse get the
+        # same JSON errors from the server's connection handler.
+        server = JsonErrorServer(
+            self._handle,
+            client_max_size=MAX_BODY,
+            loop=asyncio.get_running_loop(),
+            access_log=None,
+        )
+        runner = web.ServerRunner(server)
         await runner.setup()
         site = web.TCPSite(runner, self._host, self._port)
         try:
@@ -173,13 +190,18 @@ class ControlPlaneApi:
 
     # -- HTTP ----------------------------------------------------------------------------------
 
-    async def _handle(self, request: web.Request) -> web.Response:
+    async def _handle(self, request: web.BaseRequest) -> web.Response:
+        if self._extra is not None and (answer := await self._extra(request)) is not None:
+            return answer
         request_id = str(uuid.uuid4())
         try:
             result = await self._dispatch(request)
         except StoreError as exc:
             log.debug("api_error", code=exc.code, status=exc.status)
-            return self._error(request_id, exc.status, exc.code, exc.message)
+            response = self._error(request_id, exc.status, exc.code, exc.message)
+            if isinstance(exc, ApiError) and exc.close:
+                response.force_close()
+            return response
         except Exception:
             # Our bug: log it, but keep exception text out of the response
             # (docs/architecture.md §7.4).
@@ -191,27 +213,55 @@ class ControlPlaneApi:
             headers={"Content-Type": CONTENT_TYPE, "x-amzn-RequestId": request_id},
         )
 
-    async def _dispatch(self, request: web.Request) -> dict[str, Any]:
+    async def _dispatch(self, request: web.BaseRequest) -> dict[str, Any]:
         # Order: method, signature, target, body (authenticate before revealing anything).
         if request.method != "POST":
-            raise ApiError("UnknownOperationException", 405, "Only POST is supported")
-        try:
-            body = await request.read()
-        except web.HTTPRequestEntityTooLarge as exc:
-            raise ApiError("SerializationException", 413, "Request body too large") from exc
+            raise ApiError(
+                "UnknownOperationException", 405, f"Method {request.method} is not supported"
+            )
+        body = await self._read_body(request)
         region = self._region(request, body)
         target = request.headers.get("X-Amz-Target", "")
         operation = target.removeprefix(TARGET_PREFIX)
         handler = self._operations.get(operation) if target.startswith(TARGET_PREFIX) else None
         if handler is None:
-            raise ApiError("UnknownOperationException", 400, f"Unknown operation {target!r}")
+            shown = f"'{target}'" if target else "(no X-Amz-Target header)"
+            raise ApiError("UnknownOperationException", 400, f"Unknown operation {shown}")
         shape = Shape(self._decode(body))
         if self._lazy_expiry:
             self.store.expire_due()
         log.debug("api_call", operation=operation)
         return handler(shape, region)
 
-    def _region(self, request: web.Request, body: bytes) -> str:
+    async def _read_body(self, request: web.BaseRequest) -> bytes:
+        try:
+            async with asyncio.timeout(self._body_timeout):
+                return await request.read()
+        except web.HTTPRequestEntityTooLarge as exc:
+            raise ApiError(
+                "SerializationException", 413, f"Request body over {MAX_BODY} bytes", close=True
+            ) from exc
+        except web.RequestPayloadError as exc:
+            # The headers parsed but the body did not (a bad Content-Encoding, say).
+            raise ApiError(
+                "SerializationException", 400, f"Malformed HTTP request body: {exc}", close=True
+            ) from exc
+        except TimeoutError:
+            # Also ends a request whose body aiohttp's parser gave up on midway (a bad chunk
+            # after good ones): it never completes, and the answer is due anyway.
+            raise ApiError(
+                "RequestTimeoutException",
+                408,
+                f"Request body not received within {self._body_timeout:g} s",
+                close=True,
+            ) from None
+        except ConnectionResetError:
+            # The client left before sending its body: nobody reads an answer.
+            raise ApiError(
+                "SerializationException", 400, "Request body incomplete", close=True
+            ) from None
+
+    def _region(self, request: web.BaseRequest, body: bytes) -> str:
         if self._verifier is None:
             region = region_from_authorization(request.headers.get("Authorization"))
             return region or self.store.region
@@ -237,15 +287,7 @@ class ControlPlaneApi:
 
     @staticmethod
     def _error(request_id: str, status: int, code: str, message: str) -> web.Response:
-        return web.Response(
-            status=status,
-            body=json.dumps({"__type": code, "message": message}).encode(),
-            headers={
-                "Content-Type": CONTENT_TYPE,
-                "x-amzn-RequestId": request_id,
-                "x-amzn-ErrorType": code,
-            },
-        )
+        return error_response(status, code, message, request_id=request_id)
 
     # -- operations (docs/protocol.md §15) -----------------------------------------------
 
@@ -326,7 +368,7 @@ class ControlPlaneApi:
             if after not in ids:
                 # The tunnel the token points after is gone, or the token is foreign
                 # (docs/protocol.md §15.4).
-                raise ValidationFailed("Invalid nextToken")
+                raise ValidationFailed(f"Invalid nextToken '{token}': its tunnel is gone")
             start = ids.index(after) + 1
         page = tunnels[start : start + page_size]
         out: dict[str, Any] = {"tunnelSummaries": [self._summary(t) for t in page]}
@@ -366,7 +408,8 @@ class ControlPlaneApi:
     def _untag_resource(self, shape: Shape, _region: str) -> dict[str, Any]:
         arn = shape.string("resourceArn", required=True, max_len=1011)
         raw = shape.items("tagKeys", required=True, min_items=0, max_items=200) or []
-        self.store.untag(str(arn), [check_tag_key(k) for k in raw])
+        keys = [check_tag_key(k, f"tagKeys.{n}.member") for n, k in enumerate(raw, 1)]
+        self.store.untag(str(arn), keys)
         return {}
 
     def _list_tags(self, shape: Shape, _region: str) -> dict[str, Any]:

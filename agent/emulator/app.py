@@ -180,7 +180,6 @@ class Emulator:
             server=self.ca.issue_server(
                 KeyPair(pki / "broker.crt", pki / "broker.key"), hosts=self._server_hosts()
             ),
-            admin=self.privileged,
             host=host,
             port=mqtt_port,
             things=self.thing_names(),
@@ -317,7 +316,7 @@ class Emulator:
             host=self.host,
             port=self._ports["api"],
             credentials=credentials,
-            routes=ShadowApi(self.shadows, credentials=credentials).routes(),
+            extra=ShadowApi(self.shadows, credentials=credentials).handle,
         )
         await self.api.start()
         # Keep the bound ports: a restarted emulator comes back on the same endpoints.
@@ -507,15 +506,17 @@ class Emulator:
 
     def _register_with_running_emulator(self, name: str) -> None:
         # `tunnel-agent emulator add-thing` in another process while an emulator runs on this
-        # directory: tell its broker directly (its address is in emulator.json).
+        # directory: tell its mosquitto directly (the address is in emulator.json), with the
+        # identity its listener trusts, as the running emulator itself does.
         endpoints = self._read_endpoints()
-        if endpoints is None:
+        if endpoints is None or "mqtt_backend" not in endpoints:
             return
-        host, port = endpoints["mqtt"]
+        host, port = endpoints["mqtt_backend"]
         with contextlib.suppress(OSError, BrokerError):
+            admin = self.broker.gate_identity(PRIVILEGED_IDENTITY)
             self._run_blocking(
                 register_things(
-                    host=host, port=port, ca_file=self.ca_file, admin=self.privileged, names=[name]
+                    host=host, port=port, ca_file=self.ca_file, admin=admin, names=[name]
                 )
             )
 
@@ -575,6 +576,7 @@ class Emulator:
             "relay": self.relay_endpoint if self.relay is not None else None,
             "relay_tls": self.relay_tls,
             "mqtt": [self.host, self.broker.port],
+            "mqtt_backend": list(self.broker.backend_address),
             "ca": str(self.ca_file),
             "region": self.region,
             "pid": os.getpid(),

@@ -4,8 +4,14 @@ Mosquitto as a child process, configured like AWS IoT Core for the tunnel notify
 What AWS IoT Core enforces and this broker reproduces (docs/protocol.md §19):
 
 * mutual TLS only: a client without a certificate from the emulator CA is
-  refused during the handshake (``require_certificate``);
+  refused during the handshake, with the TLS alert;
 * the identity is the certificate CN (``use_identity_as_username``): the thing name;
+* a thing connects only with its own name as client id (the ``iot:Connect`` policy on
+  ``client/${iot:Connection.Thing.ThingName}``); any other id gets CONNACK "not
+  authorized" and leaves the real thing's session alone. Mosquitto 2.0 cannot refuse
+  that with certificate identities, so :class:`~agent.emulator.mqttgate.ConnectGate`
+  holds the public port, checks the CONNECT and forwards to mosquitto's loopback
+  listener, which trusts only the gate's own CA (see :mod:`.mqttgate`);
 * a thing may subscribe to, and receive from, ``$aws/things/<its name>/tunnels/notify``
   and its own shadow topics ``$aws/things/<its name>/shadow/...``; it may publish only
   shadow requests (``.../update``, ``/get``, ``/delete``) for itself. The emulator's
@@ -25,16 +31,23 @@ With ``run_as=None`` (the default) a root emulator writes ``user root``: the
 emulator directory often sits below directories the ``mosquitto`` account cannot
 traverse (pytest's 0700 temp dirs, a home directory), and the broker listens on
 loopback only, as a child of a process that is already root. ``run_as="mosquitto"``
-lets it drop privileges instead: the broker directory is then handed to that
-account, and every directory above it must be traversable by it.
+runs it as that account instead (the emulator switches user between fork and exec):
+the broker directory is then handed to that account, and every directory above it
+must be traversable by it.
+
+Lifetime: the broker never outlives the emulator. The kernel sends it SIGTERM when
+the emulator's process ends, however it ends (``PR_SET_PDEATHSIG``, as for the
+agent's proxies), and mosquitto saves its sessions on SIGTERM.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import glob
 import grp
+import hashlib
 import json
 import os
 import pwd
@@ -42,14 +55,17 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import stat
 import subprocess
 from typing import IO, TYPE_CHECKING, Any, Self
 
 import structlog
 
+from agent.common.process import death_signal_preexec
 from agent.emulator.mqtt_client import AsyncMqttClient, MqttConnectError
-from agent.emulator.pki import PRIVILEGED_IDENTITY, KeyPair
+from agent.emulator.mqttgate import ConnectGate
+from agent.emulator.pki import PRIVILEGED_IDENTITY, CertificateAuthority, KeyPair
 from agent.exceptions import AgentError
 from agent.protocol.ids import THING_NAME
 
@@ -84,6 +100,8 @@ _CONTROL_TOPIC = "$CONTROL/dynamic-security/v1"
 _SBIN = ("/usr/sbin", "/usr/local/sbin", "/sbin")
 _PORT_ATTEMPTS = 5
 _ADMIN_TIMEOUT = 10.0
+# Mosquitto itself listens here, behind the gate; only the gate's certificates get in.
+_BACKEND_HOST = "127.0.0.1"
 
 
 class BrokerError(AgentError):
@@ -227,11 +245,9 @@ class Broker:
 
     Args:
         directory: The broker's own directory (config, certificate copies, ACLs,
-            persistence, log); created when missing.
+            persistence, log, the gate's CA); created when missing.
         ca_file: The emulator CA; clients must present a certificate it issued.
         server: The broker's TLS server certificate and key.
-        admin: The privileged identity's client certificate, used to register things
-            at run time.
         host: Listen address.
         port: Listen port; 0 picks a free one on first start and keeps it afterwards.
         things: Thing names allowed to subscribe from the first start.
@@ -249,7 +265,6 @@ class Broker:
         *,
         ca_file: Path,
         server: KeyPair,
-        admin: KeyPair,
         host: str = "127.0.0.1",
         port: int = 0,
         things: Iterable[str] = (),
@@ -267,7 +282,6 @@ class Broker:
         self.port = port
         self.ca_file = ca_file
         self.server = server
-        self.admin = admin
         self.run_as = run_as
         self.binary = binary
         self.verbose = verbose
@@ -277,6 +291,13 @@ class Broker:
         self.dynsec_file = directory / "dynamic-security.json"
         self.log_file = directory / "mosquitto.log"
         self.data_dir = directory / "data"
+        # Never handed to the run_as account: it holds the key that makes gate identities.
+        self.gate_ca = CertificateAuthority(
+            directory / "gate-pki", common_name="IoT Tunnel Emulator broker gate CA"
+        )
+        self.backend_port = 0
+        self._gate: ConnectGate | None = None
+        self._gate_contexts: dict[str, ssl.SSLContext] = {}
         self._things: set[str] = set()
         for name in things:
             _check_thing_name(name)
@@ -332,22 +353,87 @@ class Broker:
             return
         binary = self.binary or find_mosquitto()
         plugin = find_dynsec_plugin()
-        pick = self.port == 0
         for attempt in range(1, _PORT_ATTEMPTS + 1):
-            if pick:
-                self.port = free_port(self.host)
+            self.backend_port = free_port(_BACKEND_HOST)
             self._write_files(plugin)
             try:
                 await self._spawn(binary)
             except _PortInUseError:
                 # The free port we probed was taken before mosquitto bound it: pick again.
-                if not pick or attempt == _PORT_ATTEMPTS:
+                if attempt == _PORT_ATTEMPTS:
                     raise BrokerError(
-                        f"mosquitto: port {self.host}:{self.port} already in use"
+                        f"mosquitto: port {_BACKEND_HOST}:{self.backend_port} already in use"
                     ) from None
                 continue
-            log.info("broker_started", host=self.host, port=self.port, pid=self.pid)
-            return
+            break
+        try:
+            await self._start_gate()
+        except BaseException:
+            await self.stop()
+            raise
+        log.info("broker_started", host=self.host, port=self.port, pid=self.pid)
+
+    async def _start_gate(self) -> None:
+        server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        server.minimum_version = ssl.TLSVersion.TLSv1_2
+        server.load_cert_chain(self.server.cert, self.server.key)
+        server.verify_mode = ssl.CERT_REQUIRED
+        server.load_verify_locations(cafile=str(self.ca_file))
+        gate = ConnectGate(
+            host=self.host,
+            port=self.port,
+            server=server,
+            backend=(_BACKEND_HOST, self.backend_port),
+            identity_context=self._gate_identity,
+        )
+        try:
+            await gate.start()
+        except OSError as exc:
+            raise BrokerError(
+                f"mosquitto: port {self.host}:{self.port} already in use"
+                if exc.errno == errno.EADDRINUSE
+                else f"mosquitto: cannot listen on {self.host}:{self.port}: {exc.strerror}"
+            ) from exc
+        # Port 0 picked one: keep it, so a restart comes back on the same endpoint.
+        self.port = gate.port
+        self._gate = gate
+
+    async def _gate_identity(self, name: str) -> ssl.SSLContext:
+        context = self._gate_contexts.get(name)
+        if context is None:
+            context = await asyncio.to_thread(self._new_gate_identity, name)
+            self._gate_contexts[name] = context
+        return context
+
+    def gate_identity(self, name: str) -> KeyPair:
+        """
+        Return (issuing it on first use) the certificate that speaks as ``name`` to mosquitto.
+
+        Mosquitto's listener trusts only the gate's CA: these certificates are how the gate,
+        and the emulator's own administration, reach it directly.
+        """
+        # Files named by a digest: a CN is any string the emulator CA signed.
+        stem = hashlib.sha256(name.encode()).hexdigest()[:32]
+        clients = self.gate_ca.directory / "clients"
+        return self.gate_ca.issue_client(
+            KeyPair(clients / f"{stem}.crt", clients / f"{stem}.key"), common_name=name
+        )
+
+    @property
+    def backend_address(self) -> tuple[str, int]:
+        """
+        Mosquitto's own loopback listener, behind the gate (valid while running).
+        """
+        return _BACKEND_HOST, self.backend_port
+
+    def _new_gate_identity(self, name: str) -> ssl.SSLContext:
+        pair = self.gate_identity(name)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        # The backend is our own child on loopback, presenting the broker's certificate.
+        context.check_hostname = False
+        context.load_verify_locations(cafile=str(self.ca_file))
+        context.load_cert_chain(pair.cert, pair.key)
+        return context
 
     async def stop(self) -> None:
         """
@@ -356,6 +442,9 @@ class Broker:
         SIGTERM first (mosquitto then saves its persistence database), SIGKILL after
         ``stop_timeout``.
         """
+        gate, self._gate = self._gate, None
+        if gate is not None:
+            await gate.close()
         process, self._process = self._process, None
         if process is not None:
             if process.poll() is None:
@@ -401,11 +490,14 @@ class Broker:
         if name in self._things:
             return
         if self.running:
+            # Straight to mosquitto, not through the gate: a caller may block the event loop
+            # the gate runs on while it waits for this (Emulator.add_thing does).
+            host, port = self.backend_address
             await register_things(
-                host=self.host,
-                port=self.port,
+                host=host,
+                port=port,
                 ca_file=self.ca_file,
-                admin=self.admin,
+                admin=await asyncio.to_thread(self.gate_identity, PRIVILEGED_IDENTITY),
                 names=[name],
             )
         self._things.add(name)
@@ -416,7 +508,9 @@ class Broker:
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.data_dir.mkdir(mode=0o700, exist_ok=True)
         # Copies, so the broker never needs to read the emulator's PKI directory (and its CA key).
-        shutil.copyfile(self.ca_file, self.directory / "ca.crt")
+        # Mosquitto trusts the gate's CA only: devices reach it through the gate.
+        self.gate_ca.load_or_create()
+        shutil.copyfile(self.gate_ca.cert_file, self.directory / "ca.crt")
         shutil.copyfile(self.server.cert, self.directory / "server.crt")
         key_copy = self.directory / "server.key"
         key_copy.touch(mode=0o600)
@@ -443,7 +537,7 @@ class Broker:
         self._check_traversable(user)
         paths = [self.directory, self.data_dir, *self.directory.iterdir(), *self.data_dir.iterdir()]
         for path in paths:
-            if path != self.log_file:
+            if path not in (self.log_file, self.gate_ca.directory):
                 os.chown(path, user.pw_uid, user.pw_gid)
 
     def _check_traversable(self, user: pwd.struct_passwd) -> None:
@@ -481,7 +575,7 @@ class Broker:
                 else [f"log_type {t}" for t in ("error", "warning", "notice", "information")]
             ),
             "set_tcp_nodelay true",
-            f"listener {self.port} {self.host}",
+            f"listener {self.backend_port} {_BACKEND_HOST}",
             f"cafile {self.directory / 'ca.crt'}",
             f"certfile {self.directory / 'server.crt'}",
             f"keyfile {self.directory / 'server.key'}",
@@ -496,6 +590,7 @@ class Broker:
         if self._log is None:
             self._log = self.log_file.open("ab")
         offset = self._log.tell()
+        user = self._drop_user()
         try:
             self._process = subprocess.Popen(  # noqa: ASYNC220 - returns at once; waits are async
                 [binary, "-c", str(self.config_file)],
@@ -505,6 +600,15 @@ class Broker:
                 # Its own session: Ctrl-C in the emulator's terminal reaches the emulator only,
                 # which then stops the broker in order.
                 start_new_session=True,
+                # The kernel sends SIGTERM when the emulator dies, even by SIGKILL: a broker
+                # left behind would hold the port and the emulator's directory.
+                preexec_fn=death_signal_preexec(os.getpid()),  # noqa: PLW1509 - one bound prctl call
+                # Switch user before exec rather than letting mosquitto drop privileges
+                # itself: a change of user clears the death signal, and here the switch
+                # happens before preexec_fn asks for it.
+                user=None if user is None else user.pw_uid,
+                group=None if user is None else user.pw_gid,
+                extra_groups=None if user is None else [],
             )
         except OSError as exc:
             await self.stop()  # closes the log file
@@ -534,7 +638,7 @@ class Broker:
                 return
             if loop.time() > deadline:
                 raise BrokerError(
-                    f"mosquitto did not listen on {self.host}:{self.port} within "
+                    f"mosquitto did not listen on {_BACKEND_HOST}:{self.backend_port} within "
                     f"{self.start_timeout:g}s:\n" + text.strip()
                 )
             await asyncio.sleep(0.02)
@@ -546,7 +650,7 @@ class Broker:
 
     async def _probe(self) -> bool:
         try:
-            _reader, writer = await asyncio.open_connection(self.host, self.port)
+            _reader, writer = await asyncio.open_connection(_BACKEND_HOST, self.backend_port)
         except OSError:
             return False
         writer.close()

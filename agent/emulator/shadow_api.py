@@ -21,6 +21,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import uuid
 from typing import TYPE_CHECKING
 
@@ -46,8 +47,8 @@ log = structlog.get_logger(__name__)
 #: ListNamedShadowsForThing page size when the request sets none (the model allows 1..100).
 DEFAULT_PAGE_SIZE = 25
 _MAX_PAGE_SIZE = 100
-_SHADOW_PATH = "/things/{thingName}/shadow"
-_LIST_PATH = "/api/things/shadow/ListNamedShadowsForThing/{thingName}"
+_SHADOW_PATH = re.compile(r"/things/([^/]+)/shadow")
+_LIST_PATH = re.compile(r"/api/things/shadow/ListNamedShadowsForThing/([^/]+)")
 _PAGE_PREFIX = "shadows:"
 
 
@@ -98,32 +99,28 @@ class ShadowApi:
             else SignatureVerifier(credentials, signing_name=DATA_SIGNING_NAME)
         )
 
-    def routes(self) -> list[web.RouteDef]:
+    async def handle(self, request: web.BaseRequest) -> web.Response | None:
         """
-        Return the route table (register it before any catch-all route).
+        Answer an iot-data request; ``None`` when the path is not one of this API's.
         """
-        return [
-            web.route("*", _SHADOW_PATH, self._shadow),
-            web.route("*", _LIST_PATH, self._list),
-        ]
+        if match := _SHADOW_PATH.fullmatch(request.path):
+            return await self._respond(request, match.group(1), self._shadow_operation)
+        if match := _LIST_PATH.fullmatch(request.path):
+            return await self._respond(request, match.group(1), self._list_operation)
+        return None
 
     # -- HTTP ----------------------------------------------------------------------------------
 
-    async def _shadow(self, request: web.Request) -> web.Response:
-        return await self._respond(request, self._shadow_operation)
-
-    async def _list(self, request: web.Request) -> web.Response:
-        return await self._respond(request, self._list_operation)
-
     async def _respond(
         self,
-        request: web.Request,
-        operation: Callable[[web.Request, bytes], Awaitable[JsonObject]],
+        request: web.BaseRequest,
+        thing: str,
+        operation: Callable[[web.BaseRequest, str, bytes], Awaitable[JsonObject]],
     ) -> web.Response:
         request_id = str(uuid.uuid4())
         try:
             body = await self._authenticated_body(request)
-            document = await operation(request, body)
+            document = await operation(request, thing, body)
         except StoreError as exc:
             log.debug("iot_data_error", code=exc.code, status=exc.status)
             return self._error(request_id, exc.status, exc.code, exc.message)
@@ -137,7 +134,7 @@ class ShadowApi:
             headers={"Content-Type": "application/json", "x-amzn-RequestId": request_id},
         )
 
-    async def _authenticated_body(self, request: web.Request) -> bytes:
+    async def _authenticated_body(self, request: web.BaseRequest) -> bytes:
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge as exc:
@@ -171,8 +168,9 @@ class ShadowApi:
 
     # -- operations ----------------------------------------------------------------------------
 
-    async def _shadow_operation(self, request: web.Request, body: bytes) -> JsonObject:
-        thing = request.match_info["thingName"]
+    async def _shadow_operation(
+        self, request: web.BaseRequest, thing: str, body: bytes
+    ) -> JsonObject:
         name = request.query.get("name")
         if name is not None and not SHADOW_NAME_PATTERN.fullmatch(name):
             raise ShadowRejected(400, "Invalid shadow name")
@@ -188,14 +186,15 @@ class ShadowApi:
             "The specified combination of HTTP verb and URI is not supported",
         )
 
-    async def _list_operation(self, request: web.Request, _body: bytes) -> JsonObject:
+    async def _list_operation(
+        self, request: web.BaseRequest, thing: str, _body: bytes
+    ) -> JsonObject:
         if request.method != "GET":
             raise _ApiError(
                 "MethodNotAllowedException",
                 405,
                 "The specified combination of HTTP verb and URI is not supported",
             )
-        thing = request.match_info["thingName"]
         if not THING_NAME.fullmatch(thing):
             raise ShadowRejected(400, "Invalid thing name")
         page_size = self._page_size(request.query.get("pageSize"))

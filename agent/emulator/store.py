@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 
 
 __all__ = [
+    "MAX_TAGS",
     "MODES",
     "REJECT_CAT_INVALID",
     "REJECT_CAT_USED",
@@ -60,6 +61,8 @@ log = structlog.get_logger(__name__)
 
 MODES: tuple[str, str] = ("source", "destination")
 DEFAULT_LIFETIME_MINUTES = 720
+#: Tags per tunnel, counting the ones it already has: OpenTunnel and TagResource alike.
+MAX_TAGS = 200
 
 # Handshake rejection reasons. The first two are quoted from docs/protocol.md §3.6; the rest are
 # chosen texts in the same "<what>: <why>" style. A revoked token reads the same as an unknown one,
@@ -149,6 +152,11 @@ class HandshakeRejected(StoreError):
         self.status = status
 
 
+def _ms(seconds: float) -> float:
+    # AWS answers with epoch seconds to the millisecond; a float clock has microseconds and more.
+    return round(seconds, 3)
+
+
 def _mint_token() -> str:
     # URL-safe base64, no control characters, well under 1 KB (docs/protocol.md §16.3).
     return secrets.token_urlsafe(48)
@@ -164,7 +172,7 @@ class Endpoint:
         client_token: The client token bound on first use (docs/protocol.md §3.4), if any.
         used: Whether a handshake has consumed the token.
         connected: Whether a WebSocket of this mode is live (ConnectionState.status).
-        last_updated_at: Epoch seconds of the last change of ``connected``.
+        last_updated_at: Epoch seconds, to the millisecond, of the last change of ``connected``.
     """
 
     token: str
@@ -376,7 +384,7 @@ class TunnelStore:
         self._check_services(services)
         if self.open_count() >= self.max_open_tunnels:
             raise LimitExceeded("Tunnel limit exceeded")
-        now = self.clock()
+        now = self._now()
         lifetime = (
             DEFAULT_LIFETIME_MINUTES if max_lifetime_minutes is None else max_lifetime_minutes
         )
@@ -465,13 +473,13 @@ class TunnelStore:
         tunnel = self.get(tunnel_id)
         bad = [m for m in modes if m not in MODES]
         if bad or not modes:
-            raise ValidationFailed(f"Invalid client mode {bad}")
+            raise ValidationFailed(f"Invalid client mode '{', '.join(bad)}'")
         if services is not None and "destination" not in modes:
             raise ValidationFailed("You can not use DestinationConfig with source clientMode")
         if tunnel.status != "OPEN":
             raise ValidationFailed(f"Tunnel {tunnel_id} is closed")
         self._check_services(services)
-        now = self.clock()
+        now = self._now()
         rotated = tuple(m for m in MODES if m in modes)
         for mode in rotated:
             old = tunnel.endpoint(mode)
@@ -499,8 +507,19 @@ class TunnelStore:
 
         Raises:
             ResourceNotFound: No such tunnel.
+            ValidationFailed: The tunnel would hold more than :data:`MAX_TAGS` tags; none
+                of ``tags`` is applied then.
         """
-        self.get_by_arn(arn).tags.update(tags)
+        current = self.get_by_arn(arn).tags
+        total = len(current.keys() | tags.keys())
+        if total > MAX_TAGS:
+            # ValidationException, not LimitExceededException: botocore's standard retry mode
+            # treats the latter as throttling and would send the same request three times.
+            raise ValidationFailed(
+                f"Tag limit exceeded: resource {arn} would have {total} tags, "
+                f"the limit is {MAX_TAGS}"
+            )
+        current.update(tags)
         self._save()
 
     def untag(self, arn: str, keys: Iterable[str]) -> None:
@@ -539,7 +558,7 @@ class TunnelStore:
             raise HandshakeRejected(400, REJECT_CAT_INVALID)
         # Only OPEN tunnels have indexed tokens: closing drops them (invariants above).
         tunnel = self._tunnels[entry[0]]
-        if self.clock() >= tunnel.expires_at:
+        if self._now() >= tunnel.expires_at:
             raise HandshakeRejected(400, REJECT_EXPIRED)
         if entry[1] != mode:
             raise HandshakeRejected(400, REJECT_MODE_MISMATCH)
@@ -577,7 +596,7 @@ class TunnelStore:
         if ep.connected == connected or (connected and tunnel.status != "OPEN"):
             return
         ep.connected = connected
-        ep.last_updated_at = self.clock()
+        ep.last_updated_at = self._now()
         self._changed(StoreEvent("connection", tunnel, (mode,)))
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -591,7 +610,7 @@ class TunnelStore:
         Returns:
             The tunnels this call closed (each also emitted a "closed" event).
         """
-        now = self.clock()
+        now = self._now()
         expired = [t for t in self._tunnels.values() if t.status == "OPEN" and now >= t.expires_at]
         stale = [
             t
@@ -611,6 +630,10 @@ class TunnelStore:
 
     # -- internals -----------------------------------------------------------------------------
 
+    def _now(self) -> float:
+        # Every stored timestamp comes from here, so API answers and the state file agree.
+        return _ms(self.clock())
+
     def _check_services(self, services: Sequence[str] | None) -> None:
         if services is not None and len(services) > self.max_services:
             raise LimitExceeded(
@@ -627,7 +650,7 @@ class TunnelStore:
         )
 
     def _close(self, tunnel: Tunnel) -> None:
-        now = self.clock()
+        now = self._now()
         tunnel.status = "CLOSED"
         tunnel.last_updated_at = now
         tunnel.closed_at = now
@@ -674,7 +697,7 @@ class TunnelStore:
             raise ConfigError(f"cannot load emulator state {path}: {exc}") from exc
         if version != _STATE_VERSION:
             raise ConfigError(f"cannot load emulator state {path}: version {version!r}")
-        now = self.clock()
+        now = self._now()
         for tunnel in tunnels:
             for mode in MODES:
                 ep = tunnel.endpoint(mode)
@@ -746,10 +769,15 @@ def _tunnel_from_json(d: dict[str, Any]) -> Tunnel:
         has_destination_config=bool(d["has_destination_config"]),
         max_lifetime_minutes=int(d["max_lifetime_minutes"]),
         tags={str(k): str(v) for k, v in d["tags"].items()},
-        created_at=float(d["created_at"]),
-        last_updated_at=float(d["last_updated_at"]),
-        expires_at=float(d["expires_at"]),
-        closed_at=None if d["closed_at"] is None else float(d["closed_at"]),
-        source=Endpoint(**d["source"]),
-        destination=Endpoint(**d["destination"]),
+        created_at=_ms(float(d["created_at"])),
+        last_updated_at=_ms(float(d["last_updated_at"])),
+        expires_at=_ms(float(d["expires_at"])),
+        closed_at=None if d["closed_at"] is None else _ms(float(d["closed_at"])),
+        source=_endpoint_from_json(d["source"]),
+        destination=_endpoint_from_json(d["destination"]),
     )
+
+
+def _endpoint_from_json(d: dict[str, Any]) -> Endpoint:
+    # Files written before timestamps were cut to milliseconds carry more digits.
+    return Endpoint(**{**d, "last_updated_at": _ms(float(d["last_updated_at"]))})

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import regex
 
-from agent.emulator.store import StoreError, ValidationFailed
+from agent.emulator.store import MAX_TAGS, StoreError, ValidationFailed
 from agent.protocol.ids import THING_NAME
 
 
@@ -46,6 +46,10 @@ TAG_TEXT = regex.compile(r"[\p{L}\p{Z}\p{N}_.:/=+\-@]*")
 CLIENT_MODES = ("SOURCE", "DESTINATION", "ALL")
 
 _TYPE_NAMES = {str: "string", int: "integer", bool: "boolean", list: "list", dict: "structure"}
+# A message quotes the offending value, cut to this many characters or list items: an
+# oversize member (up to the 1 MiB body) is not echoed back whole.
+_SHOWN_CHARS = 64
+_SHOWN_ITEMS = 5
 # A paging token is base64url of this prefix plus the last returned tunnel id, so a token from
 # elsewhere (or a garbled one) is recognised and refused (a choice, docs/protocol.md §15.4).
 _PAGE_PREFIX = "lt1:"
@@ -60,18 +64,44 @@ class SerializationFailed(StoreError):
     status = 400
 
 
+def _shown(value: object) -> str:
+    # AWS prints values the Java way: strings bare, lists as [a, b], structures as {k=v}.
+    if isinstance(value, str):
+        return value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS] + "..."
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        items = [_shown(item) for item in value[:_SHOWN_ITEMS]]
+        if len(value) > _SHOWN_ITEMS:
+            items.append(f"... ({len(value)} items)")
+        return "[" + ", ".join(items) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}={_shown(v)}" for k, v in value.items()) + "}"
+    return "null" if value is None else str(value)
+
+
 def _violation(value: object, where: str, constraint: str) -> ValidationFailed:
-    shown = value if isinstance(value, str | int) else "..."
+    shown = "null" if value is None else f"'{_shown(value)}'"
     return ValidationFailed(
-        f"1 validation error detected: Value '{shown}' at '{where}' failed to satisfy "
+        f"1 validation error detected: Value {shown} at '{where}' failed to satisfy "
         f"constraint: {constraint}"
     )
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, float):
+        return "number"
+    return _TYPE_NAMES.get(type(value), type(value).__name__)
 
 
 def _expect(value: object, kind: type, where: str) -> None:
     # bool is an int subclass in Python but a different JSON type.
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise SerializationFailed(f"Expected {_TYPE_NAMES[kind]} for '{where}'")
+        raise SerializationFailed(
+            f"Expected {_TYPE_NAMES[kind]} for '{where}', got {_json_type(value)}"
+        )
 
 
 class Shape:
@@ -91,7 +121,7 @@ class Shape:
         value = self._body.get(name, self._absent)
         if value is self._absent or value is None:
             if required:
-                raise _violation("null", name, "Member must not be null")
+                raise _violation(None, name, "Member must not be null")
             return self._absent
         return value
 
@@ -179,11 +209,11 @@ class Shape:
         _expect(value, list, name)
         if len(value) < min_items:
             raise _violation(
-                "[]", name, f"Member must have length greater than or equal to {min_items}"
+                value, name, f"Member must have length greater than or equal to {min_items}"
             )
         if max_items is not None and len(value) > max_items:
             raise _violation(
-                "...", name, f"Member must have length less than or equal to {max_items}"
+                value, name, f"Member must have length less than or equal to {max_items}"
             )
         return list(value)
 
@@ -208,43 +238,43 @@ class Shape:
             "thingName", pattern=THING_NAME, max_len=128, where=f"{name}.thingName"
         )
         raw = shape.items("services", required=True, min_items=1, max_items=None)
-        services = [
-            check_string(s, f"{name}.services.member", pattern=THING_NAME, max_len=128)
-            for s in raw or ()
-        ]
-        if len(set(services)) != len(services):
-            # Duplicates make the relay's service ids ambiguous (docs/protocol.md §6.2;
-            # a choice, docs/protocol.md §14).
-            raise _violation("...", f"{name}.services", "Member must not contain duplicates")
+        services: list[str] = []
+        # Members are numbered from 1 in the location, as in AWS's messages.
+        for number, item in enumerate(raw or (), 1):
+            where = f"{name}.services.{number}.member"
+            service = check_string(item, where, pattern=THING_NAME, max_len=128)
+            if service in services:
+                # Duplicates would make the relay's service ids ambiguous.
+                raise _violation(service, where, "Member must be unique in the list")
+            services.append(service)
         return thing, services
 
     def tags(self, name: str = "tags", *, required: bool = False) -> dict[str, str] | None:
         """
-        Return a TagList (1..200) as a dict, or None when absent; ``aws:`` keys are refused.
+        Return a TagList (1..MAX_TAGS) as a dict, or None when absent; ``aws:`` keys are refused.
 
         Raises:
             ValidationFailed: A constraint is violated.
             SerializationFailed: A member has the wrong type.
         """
-        raw = self.items(name, required=required, min_items=1, max_items=200)
+        raw = self.items(name, required=required, min_items=1, max_items=MAX_TAGS)
         if raw is None:
             return None
         tags: dict[str, str] = {}
-        for item in raw:
-            _expect(item, dict, f"{name}.member")
+        for number, item in enumerate(raw, 1):
+            where = f"{name}.{number}.member"
+            _expect(item, dict, where)
             tag = Shape(item)
             key = check_tag_key(
-                tag.string("key", required=True, where=f"{name}.member.key"), f"{name}.member.key"
+                tag.string("key", required=True, where=f"{where}.key"), f"{where}.key"
             )
-            value = tag.string("value", required=True, min_len=0, where=f"{name}.member.value")
-            value = check_string(
-                value, f"{name}.member.value", pattern=TAG_TEXT, min_len=0, max_len=256
-            )
+            value = tag.string("value", required=True, min_len=0, where=f"{where}.value")
+            value = check_string(value, f"{where}.value", pattern=TAG_TEXT, min_len=0, max_len=256)
             if key.lower().startswith("aws:"):
                 # Reserved for AWS, the general tagging rule (a choice, docs/protocol.md §15.6).
-                raise ValidationFailed("Tag keys starting with 'aws:' are reserved for AWS use")
+                raise _violation(key, f"{where}.key", "Tag keys starting with 'aws:' are reserved")
             if key in tags:
-                raise _violation(key, f"{name}.member.key", "Member must be unique in the list")
+                raise _violation(key, f"{where}.key", "Member must be unique in the list")
             tags[key] = value
         return tags
 
@@ -284,12 +314,10 @@ def check_string(
     if len(text) < min_len:
         raise _violation(text, where, f"Member must have length greater than or equal to {min_len}")
     if max_len is not None and len(text) > max_len:
-        raise _violation(
-            text[:64], where, f"Member must have length less than or equal to {max_len}"
-        )
+        raise _violation(text, where, f"Member must have length less than or equal to {max_len}")
     if pattern is not None and not pattern.fullmatch(text):
         raise _violation(
-            text[:64], where, f"Member must satisfy regular expression pattern: {pattern.pattern}"
+            text, where, f"Member must satisfy regular expression pattern: {pattern.pattern}"
         )
     return text
 
@@ -327,5 +355,5 @@ def decode_next_token(token: str) -> str:
     except (binascii.Error, UnicodeDecodeError, ValueError):
         text = ""
     if not text.startswith(_PAGE_PREFIX) or not TUNNEL_ID.fullmatch(text[len(_PAGE_PREFIX) :]):
-        raise ValidationFailed("Invalid nextToken")
+        raise ValidationFailed(f"Invalid nextToken '{_shown(token)}': not issued by ListTunnels")
     return text[len(_PAGE_PREFIX) :]

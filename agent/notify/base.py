@@ -3,8 +3,15 @@ The interface every tunnel-notification source implements (docs/architecture.md 
 
 A source connects and subscribes in ``__aenter__``, disconnects in ``__aexit__``
 and yields :class:`RawNotification` objects from ``async for``. It never parses
-the payload: validation lives only in the pure :mod:`agent.daemon.notification`
-(docs/architecture.md §5.1), so the MQTT and Greengrass sources stay thin and cannot disagree.
+the payload: validation lives only in the pure :mod:`agent.daemon.notification`,
+so the MQTT and Greengrass sources stay thin and cannot disagree.
+
+Each notification carries its :class:`Acknowledgement`. The daemon calls it once
+the notification is handled (whatever the outcome), so a source that can tell
+its broker (MQTT: the PUBACK) does so only then; a notification never
+acknowledged is redelivered by the broker. Nothing between the source and the
+daemon drops a notification: the queue is unbounded, and the source bounds what
+is in flight (MQTT: Receive Maximum).
 
 SDK callbacks arrive on CRT threads; implementations hand them to the event
 loop with ``loop.call_soon_threadsafe`` into the one :class:`NotificationQueue`.
@@ -13,19 +20,62 @@ loop with ``loop.call_soon_threadsafe`` into the one :class:`NotificationQueue`.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import collections
+import threading
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, Self, runtime_checkable
 
 import structlog
 
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
 
-__all__ = ["NotificationQueue", "NotificationSource", "RawNotification"]
+__all__ = ["Acknowledgement", "NotificationQueue", "NotificationSource", "RawNotification"]
 
 _log = structlog.get_logger(__name__)
+
+
+class Acknowledgement:
+    """
+    Tells a notification's source that it was handled; only the first call counts.
+
+    Idempotent and thread-safe. Without a callback (a source with nothing to
+    acknowledge) it only records that it was called.
+
+    Args:
+        callback: Runs once, in the caller's thread, on the first call.
+    """
+
+    __slots__ = ("_callback", "_done", "_lock")
+
+    def __init__(self, callback: Callable[[], object] | None = None) -> None:
+        """
+        Create an acknowledgement not yet given.
+        """
+        self._callback = callback
+        self._done = False
+        self._lock = threading.Lock()
+
+    @property
+    def done(self) -> bool:
+        """
+        Whether the acknowledgement was given.
+        """
+        return self._done
+
+    def __call__(self) -> None:
+        """
+        Acknowledge: run the callback the first time, do nothing afterwards.
+        """
+        with self._lock:
+            if self._done:
+                return
+            self._done = True
+            callback, self._callback = self._callback, None
+        if callback is not None:
+            callback()
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,10 +86,12 @@ class RawNotification:
     Attributes:
         topic: The topic the message arrived on.
         payload: The raw bytes; parsed and validated only by :mod:`agent.daemon.notification`.
+        ack: Call once the notification is handled (:class:`Acknowledgement`).
     """
 
     topic: str
     payload: bytes
+    ack: Acknowledgement = field(default_factory=Acknowledgement, compare=False)
 
     def __repr__(self) -> str:
         """
@@ -76,51 +128,65 @@ class NotificationSource(Protocol):
         ...
 
 
-class _Closed:
-    """
-    Queue sentinel: the source was closed; iteration ends.
-    """
-
-
-_CLOSED = _Closed()
-
-
 class NotificationQueue:
     """
     Notifications on their way from a source's callbacks (in the loop) to the daemon.
 
-    Bounded: when full, the oldest notification is dropped and counted (a newer one
-    carries a fresher token). :meth:`close` ends every iteration.
+    Unbounded, and never drops: the source bounds it (MQTT: the broker sends at
+    most Receive Maximum unacknowledged notifications). :meth:`close` ends every
+    iteration once the notifications before it are read.
 
     Args:
-        size: Notifications held at most.
         source: The source's name in log events.
+        warn_above: Log ``notification_backlog`` (warning) each time the backlog
+            grows past this many; ``None`` for never.
 
     Raises:
-        ValueError: ``size`` is below 1.
+        ValueError: ``warn_above`` is below 1.
     """
 
-    def __init__(self, size: int, *, source: str) -> None:
+    def __init__(self, *, source: str, warn_above: int | None = None) -> None:
         """
         Create an empty, open queue.
         """
-        if size < 1:
-            raise ValueError("queue_size must be >= 1")
-        self._queue: asyncio.Queue[RawNotification | _Closed] = asyncio.Queue(size)
+        if warn_above is not None and warn_above < 1:
+            raise ValueError("warn_above must be >= 1")
+        self._items: collections.deque[RawNotification] = collections.deque()
+        self._waiters: set[asyncio.Future[None]] = set()
+        self._closed = False
         self._source = source
-        self.dropped = 0
+        self._warn_above = warn_above
+        self._warned = False
+        #: The most notifications ever waiting at once.
+        self.high_water = 0
+
+    def __len__(self) -> int:
+        """
+        Notifications waiting to be read.
+        """
+        return len(self._items)
 
     def put(self, notification: RawNotification) -> None:
         """
-        Add a notification, dropping the oldest one when full.
+        Add a notification (never drops one).
         """
-        self._put(notification)
+        self._items.append(notification)
+        size = len(self._items)
+        self.high_water = max(self.high_water, size)
+        if self._warn_above is not None:
+            if size > self._warn_above and not self._warned:
+                self._warned = True
+                _log.warning("notification_backlog", source=self._source, waiting=size)
+            elif size <= self._warn_above // 2:
+                self._warned = False
+        self._wake()
 
     def close(self) -> None:
         """
         End every iteration, now and later, once the notifications before it are read.
         """
-        self._put(_CLOSED)
+        self._closed = True
+        self._wake()
 
     def __aiter__(self) -> AsyncIterator[RawNotification]:
         """
@@ -130,16 +196,18 @@ class NotificationQueue:
 
     async def _iterate(self) -> AsyncIterator[RawNotification]:
         while True:
-            item = await self._queue.get()
-            if isinstance(item, _Closed):
-                self._put(_CLOSED)  # for any other iterator still waiting
+            while self._items:
+                yield self._items.popleft()
+            if self._closed:
                 return
-            yield item
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.add(waiter)
+            try:
+                await waiter
+            finally:
+                self._waiters.discard(waiter)
 
-    def _put(self, item: RawNotification | _Closed) -> None:
-        if self._queue.full():
-            dropped = self._queue.get_nowait()
-            if isinstance(dropped, RawNotification):
-                self.dropped += 1
-                _log.warning("notification_dropped", source=self._source, reason="queue_full")
-        self._queue.put_nowait(item)
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)

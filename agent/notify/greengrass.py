@@ -12,6 +12,13 @@ malformed one, is handed over raw as a :class:`RawNotification` and validated
 downstream by :mod:`agent.daemon.notification`. SDK callbacks run on the SDK's threads;
 they only ever call ``loop.call_soon_threadsafe``. A stream that closes while the
 source is open is re-established with backoff, on a fresh IPC connection.
+
+Delivery: IPC has no acknowledgement. The nucleus holds the QoS 1 subscription in
+its own persistent session and acknowledges each message to AWS IoT Core when *it*
+receives it, before relaying it here; so a notification relayed while this source
+is not subscribed, or received and not yet handled when the agent dies, is gone.
+Once received, nothing drops it: the queue is unbounded (a backlog is logged), and
+each notification's acknowledgement is a no-op.
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ _log = structlog.get_logger(__name__)
 
 # The nucleus sets this for every component it runs (Greengrass "component environment").
 _THING_NAME_ENV = "AWS_IOT_THING_NAME"
+# A backlog this long means notifications arrive faster than proxies start: say so.
+_BACKLOG_WARNING = 100
 # The AWS IoT thing-name pattern (CreateThing API).
 # awsiot.greengrasscoreipc.model.QOS.AT_LEAST_ONCE: a notification published while the
 # stream was briefly down is redelivered rather than lost (docs/protocol.md §17.3).
@@ -106,8 +115,6 @@ class GreengrassNotificationSource:
     Args:
         thing_name: The thing whose notify topic to subscribe to; defaults to
             ``$AWS_IOT_THING_NAME``, which the nucleus sets for its components.
-        queue_size: Notifications buffered between the SDK threads and the loop;
-            when full the oldest is dropped (a newer one carries a fresher token).
         client_factory: Returns a connected IPC client; blocking, called in a
             worker thread. Tests pass a fake here: the nucleus cannot run in CI.
         retry_initial: First delay before re-subscribing after the stream closed.
@@ -118,11 +125,10 @@ class GreengrassNotificationSource:
         ConfigError: No thing name was given and ``$AWS_IOT_THING_NAME`` is unset.
     """
 
-    def __init__(  # noqa: PLR0913 (keyword-only settings)
+    def __init__(
         self,
         *,
         thing_name: str | None = None,
-        queue_size: int = 16,
         client_factory: Callable[[], IpcClient] = default_client_factory,
         retry_initial: float = 1.0,
         retry_max: float = 60.0,
@@ -145,7 +151,7 @@ class GreengrassNotificationSource:
         self._factory = client_factory
         self._retry_initial = retry_initial
         self._retry_max = retry_max
-        self._queue = NotificationQueue(queue_size, source="greengrass")
+        self._queue = NotificationQueue(source="greengrass", warn_above=_BACKLOG_WARNING)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: IpcClient | None = None
         self._operation: Any = None
@@ -189,11 +195,11 @@ class GreengrassNotificationSource:
         return aiter(self._queue)
 
     @property
-    def dropped(self) -> int:
+    def waiting(self) -> int:
         """
-        Notifications dropped because the queue was full.
+        Notifications received and not yet taken by the daemon.
         """
-        return self._queue.dropped
+        return len(self._queue)
 
     # -- connection management (event loop) ---------------------------------------
 

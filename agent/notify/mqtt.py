@@ -8,25 +8,36 @@ notification published while the device was briefly offline is queued by the
 broker and delivered on reconnection. When the CONNACK says no session was
 present (expired, or a broker that lost it), the subscription is made again.
 
-awscrt reconnects by itself, with exponential backoff and jitter between the
-configured minimum and maximum delays. Its callbacks run on CRT threads: they
-only hand data to the event loop (``call_soon_threadsafe``), into a bounded queue
-that drops the oldest notification when full (a newer one carries a fresher
-token). Payloads are handed over raw; parsing lives in :mod:`agent.daemon.notification`
-(docs/architecture.md §5.1). Nothing here logs a payload: it carries the access token.
+A notification is acknowledged (PUBACK) only when the daemon says it was
+handled: the source takes manual control of each QoS 1 PUBACK inside awscrt's
+publish callback and sends it from :class:`~agent.notify.base.Acknowledgement`.
+Until then the broker keeps the message; one still unacknowledged when the
+connection drops or the agent dies is sent again when the session resumes (the
+daemon's duplicate check then ignores a copy already handled). The CONNECT's
+Receive Maximum caps the unacknowledged notifications the broker may have out,
+which bounds the queue without ever dropping one.
+
+awscrt reconnects by itself, with exponential backoff and decorrelated jitter
+between the configured minimum and maximum delays; the delay goes back to the
+minimum once a connection has lasted ``reconnect_reset_after`` seconds. Its
+callbacks run on CRT threads: they only hand data to the event loop
+(``call_soon_threadsafe``). Payloads are handed over raw; parsing lives in
+:mod:`agent.daemon.notification`. Nothing here logs a payload: it
+carries the access token.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from typing import TYPE_CHECKING, Self
 
 import structlog
 from awscrt import mqtt5
 
 from agent.exceptions import ConfigError, NotificationError
-from agent.notify.base import NotificationQueue, RawNotification
+from agent.notify.base import Acknowledgement, NotificationQueue, RawNotification
 from agent.notify.mqtt_client import build_client, call_in_loop, proxy_options
 from agent.protocol.ids import THING_NAME
 
@@ -38,12 +49,14 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
-__all__ = ["MIN_SESSION_EXPIRY", "MqttNotificationSource"]
+__all__ = ["MAX_RECEIVE_MAXIMUM", "MIN_SESSION_EXPIRY", "MqttNotificationSource"]
 
 _log = structlog.get_logger(__name__)
 
 #: Shortest session expiry accepted: an hour of queued notifications (the AWS IoT default).
 MIN_SESSION_EXPIRY = 3600
+#: Largest Receive Maximum asked for (AWS IoT Core's in-flight limit is 100).
+MAX_RECEIVE_MAXIMUM = 100
 _STOP_TIMEOUT = 5.0
 
 
@@ -81,13 +94,17 @@ class MqttNotificationSource:
         keep_alive: PINGREQ interval, seconds (AWS IoT allows 30..1200).
         min_reconnect_delay: First reconnect delay, seconds.
         max_reconnect_delay: Largest reconnect delay, seconds.
+        reconnect_reset_after: Seconds a connection must last for the reconnect
+            delay to start again from ``min_reconnect_delay``.
+        receive_maximum: Unacknowledged notifications the broker may have out at
+            once (MQTT5 Receive Maximum, 1..:data:`MAX_RECEIVE_MAXIMUM`).
         http_proxy: Optional ``http://[user:password@]host:port`` proxy.
-        queue_size: Notifications buffered between CRT threads and the loop.
         connect_timeout: Seconds ``__aenter__`` waits for the first subscription
             before returning anyway (the client keeps trying in the background).
 
     Raises:
-        ConfigError: Invalid thing name, session expiry, queue size or proxy URL.
+        ConfigError: Invalid thing name, session expiry, reconnect delays, Receive
+            Maximum or proxy URL.
     """
 
     def __init__(  # noqa: PLR0913 - keyword-only settings mirroring [mqtt]
@@ -103,9 +120,10 @@ class MqttNotificationSource:
         session_expiry: int = MIN_SESSION_EXPIRY,
         keep_alive: int = 1200,
         min_reconnect_delay: float = 1.0,
-        max_reconnect_delay: float = 120.0,
+        max_reconnect_delay: float = 20.0,
+        reconnect_reset_after: float = 10.0,
+        receive_maximum: int = 10,
         http_proxy: str | None = None,
-        queue_size: int = 16,
         connect_timeout: float = 30.0,
     ) -> None:
         """
@@ -116,8 +134,12 @@ class MqttNotificationSource:
             raise ConfigError(f"thing name {thing_name!r} does not match [a-zA-Z0-9:_-]{{1,128}}")
         if session_expiry < MIN_SESSION_EXPIRY:
             raise ConfigError(f"session_expiry must be >= {MIN_SESSION_EXPIRY} seconds")
-        if queue_size < 1:
-            raise ConfigError("queue_size must be >= 1")
+        if not 1 <= receive_maximum <= MAX_RECEIVE_MAXIMUM:
+            raise ConfigError(f"receive_maximum must be between 1 and {MAX_RECEIVE_MAXIMUM}")
+        if not 0 < min_reconnect_delay <= max_reconnect_delay:
+            raise ConfigError("reconnect delays must satisfy 0 < min_reconnect_delay <= max")
+        if reconnect_reset_after <= 0:
+            raise ConfigError("reconnect_reset_after must be > 0")
         self.thing_name = thing_name
         self.topic = f"$aws/things/{thing_name}/tunnels/notify"
         self.client_id = client_id or thing_name
@@ -128,11 +150,13 @@ class MqttNotificationSource:
         self._cert, self._key, self._ca = cert, key, ca
         self._keep_alive = keep_alive
         self._reconnect_delays = (min_reconnect_delay, max_reconnect_delay)
+        self._reconnect_reset_after = reconnect_reset_after
+        self.receive_maximum = receive_maximum
         self._http_proxy = http_proxy
         # Fail on a bad proxy URL now, at configuration time, not inside __aenter__.
         if http_proxy is not None:
             proxy_options(http_proxy)
-        self._queue = NotificationQueue(queue_size, source="mqtt")
+        self._queue = NotificationQueue(source="mqtt")
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt5.Client | None = None
         self._ready: asyncio.Future[None] | None = None
@@ -143,6 +167,9 @@ class MqttNotificationSource:
         self.subscribed = False
         self.connections = 0
         self.subscriptions = 0
+        #: Notifications of the current connection not acknowledged yet.
+        self.unacknowledged = 0
+        self._over_maximum = False
 
     # -- NotificationSource ---------------------------------------------------------------------
 
@@ -176,6 +203,8 @@ class MqttNotificationSource:
             keep_alive=self._keep_alive,
             min_reconnect_delay=self._reconnect_delays[0],
             max_reconnect_delay=self._reconnect_delays[1],
+            reconnect_reset_after=self._reconnect_reset_after,
+            receive_maximum=self.receive_maximum,
             http_proxy=self._http_proxy,
             on_publish=self._on_publish,
             on_success=lambda d: call_in_loop(loop, self._connected, d),
@@ -214,11 +243,11 @@ class MqttNotificationSource:
         return aiter(self._queue)
 
     @property
-    def dropped(self) -> int:
+    def waiting(self) -> int:
         """
-        Notifications dropped because the queue was full.
+        Notifications received and not yet taken by the daemon.
         """
-        return self._queue.dropped
+        return len(self._queue)
 
     async def wait_subscribed(self) -> None:
         """
@@ -246,9 +275,42 @@ class MqttNotificationSource:
         if self._ready is not None and not self._ready.done():
             self._ready.cancel()
 
-    def _deliver(self, notification: RawNotification) -> None:
-        if not self._closing:
-            self._queue.put(notification)
+    def _deliver(
+        self, topic: str, payload: bytes, control: mqtt5.PublishAcknowledgementControlHandle | None
+    ) -> None:
+        # Not acknowledged when closing: the broker sends it again next time.
+        if self._closing:
+            return
+        if control is None:
+            ack = Acknowledgement()  # QoS 0: nothing to acknowledge
+        else:
+            # In order with the lifecycle callbacks (same CRT thread, FIFO hand-off), so
+            # `connections` is the connection this PUBLISH arrived on.
+            ack = Acknowledgement(functools.partial(self._puback, control, self.connections))
+            self.unacknowledged += 1
+            if self.unacknowledged > self.receive_maximum and not self._over_maximum:
+                # The broker ignores our Receive Maximum (Mosquitto 2.0.11 does after the
+                # first PUBACK): nothing is dropped, but say so once per connection.
+                self._over_maximum = True
+                _log.warning(
+                    "mqtt_receive_maximum_exceeded",
+                    unacknowledged=self.unacknowledged,
+                    receive_maximum=self.receive_maximum,
+                )
+        self._queue.put(RawNotification(topic=topic, payload=payload, ack=ack))
+
+    def _puback(self, control: mqtt5.PublishAcknowledgementControlHandle, connection: int) -> None:
+        if connection != self.connections:
+            # A reconnection cancelled this PUBACK; the broker has sent the message again.
+            return
+        self.unacknowledged -= 1
+        client = self._client
+        if client is None:
+            return  # stopped: the session keeps the message for the next start
+        try:
+            client.invoke_publish_acknowledgement(control)
+        except Exception as exc:  # an SDK error must not stop the daemon
+            _log.warning("mqtt_puback_failed", error=_error_name(exc))
 
     def _connected(self, data: mqtt5.LifecycleConnectSuccessData) -> None:
         if self._closing:
@@ -257,6 +319,9 @@ class MqttNotificationSource:
         session_present = bool(connack is not None and connack.session_present)
         self.connected = True
         self.connections += 1
+        # PUBACKs owed on the previous connection were cancelled by awscrt.
+        self.unacknowledged = 0
+        self._over_maximum = False
         _log.info(
             "mqtt_connected",
             client_id=self.client_id,
@@ -343,7 +408,8 @@ class MqttNotificationSource:
         packet = data.publish_packet
         if loop is None or packet is None:
             return
-        notification = RawNotification(
-            topic=packet.topic or self.topic, payload=bytes(packet.payload or b"")
-        )
-        call_in_loop(loop, self._deliver, notification)
+        # Only possible inside this callback: afterwards awscrt would have sent the PUBACK.
+        acquire = data.acquire_publish_acknowledgement_control
+        control = acquire() if acquire is not None else None
+        topic = packet.topic or self.topic
+        call_in_loop(loop, self._deliver, topic, bytes(packet.payload or b""), control)

@@ -90,7 +90,9 @@ def build_client(  # noqa: PLR0913 - one knob per MQTT5 client option we set
     session_expiry: int = 0,
     keep_alive: int = 1200,
     min_reconnect_delay: float = 1.0,
-    max_reconnect_delay: float = 120.0,
+    max_reconnect_delay: float = 20.0,
+    reconnect_reset_after: float = 10.0,
+    receive_maximum: int | None = None,
     http_proxy: str | None = None,
     on_publish: Callable[[mqtt5.PublishReceivedData], None] | None = None,
     on_success: Callable[[mqtt5.LifecycleConnectSuccessData], None] | None = None,
@@ -114,6 +116,10 @@ def build_client(  # noqa: PLR0913 - one knob per MQTT5 client option we set
         keep_alive: PINGREQ interval in seconds.
         min_reconnect_delay: First reconnect delay, seconds.
         max_reconnect_delay: Cap of the exponential reconnect delay, seconds.
+        reconnect_reset_after: Seconds a connection must last before the reconnect
+            delay starts again from the minimum.
+        receive_maximum: Unacknowledged QoS 1 messages the broker may have out at
+            once (CONNECT Receive Maximum); ``None`` leaves it unlimited.
         http_proxy: Optional ``http://host:port`` proxy for the TCP connection.
         on_publish: Called on a CRT thread for each received PUBLISH.
         on_success: Called on a CRT thread on each CONNACK success.
@@ -142,11 +148,14 @@ def build_client(  # noqa: PLR0913 - one knob per MQTT5 client option we set
         session_behavior=behavior,
         session_expiry_interval_sec=session_expiry or None,
         keep_alive_interval_sec=keep_alive,
+        receive_maximum=receive_maximum,
         # Decorrelated jitter spreads a fleet's reconnects after a broker outage
-        # without the near-zero delays full jitter allows.
+        # without the near-zero delays full jitter allows (AWS IoT Core accepts one
+        # CONNECT per second per client id).
         retry_jitter_mode=mqtt5.ExponentialBackoffJitterMode.DECORRELATED,
         min_reconnect_delay_ms=max(1, int(min_reconnect_delay * 1000)),
         max_reconnect_delay_ms=max(1, int(max_reconnect_delay * 1000)),
+        min_connected_time_to_reset_reconnect_delay_ms=max(1, int(reconnect_reset_after * 1000)),
         # QoS 1 publishes issued while offline wait for the next connection.
         offline_queue_behavior=mqtt5.ClientOperationQueueBehaviorType.FAIL_NON_QOS1_PUBLISH_ON_DISCONNECT,
         http_proxy_options=None if http_proxy is None else proxy_options(http_proxy),

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
             "local services. Set the access token in AWSIOT_TUNNEL_ACCESS_TOKEN."
         ),
         epilog=(
-            "Environment: AWSIOT_TUNNEL_ACCESS_TOKEN (token), AWSIOT_TUNNEL_CLIENT_TOKEN, "
+            "Environment: AWSIOT_TUNNEL_ACCESS_TOKEN (token), AWSIOT_TUNNEL_CLIENT_TOKEN or "
+            "AWSIOT_CLIENT_TOKEN, "
             "AWSIOT_TUNNEL_ENDPOINT, AWSIOT_TUNNEL_REGION, https_proxy/HTTPS_PROXY, no_proxy. "
             "Exit status 0 when the tunnel ends (closed, or the token is refused)."
         ),
@@ -171,7 +172,10 @@ def _tokens(
     if len(token) > MAX_TOKEN_LENGTH or not token.isprintable():
         raise UsageError("the access token is malformed")
     client_token = (
-        args.client_token or config.get("client-token") or env.get("AWSIOT_TUNNEL_CLIENT_TOKEN")
+        args.client_token
+        or config.get("client-token")
+        or env.get("AWSIOT_TUNNEL_CLIENT_TOKEN")
+        or env.get("AWSIOT_CLIENT_TOKEN")
     )
     if client_token and not CLIENT_TOKEN.fullmatch(client_token):
         raise UsageError("the client token must match [a-zA-Z0-9-]{32,128}")
@@ -321,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tunnel-localproxy: {exc}", file=sys.stderr)  # noqa: T201 - CLI error output
         return EXIT_USAGE
     # Children we might start must not inherit the token.
-    os.environ.pop("AWSIOT_TUNNEL_ACCESS_TOKEN", None)
+    for name in ("AWSIOT_TUNNEL_ACCESS_TOKEN", "AWSIOT_TUNNEL_CLIENT_TOKEN", "AWSIOT_CLIENT_TOKEN"):
+        os.environ.pop(name, None)
     defer_unused_imports()
     return run(_run(options))
 

@@ -60,12 +60,12 @@ async def measure(emulator: Emulator, tunnels: int) -> dict[str, Any]:
         cert=bundle.cert,
         key=bundle.key,
         ca=bundle.ca,
-        queue_size=tunnels + 10,
     )
 
     async def consume() -> None:
         async for notification in source:
             arrivals.put_nowait((time.perf_counter(), notification.payload))
+            notification.ack()
 
     end_to_end: list[float] = []
     calls: list[float] = []

@@ -68,9 +68,17 @@ class TestParseService:
             parse_service(value)
 
 
+def ignore_sigint() -> None:
+    """What a non-interactive shell does for a background job (and nohup-like runners)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class TestConnect:
-    def test_opens_listens_reports_and_closes_on_ctrl_c(self, emulator_thread: EmulatorThread):
-        """Connect opens a tunnel, prints the ssh line, and closes the tunnel on SIGINT."""
+    @pytest.mark.parametrize("sigint", ["default", "inherited_ignored"])
+    def test_opens_listens_reports_and_closes_on_ctrl_c(
+        self, emulator_thread: EmulatorThread, sigint: str
+    ):
+        """Connect opens a tunnel, prints the ssh line, closes it on SIGINT (even if ignored)."""
         emulator = emulator_thread.emulator
         proc = subprocess.Popen(
             [sys.executable, "-m", "agent", "connect", "thing1", "-s", "SSH", "-s", "HTTP=0",
@@ -79,6 +87,7 @@ class TestConnect:
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
+            preexec_fn=ignore_sigint if sigint == "inherited_ignored" else None,  # noqa: PLW1509
         )  # fmt: skip
         assert proc.stdout is not None
         lines: list[str] = []

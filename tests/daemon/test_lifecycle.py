@@ -27,8 +27,10 @@ from agent.daemon.sdnotify import SdNotifier
 from agent.daemon.settings import load_settings
 from agent.daemon.status import StatusFile
 from agent.daemon.tunnels import Limits, SpawnConfig, TunnelManager
+from agent.emulator.broker import notify_topic
 from agent.exceptions import ConfigError
 from agent.notify.mqtt import MqttNotificationSource
+from tests.emulator import fixtures
 from tests.fakes import (
     MS,
     FakeNotificationSource,
@@ -43,6 +45,8 @@ from tests.fakes import (
 
 
 SERVICES = {"SSH": "22", "HTTP": "127.0.0.1:8080"}
+broker = fixtures.broker
+mqtt_pki = fixtures.mqtt_pki
 json_documents = st.recursive(
     st.none() | st.booleans() | st.integers() | st.text(max_size=30),
     lambda inner: (
@@ -75,9 +79,16 @@ def received(sock: socket.socket) -> list[str]:
 class Harness:
     """A Daemon over fakes, running as a task of the test's loop."""
 
-    def __init__(self, tmp_path: Path, notify_path: Path | None = None, watchdog=None, reload=None):
+    def __init__(
+        self,
+        tmp_path: Path,
+        notify_path: Path | None = None,
+        watchdog=None,
+        reload=None,
+        launcher: FakeProxyLauncher | None = None,
+    ):
         self.source = FakeNotificationSource()
-        self.launcher = FakeProxyLauncher()
+        self.launcher = launcher or FakeProxyLauncher()
         self.status = StatusFile(tmp_path / "run", thing_name="dev-1")
         self.manager = TunnelManager(
             launcher=self.launcher,
@@ -188,6 +199,139 @@ class TestNotifications:
             h.launcher.proxies[0].spec.env["AWSIOT_TUNNEL_ACCESS_TOKEN"]
             == "second-token-0123456789"
         )
+
+
+class GatedLauncher(FakeProxyLauncher):
+    """A fake launcher whose launches wait for ``gate``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate = asyncio.Event()
+        self.waiting = 0
+
+    async def launch(self, spec, *, log, on_change=None):
+        self.waiting += 1
+        await self.gate.wait()
+        return await super().launch(spec, log=log)
+
+
+class TestAcknowledgement:
+    async def test_acknowledged_once_the_proxy_started(self, harness):
+        """A valid notification is acknowledged only after its proxy was launched."""
+        h = harness(launcher=GatedLauncher())
+        await h.start()
+
+        h.source.publish(notification(TOKEN))
+        await wait_for(lambda: h.launcher.waiting)
+        await asyncio.sleep(50 * MS)
+        before = list(h.source.acked)
+        h.launcher.gate.set()
+        await wait_for(lambda: h.source.acked)
+
+        assert before == []
+        assert h.source.acked == [notification(TOKEN)]
+        assert len(h.launcher.proxies) == 1
+
+    async def test_every_final_outcome_is_acknowledged(self, harness, capture):
+        """Started, duplicate, unknown service, invalid, over the limit: each acknowledged."""
+        h = harness()
+        h.manager.reconfigure(services=SERVICES, limits=Limits(max_concurrent=1))
+        await h.start()
+        payloads = [
+            notification(TOKEN, ["SSH"]),
+            notification(TOKEN, ["SSH"]),
+            notification(TOKEN, ["RDP"]),
+            b"not json",
+            notification("another-token-0123456789", ["HTTP"]),
+        ]
+
+        for payload in payloads:
+            h.source.publish(payload)
+        await wait_for(lambda: len(h.source.acked) == len(payloads))
+        outcomes = [e["outcome"] for e in capture.named("notification_handled")]
+
+        assert h.source.acked == payloads
+        assert outcomes == ["started", "duplicate", "refused_limit"]
+        assert len(capture.named("notification_rejected")) == 2
+        assert len(h.launcher.proxies) == 1
+
+    async def test_handler_error_is_acknowledged(self, harness, capture, monkeypatch):
+        """A notification whose handling raised is acknowledged: no endless redelivery."""
+        h = harness()
+        await h.start()
+
+        async def broken(_request):
+            raise RuntimeError("bug")
+
+        monkeypatch.setattr(h.manager, "open", broken)
+        h.source.publish(notification(TOKEN))
+        await wait_for(lambda: h.source.acked)
+
+        assert capture.named("notification_handling_failed")
+        assert h.source.acked == [notification(TOKEN)]
+
+    async def test_not_acknowledged_when_stopped_mid_handling(self, harness):
+        """A stop while the proxy is still being launched leaves the notification unacknowledged."""
+        h = harness(launcher=GatedLauncher())
+        await h.start()
+        h.source.publish(notification(TOKEN))
+        await wait_for(lambda: h.launcher.waiting)
+
+        code = await h.stop()
+
+        assert code == 0
+        assert h.source.acked == []
+
+
+class TestRedelivery:
+    async def test_redelivery_of_a_handled_notification_is_a_duplicate(
+        self, broker, mqtt_pki, tmp_path, capture
+    ):
+        """Handled while the connection dropped: the broker's copy is ignored, then acknowledged."""
+        pair = mqtt_pki.thing("thing1")
+
+        def source() -> MqttNotificationSource:
+            return MqttNotificationSource(
+                thing_name="thing1",
+                endpoint="127.0.0.1",
+                port=broker.port,
+                cert=pair.cert,
+                key=pair.key,
+                ca=mqtt_pki.ca_file,
+                min_reconnect_delay=0.05,
+                max_reconnect_delay=0.5,
+            )
+
+        mqtt = source()
+        launcher = GatedLauncher()
+        manager = TunnelManager(
+            launcher=launcher, services=SERVICES, limits=Limits(), options=SpawnConfig(("lp",))
+        )
+        daemon = Daemon(source=mqtt, manager=manager, status=StatusFile(tmp_path, thing_name="t"))
+        task = asyncio.create_task(daemon.run())
+        await wait_for(lambda: mqtt.subscribed)
+        async with fixtures.mqtt_client(mqtt_pki, broker.port, mqtt_pki.admin, "svc") as svc:
+            await svc.publish(notify_topic("thing1"), notification(TOKEN))
+        await wait_for(lambda: launcher.waiting)
+
+        await broker.restart()  # the notification is being handled, not yet acknowledged
+        await wait_for(lambda: mqtt.connections == 2 and mqtt.waiting == 1, timeout=10)
+        launcher.gate.set()
+        await wait_for(lambda: len(capture.named("notification_handled")) == 2)
+        await wait_for(lambda: mqtt.unacknowledged == 0)
+        await asyncio.sleep(0.2)  # the PUBACK on its way to the broker
+        daemon.request_stop()
+        assert await asyncio.wait_for(task, 10) == 0
+        async with source() as later:
+            await asyncio.sleep(0.5)
+            left = later.waiting
+
+        assert [e["outcome"] for e in capture.named("notification_handled")] == [
+            "started",
+            "duplicate",
+        ]
+        assert len(launcher.proxies) == 1
+        assert left == 0
 
 
 class TestLifecycle:

@@ -70,6 +70,10 @@ class TestDefaults:
         assert settings.thing_name == "dev-1"
         assert settings.mqtt.port == 8883
         assert settings.client_id == "dev-1"
+        assert settings.mqtt.min_reconnect_delay == 1.0
+        assert settings.mqtt.max_reconnect_delay == 20.0
+        assert settings.mqtt.reconnect_reset_after == 10.0
+        assert settings.mqtt.receive_maximum == 10
         assert settings.services == {}
         assert settings.limits.max_concurrent_tunnels == 10
         assert settings.limits.max_tunnel_lifetime == timedelta(hours=12)
@@ -334,6 +338,23 @@ class TestErrors:
     def test_proxy_section(self, files, proxy, expected):
         """Proxy settings that would change the tunnel's shape or leak a token are refused."""
         assert expected in error_of(write_config(files, f"[proxy]\n{proxy}\n"))
+
+    @pytest.mark.parametrize(
+        ("mqtt", "expected"),
+        [
+            ("min_reconnect_delay = 5\nmax_reconnect_delay = 2", "max_reconnect_delay must be >="),
+            ("min_reconnect_delay = 0", "mqtt.min_reconnect_delay = 0"),
+            ("reconnect_reset_after = 0", "mqtt.reconnect_reset_after = 0"),
+            ("receive_maximum = 0", "mqtt.receive_maximum = 0"),
+            ("receive_maximum = 101", "mqtt.receive_maximum = 101"),
+        ],
+    )
+    def test_mqtt_flow_settings(self, files, mqtt, expected):
+        """Reconnect delays must be ordered and positive; Receive Maximum is 1..100."""
+        path = files / "config.toml"
+        path.write_text(MINIMAL.format(d=files) + mqtt + "\n")
+
+        assert expected in error_of(path)
 
     @pytest.mark.parametrize("value", ['"0s"', '"8d"', '"soon"', "-1"])
     def test_lifetime_bounds(self, files, value):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -58,6 +59,8 @@ class TestStatusFile:
                 "started_at": 1_000_000.0,
                 "restarts": 2,
                 "superseded": False,
+                "connected": None,
+                "last_error": None,
             }
         ]
         assert (directory / "status.dev-1.json").stat().st_mode & 0o777 == 0o600
@@ -158,6 +161,30 @@ class TestFormat:
         assert text.splitlines() == [
             "agent pid 7 thing dev-1 state running up 1h18m45s",
             "1 active tunnel(s)",
-            "KEY        SERVICES                 STATE           PID     UPTIME RESTARTS",
-            "ab12cd34   SSH,HTTP (rotated)       running        4242   1h02m05s 2",
+            "KEY        SERVICES                 STATE           PID     UPTIME RESTARTS CONNECTED",
+            "ab12cd34   SSH,HTTP (rotated)       running        4242   1h02m05s 2        ...",
         ]
+
+    def test_not_connected_shows_why(self):
+        """An overdue proxy reads NO, with its last error line under it; a connected one yes."""
+        base = {"services": ["SSH"], "state": "running", "pid": 1, "started_at": 0.0}
+        overdue = base | {"key": "aa", "connected": False, "last_error": "cert verify failed"}
+        fine = base | {"key": "bb", "connected": True, "last_error": None}
+        document = {"pid": 7, "started_at": 0.0, "tunnels": [overdue, fine]}
+
+        lines = format_status(document, now=60.0).splitlines()
+
+        assert lines[3].endswith(" 0        NO")
+        assert lines[4] == "           last error: cert verify failed"
+        assert lines[5].startswith("bb ")
+        assert lines[5].endswith(" 0        yes")
+        assert len(lines) == 6
+
+    def test_write_records_connection(self, tmp_path):
+        """The file carries connected and last_error per tunnel."""
+        info = dataclasses.replace(INFO, connected=False, last_error="handshake failed")
+        StatusFile(tmp_path, thing_name="dev-1").write([info])
+
+        [tunnel] = read_status(tmp_path)["tunnels"]
+
+        assert (tunnel["connected"], tunnel["last_error"]) == (False, "handshake failed")

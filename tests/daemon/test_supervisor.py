@@ -131,6 +131,7 @@ class TestEnvironment:
             "HTTPS_PROXY": "http://p:3128",
             "AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN,
             "AWSIOT_TUNNEL_CLIENT_TOKEN": CLIENT,
+            "AWSIOT_CLIENT_TOKEN": CLIENT,  # the name the AWS localproxy reads
         }
 
     def test_extra_env_cannot_override_tokens(self):

@@ -396,3 +396,54 @@ class TestClose:
 
         assert calls[0] == 1
         assert calls[-1] == 0
+
+
+class TestConnectionReport:
+    async def test_connected_and_last_error_across_restarts(self, make, launcher):
+        """The snapshot shows the proxy's connection; an error outlives a restart, not a connect."""
+        manager = make(connect_timeout=7.5)
+        await manager.open(request())
+        await wait_for(lambda: launcher.proxies)
+        first = launcher.proxies[0]
+        (starting,) = manager.tunnels()
+        first.connected, first.last_error = False, "certificate verify failed"
+        (overdue,) = manager.tunnels()
+
+        first.exit(1)
+        await wait_for(lambda: len(launcher.proxies) == 2)
+        second = launcher.proxies[1]
+        (restarted,) = manager.tunnels()
+        second.connected = True
+        (connected,) = manager.tunnels()
+
+        assert first.spec.connect_timeout == 7.5
+        assert (starting.connected, starting.last_error) == (None, None)
+        assert (overdue.connected, overdue.last_error) == (False, "certificate verify failed")
+        assert (restarted.connected, restarted.last_error) == (None, "certificate verify failed")
+        assert (connected.connected, connected.last_error) == (True, None)
+
+    async def test_launch_gets_the_change_callback(self, launcher):
+        """Changes reported by a proxy (connected, overdue) rewrite the status (on_change)."""
+        calls: list[None] = []
+        manager = TunnelManager(
+            launcher=launcher,
+            services=SERVICES,
+            limits=Limits(),
+            options=SpawnConfig(command=("localproxy",)),
+            on_change=lambda: calls.append(None),
+        )
+        seen: list[object] = []
+        original = launcher.launch
+
+        async def launch(spec, *, log, on_change=None):
+            seen.append(on_change)
+            return await original(spec, log=log, on_change=on_change)
+
+        launcher.launch = launch
+        await manager.open(request())
+        await wait_for(lambda: launcher.proxies)
+        before = len(calls)
+        seen[0]()
+        await manager.close(grace=1)
+
+        assert len(calls) > before

@@ -124,7 +124,6 @@ async def broker(mqtt_pki: MqttPki, tmp_path: Path) -> AsyncIterator[Broker]:
         tmp_path / "broker",
         ca_file=mqtt_pki.ca_file,
         server=mqtt_pki.server,
-        admin=mqtt_pki.admin,
         things=["thing1", "thing2"],
         start_timeout=10 * SCALE,
     )

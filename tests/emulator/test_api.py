@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import socket
+import time
 from urllib.parse import urlsplit
 
 import pytest
@@ -22,7 +25,7 @@ from agent.emulator.store import (
 )
 from agent.emulator.validation import encode_next_token
 
-from .conftest import ACCESS_KEY, CREDENTIALS, SECRET_KEY
+from .conftest import ACCESS_KEY, CREDENTIALS, SCALE, SECRET_KEY
 
 
 DEST = {"thingName": "dev1", "services": ["SSH"]}
@@ -198,6 +201,38 @@ class TestDescribeTunnel:
         assert isinstance(tunnel["createdAt"], float)
         assert tunnel["timeoutConfig"] == {"maxLifetimeTimeoutMinutes": 720}
 
+    def test_timestamps_to_the_millisecond(self, api_server, client, api_store, api_clock):
+        """Every timestamp on the wire is epoch seconds with at most 3 decimals, as from AWS."""
+        api_clock.now = 1_764_650_000.1234567
+        tunnel_id = client.open_tunnel()["tunnelId"]
+        api_clock.now = 1_764_650_005.9876543
+        api_store.set_connected(tunnel_id, "source", connected=True)
+        api_clock.now = 1_764_650_007.4567891
+        api_store.set_connected(tunnel_id, "source", connected=False)
+        api_clock.now = 1_764_650_009.0004999
+        client.close_tunnel(tunnelId=tunnel_id)
+        bodies = [
+            raw_call(api_server.url, f"IoTSecuredTunneling.{target}", body)[2]
+            for target, body in [
+                ("DescribeTunnel", json.dumps({"tunnelId": tunnel_id}).encode()),
+                ("ListTunnels", b"{}"),
+            ]
+        ]
+        stamps = [
+            re.findall(rb'"(createdAt|lastUpdatedAt)": ?(-?[0-9.eE+]+)', body) for body in bodies
+        ]
+
+        assert stamps[0] == [
+            (b"lastUpdatedAt", b"1764650007.457"),  # sourceConnectionState
+            (b"lastUpdatedAt", b"1764650000.123"),  # destinationConnectionState
+            (b"createdAt", b"1764650000.123"),
+            (b"lastUpdatedAt", b"1764650009.0"),
+        ]
+        assert stamps[1] == [
+            (b"createdAt", b"1764650000.123"),
+            (b"lastUpdatedAt", b"1764650009.0"),
+        ]
+
     def test_destination_config_without_thing(self, client):
         """A destinationConfig with services only is returned without thingName."""
         tunnel_id = client.open_tunnel(destinationConfig={"services": ["SSH"]})["tunnelId"]
@@ -225,7 +260,7 @@ class TestCloseTunnel:
 
         assert set(r) == {"ResponseMetadata"}
         assert d["status"] == "CLOSED"
-        assert d["lastUpdatedAt"].timestamp() == pytest.approx(api_clock.now, abs=1e-6)
+        assert d["lastUpdatedAt"].timestamp() == pytest.approx(round(api_clock.now, 3), abs=1e-6)
         assert d["sourceConnectionState"]["status"] == "DISCONNECTED"
         assert client.close_tunnel(tunnelId=tunnel_id)["ResponseMetadata"]["HTTPStatusCode"] == 200
 
@@ -356,7 +391,7 @@ class TestRotate:
         assert out["tunnelArn"] == r["tunnelArn"]
         assert returned == rotated
         assert t.expires_at == expires
-        assert d["lastUpdatedAt"].timestamp() == pytest.approx(api_clock.now, abs=1e-6)
+        assert d["lastUpdatedAt"].timestamp() == pytest.approx(round(api_clock.now, 3), abs=1e-6)
         for m in ("source", "destination"):
             if m in rotated:
                 assert out[f"{m}AccessToken"] != old[m]
@@ -437,6 +472,32 @@ class TestTags:
         client.untag_resource(resourceArn=arn, tagKeys=["b"])
         assert client.list_tags_for_resource(resourceArn=arn)["tags"] == []
         assert "tags" not in client.describe_tunnel(tunnelId=r["tunnelId"])["tunnel"]
+
+    def test_tag_limit_per_tunnel(self, client):
+        """TagResource counts existing tags: a tunnel never holds more than 200 (as OpenTunnel)."""
+        r = client.open_tunnel(tags=[{"key": f"open{i}", "value": "v"} for i in range(150)])
+        arn = r["tunnelArn"]
+        client.tag_resource(
+            resourceArn=arn, tags=[{"key": f"tag{i}", "value": "v"} for i in range(50)]
+        )
+        # Overwriting existing keys does not add to the count.
+        client.tag_resource(resourceArn=arn, tags=[{"key": "open0", "value": "new"}])
+
+        with pytest.raises(ClientError) as one_more:
+            client.tag_resource(resourceArn=arn, tags=[{"key": "extra", "value": "v"}])
+        with pytest.raises(ClientError) as many_more:
+            client.tag_resource(
+                resourceArn=arn, tags=[{"key": f"more{i}", "value": "v"} for i in range(101)]
+            )
+
+        message = one_more.value.response["Error"]["Message"]
+        assert error_of(one_more) == ("ValidationException", 400)
+        assert error_of(many_more) == ("ValidationException", 400)
+        assert f"resource {arn} would have 201 tags, the limit is 200" in message
+        tags = client.list_tags_for_resource(resourceArn=arn)["tags"]
+        assert len(tags) == 200
+        assert {"key": "open0", "value": "new"} in tags
+        assert all(t["key"] not in ("extra", "more0") for t in tags)
 
     @pytest.mark.parametrize(
         ("operation", "params"),
@@ -554,9 +615,132 @@ class TestValidation:
         with pytest.raises(ClientError) as info:
             getattr(raw_client, operation)(**params)
 
+        message = info.value.response["Error"]["Message"]
         assert error_of(info) == ("ValidationException", 400)
-        assert member in info.value.response["Error"]["Message"]
+        assert member in message
+        assert "Value '...'" not in message
         assert api_store.list_tunnels() == []
+
+    @pytest.mark.parametrize(
+        ("operation", "params", "message"),
+        [
+            (
+                "open_tunnel",
+                {"destinationConfig": {"services": ["SSH", "VNC", "SSH"]}},
+                (
+                    "Value 'SSH' at 'destinationConfig.services.3.member' failed to satisfy "
+                    "constraint: Member must be unique in the list"
+                ),
+            ),
+            (
+                "rotate_tunnel_access_token",
+                {
+                    "tunnelId": "t",
+                    "clientMode": "ALL",
+                    "destinationConfig": {"services": ["A", "A"]},
+                },
+                "Value 'A' at 'destinationConfig.services.2.member' failed",
+            ),
+            (
+                "open_tunnel",
+                {"destinationConfig": {"services": ["SSH", "S/H"]}},
+                "Value 'S/H' at 'destinationConfig.services.2.member' failed",
+            ),
+            (
+                "open_tunnel",
+                {"tags": [{"key": "k", "value": "1"}, {"key": "k", "value": "2"}]},
+                (
+                    "Value 'k' at 'tags.2.member.key' failed to satisfy constraint: "
+                    "Member must be unique in the list"
+                ),
+            ),
+            (
+                "open_tunnel",
+                {"tags": [{"key": "ok", "value": "v"}, {"key": "aws:owner", "value": "v"}]},
+                (
+                    "Value 'aws:owner' at 'tags.2.member.key' failed to satisfy constraint: "
+                    "Tag keys starting with 'aws:' are reserved"
+                ),
+            ),
+            (
+                "open_tunnel",
+                {"tags": [{"key": "k", "value": "bad*value"}]},
+                "Value 'bad*value' at 'tags.1.member.value' failed",
+            ),
+            ("open_tunnel", {"tags": []}, "Value '[]' at 'tags' failed"),
+            (
+                "open_tunnel",
+                {"tags": TAGS_201},
+                (
+                    "Value '[{key=k0, value=v}, {key=k1, value=v}, {key=k2, value=v}, "
+                    "{key=k3, value=v}, {key=k4, value=v}, ... (201 items)]' at 'tags' failed to "
+                    "satisfy constraint: Member must have length less than or equal to 200"
+                ),
+            ),
+            (
+                "open_tunnel",
+                {"description": "x" * 2049},
+                f"Value '{'x' * 64}...' at 'description' failed",
+            ),
+            (
+                "open_tunnel",
+                {"timeoutConfig": {"maxLifetimeTimeoutMinutes": 721}},
+                "Value '721' at 'timeoutConfig.maxLifetimeTimeoutMinutes' failed",
+            ),
+            (
+                "close_tunnel",
+                {},
+                "Value null at 'tunnelId' failed to satisfy constraint: Member must not be null",
+            ),
+            (
+                "untag_resource",
+                {"resourceArn": "arn", "tagKeys": ["ok", "bad#"]},
+                "Value 'bad#' at 'tagKeys.2.member' failed",
+            ),
+            (
+                "untag_resource",
+                {"resourceArn": "arn", "tagKeys": ["k"] * 201},
+                "Value '[k, k, k, k, k, ... (201 items)]' at 'tagKeys' failed",
+            ),
+            (
+                "rotate_tunnel_access_token",
+                {"tunnelId": "t", "clientMode": "BOTH"},
+                (
+                    "Value 'BOTH' at 'clientMode' failed to satisfy constraint: "
+                    "Member must satisfy enum value set: [SOURCE, DESTINATION, ALL]"
+                ),
+            ),
+            (
+                "list_tunnels",
+                {"nextToken": "Zm9vOmJhcg=="},
+                "Invalid nextToken 'Zm9vOmJhcg==': not issued by ListTunnels",
+            ),
+        ],
+    )
+    def test_message_names_the_value(self, raw_client, operation, params, message):
+        """A ValidationException quotes the offending value and where it is, never a stand-in."""
+        with pytest.raises(ClientError) as info:
+            getattr(raw_client, operation)(**params)
+
+        assert error_of(info) == ("ValidationException", 400)
+        assert message in info.value.response["Error"]["Message"]
+
+    def test_next_token_of_deleted_tunnel_is_quoted(self, client):
+        """A token whose tunnel is gone is refused with the token in the message."""
+        for _ in range(2):
+            client.open_tunnel()
+        token = client.list_tunnels(maxResults=1)["nextToken"]
+        client.close_tunnel(
+            tunnelId=client.list_tunnels()["tunnelSummaries"][0]["tunnelId"], delete=True
+        )
+
+        with pytest.raises(ClientError) as info:
+            client.list_tunnels(nextToken=token)
+
+        assert error_of(info) == ("ValidationException", 400)
+        assert info.value.response["Error"]["Message"] == (
+            f"Invalid nextToken '{token}': its tunnel is gone"
+        )
 
     @pytest.mark.parametrize(
         "params",
@@ -645,6 +829,18 @@ class TestWireProtocol:
         assert (status, json.loads(raw)["__type"]) == (400, "SerializationException")
         assert api_store.list_tunnels() == []
 
+    def test_wrong_type_message(self, api_server):
+        """A SerializationException names the member, the expected and the received type."""
+        body = json.dumps({"tags": [{"key": "k", "value": 5}]}).encode()
+
+        status, _, raw = raw_call(api_server.url, "IoTSecuredTunneling.OpenTunnel", body)
+
+        assert status == 400
+        assert json.loads(raw) == {
+            "__type": "SerializationException",
+            "message": "Expected string for 'tags.1.member.value', got integer",
+        }
+
     def test_empty_body_and_unknown_members(self, api_server):
         """An empty body counts as {} and unknown members are ignored."""
         s1, h1, b1 = raw_call(api_server.url, "IoTSecuredTunneling.ListTunnels", b"")
@@ -676,6 +872,115 @@ class TestWireProtocol:
         status, _, body = raw_call(api_server.url, None, b"", method="GET", sign=False)
 
         assert (status, json.loads(body)["__type"]) == (405, "UnknownOperationException")
+
+
+def exchange(
+    port: int, *parts: bytes, pause: float = 0.0
+) -> tuple[int, dict[str, str], dict[str, str]]:
+    """Send ``parts`` on a raw TCP socket, ``pause`` s apart, and read one response.
+
+    Returns the status, the lower-cased headers and the JSON body, read up to Content-Length
+    as an HTTP client does (the server may keep the socket open a while to drain the request).
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=10 * SCALE) as sock:
+        for i, part in enumerate(parts):
+            if i:
+                time.sleep(pause)
+            sock.sendall(part)
+        received = b""
+        while b"\r\n\r\n" not in received:
+            chunk = sock.recv(65536)
+            assert chunk, f"closed without a response: {received!r}"
+            received += chunk
+        head, _, body = received.partition(b"\r\n\r\n")
+        status_line, *header_lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        while len(body) < int(headers["content-length"]):
+            chunk = sock.recv(65536)
+            assert chunk, f"closed inside the body: {received!r}"
+            body += chunk
+    return int(status_line.split()[1]), headers, json.loads(body)
+
+
+SIGNED_PREFIX = b"POST / HTTP/1.1\r\nHost: x\r\nX-Amz-Target: IoTSecuredTunneling.ListTunnels\r\n"
+MALFORMED = [
+    # (request bytes, words the message must contain)
+    (bytes(range(256)) * 4, "Malformed HTTP request"),
+    (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64, "HTTPS traffic"),
+    (b"POST\r\n\r\n", "Expected space after method"),
+    (b"POST / HTTP/9.Z\r\nHost: x\r\n\r\n", "Invalid minor version"),
+    (b"POST / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 10_000 + b"\r\n\r\n", "8190 bytes"),
+    (
+        b"POST / HTTP/1.1\r\n" + b"".join(b"X-H%d: v\r\n" % i for i in range(200)) + b"\r\n",
+        "Too many headers",
+    ),
+    (SIGNED_PREFIX + b"Content-Length: abc\r\n\r\n{}", "Content-Length"),
+    (SIGNED_PREFIX + b"Content-Length: -2\r\n\r\n{}", "Content-Length"),
+    (SIGNED_PREFIX + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}", "Duplicate"),
+    (
+        SIGNED_PREFIX + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+        "Transfer-Encoding",
+    ),
+    (SIGNED_PREFIX + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n", "chunk size"),
+    (SIGNED_PREFIX + b"X-Nul: a\x00b\r\n\r\n", "header value"),
+    (
+        SIGNED_PREFIX + b"Content-Encoding: gzip\r\nContent-Length: 4\r\n\r\nnope",
+        "Malformed HTTP request body",
+    ),
+]
+
+
+class TestMalformedHttp:
+    @pytest.mark.parametrize(("request_bytes", "words"), MALFORMED, ids=[w for _, w in MALFORMED])
+    def test_json_error_body(self, api_server, request_bytes, words):
+        """A request aiohttp cannot parse gets an AWS JSON error, not a plain-text 400."""
+        status, headers, body = exchange(api_server.port, request_bytes)
+
+        assert status == 400
+        assert headers["content-type"] == "application/x-amz-json-1.1"
+        assert headers["x-amzn-errortype"] == "SerializationException"
+        assert len(headers["x-amzn-requestid"]) == 36
+        assert set(body) == {"__type", "message"}
+        assert body["__type"] == "SerializationException"
+        assert words in body["message"]
+        assert "^" not in body["message"]
+
+    def test_server_still_serves(self, api_server, client):
+        """After garbage on one connection the API answers the next request normally."""
+        exchange(api_server.port, b"\x00" * 100)
+
+        assert client.list_tunnels()["tunnelSummaries"] == []
+
+    def test_bad_chunk_after_good_ones(self, api_harness, api_store):
+        """A body that breaks midway is answered with a JSON 408 once the body timeout passes."""
+        api = api_harness.start(api_store, body_timeout=0.5 * SCALE)
+        status, headers, body = exchange(
+            api.port,
+            SIGNED_PREFIX + b"Transfer-Encoding: chunked\r\n\r\n1\r\n{\r\n",
+            b"zz\r\n}\r\n0\r\n\r\n",
+            pause=0.2 * SCALE,
+        )
+
+        assert status == 408
+        assert headers["content-type"] == "application/x-amz-json-1.1"
+        assert body["__type"] == "RequestTimeoutException"
+        assert body["message"] == f"Request body not received within {0.5 * SCALE:g} s"
+
+    def test_client_leaving_mid_body_is_no_failure(self, api_server):
+        """A client closing before its body is complete is not logged as our failure."""
+        with structlog.testing.capture_logs() as logs:
+            with socket.create_connection(("127.0.0.1", api_server.port)) as sock:
+                sock.sendall(SIGNED_PREFIX + b"Content-Length: 100\r\n\r\n{")
+            deadline = time.monotonic() + 5 * SCALE
+            while not any(e["event"] == "api_error" for e in logs):
+                assert time.monotonic() < deadline, logs
+                time.sleep(0.01)
+
+        assert [e["code"] for e in logs if e["event"] == "api_error"] == ["SerializationException"]
+        assert not [e for e in logs if e["log_level"] in ("error", "exception")]
 
 
 class TestSignatures:
@@ -741,7 +1046,7 @@ class TestLifecycle:
         api_clock.now = start + 120
         d = client.describe_tunnel(tunnelId=r["tunnelId"])["tunnel"]
         assert d["status"] == "CLOSED"
-        assert d["lastUpdatedAt"].timestamp() == pytest.approx(start + 120, abs=1e-6)
+        assert d["lastUpdatedAt"].timestamp() == pytest.approx(round(start + 120, 3), abs=1e-6)
         assert [e.kind for e in events] == ["opened", "closed"]
         assert api_store.next_expiry() is None
         with pytest.raises(HandshakeRejected):

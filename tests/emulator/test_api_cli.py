@@ -100,7 +100,7 @@ class TestCliFlow:
         assert described["destinationConfig"] == {"thingName": "dev1", "services": ["SSH"]}
         assert described["timeoutConfig"] == {"maxLifetimeTimeoutMinutes": 30}
         assert described["status"] == "OPEN"
-        assert described["createdAt"] == pytest.approx(tunnel.created_at, abs=1e-6)
+        assert described["createdAt"] == tunnel.created_at == round(tunnel.created_at, 3)
         assert described["sourceConnectionState"]["status"] == "DISCONNECTED"
         assert [s["tunnelId"] for s in listed["tunnelSummaries"]] == [tunnel_id]
         assert set(rotated) == {"tunnelArn", "destinationAccessToken"}
@@ -121,3 +121,14 @@ class TestCliErrors:
         assert missing.stdout == ""
         assert forged.returncode in (254, 255)
         assert "InvalidSignatureException" in forged.stderr
+
+    def test_tag_limit_per_tunnel(self, aws, api_store):
+        """One tag over the 200 a tunnel already holds is a ValidationException in the CLI too."""
+        tunnel = api_store.open_tunnel(tags={f"k{i}": "v" for i in range(200)})
+
+        result = aws("tag-resource", "--resource-arn", tunnel.arn, "--tags", "key=extra,value=v")
+
+        assert result.returncode in (254, 255)
+        assert "ValidationException" in result.stderr
+        assert "would have 201 tags, the limit is 200" in result.stderr
+        assert "extra" not in api_store.get(tunnel.tunnel_id).tags

@@ -16,7 +16,7 @@ import pytest
 from agent.daemon.settings import check_files, load_settings
 from agent.emulator.app import Emulator
 from agent.emulator.broker import notify_topic
-from agent.emulator.mqtt_client import AsyncMqttClient
+from agent.emulator.mqtt_client import AsyncMqttClient, MqttConnectError
 from tests.emulator import fixtures
 from tests.emulator.fixtures import SCALE, alive, refused
 
@@ -28,7 +28,7 @@ emulator = fixtures.emulator
 emulator_thread = fixtures.emulator_thread
 
 
-def _device(emu: Emulator, name: str) -> AsyncMqttClient:
+def _device(emu: Emulator, name: str, *, client_id: str | None = None) -> AsyncMqttClient:
     bundle = emu.bundle(name)
     host, port = emu.mqtt_endpoint
     return AsyncMqttClient(
@@ -37,7 +37,7 @@ def _device(emu: Emulator, name: str) -> AsyncMqttClient:
         cert=bundle.cert,
         key=bundle.key,
         ca=bundle.ca,
-        client_id=name,
+        client_id=client_id or name,
         connect_timeout=5 * SCALE,
     )
 
@@ -208,6 +208,26 @@ class TestNotification:
             "region": "us-east-1",
             "services": ["SSH"],
         }
+
+    async def test_only_dev1_connects_as_dev1(self, emulator):
+        """dev2's certificate with client id dev1 is refused; dev1 keeps getting its tokens."""
+        await emulator.add_thing_async("dev1")
+        await emulator.add_thing_async("dev2")
+        impostor = _device(emulator, "dev2", client_id="dev1")
+        api = emulator.api_client()
+        async with _device(emulator, "dev1") as dev1:
+            await dev1.subscribe(notify_topic("dev1"))
+            with pytest.raises(MqttConnectError, match="CONNACK NOT_AUTHORIZED"):
+                await impostor.connect()
+            opened = await asyncio.to_thread(
+                api.open_tunnel, destinationConfig={"thingName": "dev1", "services": ["SSH"]}
+            )
+            async with asyncio.timeout(5 * SCALE):
+                message = await dev1.receive()
+            still = (dev1.connected, dev1.connections)
+
+        assert still == (True, 1)
+        assert json.loads(message.payload)["clientAccessToken"] == opened["destinationAccessToken"]
 
     async def test_operator_env_works_with_boto3(self, emulator, monkeypatch):
         """The variables in operator.env are enough for a plain boto3 client."""

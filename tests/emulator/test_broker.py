@@ -8,10 +8,12 @@ import os
 import pwd
 import ssl
 import stat
+import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from agent.emulator import broker as broker_module
 from agent.emulator.broker import (
@@ -43,14 +45,6 @@ def _uids(pid: int | None) -> list[int]:
     return [int(field) for field in line.split()[1:]]
 
 
-async def _log_containing(instance: Broker, text: str) -> str:
-    # mosquitto writes its log on its own schedule: wait for the line.
-    async with asyncio.timeout(5 * SCALE):
-        while text not in (log := instance.log_file.read_text()):  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-    return log
-
-
 class TestAcl:
     async def test_thing_receives_its_notification(self, broker, mqtt_pki):
         """thing1 gets exactly the bytes the privileged identity publishes on its topic."""
@@ -80,7 +74,7 @@ class TestAcl:
     )
     async def test_thing_cannot_subscribe_elsewhere(self, broker, mqtt_pki, topic_filter):
         """Any filter but the thing's own notify topic gets SUBACK 0x87 (not authorized)."""
-        async with mqtt_client(mqtt_pki, broker.port, mqtt_pki.thing("thing1"), "t1") as device:
+        async with mqtt_client(mqtt_pki, broker.port, mqtt_pki.thing("thing1"), "thing1") as device:
             codes = await device.subscribe(topic_filter)
 
         assert codes == [NOT_AUTHORIZED]
@@ -132,14 +126,20 @@ class TestAcl:
             admin=mqtt_pki.admin,
             names=["thing1", "thing1"],
         )
-        async with mqtt_client(mqtt_pki, broker.port, mqtt_pki.thing("thing1"), "t1") as device:
+        async with mqtt_client(mqtt_pki, broker.port, mqtt_pki.thing("thing1"), "thing1") as device:
             codes = await device.subscribe(notify_topic("thing1"))
 
         assert codes == [GRANTED_QOS_1]
 
     async def test_register_needs_privileged_identity(self, broker, mqtt_pki):
         """A thing certificate cannot use the dynamic-security control topic."""
-        with pytest.raises(BrokerError, match="SUBACK"):
+        control = "$CONTROL/dynamic-security/v1"
+        command = json.dumps({"commands": [{"command": "createClient", "username": "evil"}]})
+        async with mqtt_client(mqtt_pki, broker.port, mqtt_pki.thing("thing1"), "thing1") as dev:
+            subscribed = await dev.subscribe(f"{control}/response")
+            published = await dev.publish(control, command.encode())
+        with pytest.raises(BrokerError, match="NOT_AUTHORIZED"):
+            # register_things connects under the emulator's admin client id: refused at once.
             await register_things(
                 host=broker.host,
                 port=broker.port,
@@ -148,10 +148,105 @@ class TestAcl:
                 names=["evil"],
             )
 
+        assert subscribed == [NOT_AUTHORIZED]
+        assert published == NOT_AUTHORIZED
+        assert "evil" not in broker.dynsec_file.read_text()
+
     async def test_invalid_thing_name(self, broker):
         """A name with MQTT wildcards or '/' is refused before reaching the ACL."""
         with pytest.raises(ValueError, match="invalid thing name"):
             await broker.add_thing("a/+")
+
+
+def _mosquitto_sub(broker: Broker, pki, pair, *options: str) -> subprocess.CompletedProcess[str]:
+    """Run mosquitto_sub (another MQTT stack than awscrt) once against the broker."""
+    return subprocess.run(
+        [
+            "mosquitto_sub",
+            *("-h", "127.0.0.1", "-p", str(broker.port), "--cafile", str(pki.ca_file)),
+            *("--cert", str(pair.cert), "--key", str(pair.key)),
+            *("-t", notify_topic("thing2"), "-C", "1", "-W", str(int(3 * SCALE))),
+            *options,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30 * SCALE,
+        check=False,
+    )
+
+
+class TestClientId:
+    async def test_other_thing_cannot_take_a_things_client_id(self, broker, mqtt_pki):
+        """thing2's certificate with client id thing1 gets CONNACK 0x87; thing1 stays and hears."""
+        impostor = mqtt_client(mqtt_pki, broker.port, mqtt_pki.thing("thing2"), "thing1")
+        async with (
+            mqtt_client(mqtt_pki, broker.port, mqtt_pki.thing("thing1"), "thing1") as device,
+            mqtt_client(mqtt_pki, broker.port, mqtt_pki.admin, "emulator") as service,
+        ):
+            await device.subscribe(notify_topic("thing1"))
+            with pytest.raises(MqttConnectError, match="CONNACK NOT_AUTHORIZED"):
+                await impostor.connect()
+            await service.publish(notify_topic("thing1"), b"after the attempt")
+            async with asyncio.timeout(5 * SCALE):
+                message = await device.receive()
+            still = (device.connected, device.connections)
+
+        assert still == (True, 1)
+        assert message.payload == b"after the attempt"
+        assert impostor.connections == 0
+        # Mosquitto never saw the impostor: the gate answered it.
+        assert "u'thing2'" not in broker.log_file.read_text()
+
+    @pytest.mark.parametrize(
+        ("options", "exit_code", "error"),
+        [
+            (("-V", "mqttv311", "-i", "thing1"), 5, "Connection Refused: not authorised."),
+            (("-V", "mqttv5", "-i", "thing1"), NOT_AUTHORIZED, "Not authorized"),
+            (("-V", "mqttv311"), 5, "Connection Refused: not authorised."),  # a random id
+        ],
+    )
+    async def test_refusal_in_every_protocol_version(
+        self, broker, mqtt_pki, options, exit_code, error
+    ):
+        """MQTT 3.1.1 and 5 clients both get their version's "not authorized" CONNACK."""
+        result = await asyncio.to_thread(
+            _mosquitto_sub, broker, mqtt_pki, mqtt_pki.thing("thing2"), *options
+        )
+
+        assert (result.returncode, result.stderr.strip()) == (
+            exit_code,
+            f"Connection error: {error}",
+        )
+
+    async def test_own_name_connects(self, broker, mqtt_pki):
+        """A thing's own name is accepted by mosquitto_sub too (it waits, then times out)."""
+        result = await asyncio.to_thread(
+            _mosquitto_sub,
+            broker,
+            mqtt_pki,
+            mqtt_pki.thing("thing2"),
+            "-V",
+            "mqttv311",
+            "-i",
+            "thing2",
+        )
+
+        assert (result.returncode, result.stderr.strip()) == (27, "Timed out")
+
+    async def test_emulator_identity_uses_any_client_id(self, broker, mqtt_pki):
+        """The emulator's identity connects under several client ids at once."""
+        async with (
+            mqtt_client(mqtt_pki, broker.port, mqtt_pki.admin, "notifier") as one,
+            mqtt_client(mqtt_pki, broker.port, mqtt_pki.admin, "admin-1234") as two,
+        ):
+            codes = [
+                await one.publish(notify_topic("thing1"), b"x"),
+                await two.publish(notify_topic("thing1"), b"y"),
+            ]
+            both = (one.connected, two.connected)
+
+        assert both == (True, True)
+        assert codes == [NO_MATCHING_SUBSCRIBERS, NO_MATCHING_SUBSCRIBERS]
 
 
 class TestTls:
@@ -187,11 +282,16 @@ class TestTls:
             mqtt_pki, broker.port, mqtt_pki.foreign("thing1"), "thing1", connect_timeout=2 * SCALE
         )
 
-        with pytest.raises(MqttConnectError, match=r"refused \(AWS_IO_TLS"):
+        with (
+            structlog.testing.capture_logs() as logs,
+            pytest.raises(MqttConnectError, match=r"refused \(AWS_IO_TLS"),
+        ):
             await client.connect()
-        log = await _log_containing(broker, "certificate verify failed")
 
-        assert "Client <unknown> disconnected" in log
+        refusals = [e for e in logs if e["event"] == "mqtt_tls_refused"]
+        assert refusals
+        assert {e["reason"] for e in refusals} == {"CERTIFICATE_VERIFY_FAILED"}
+        assert "New client connected" not in broker.log_file.read_text()
 
     async def test_server_certificate_checked_by_client(self, broker, mqtt_pki, tmp_path):
         """A client trusting another CA refuses the broker (the broker is authenticated too)."""
@@ -235,9 +335,7 @@ class TestLifecycle:
 
     async def test_stop_leaves_no_process(self, mqtt_pki, tmp_path):
         """stop() terminates and reaps mosquitto; a second stop() is harmless."""
-        instance = Broker(
-            tmp_path / "b", ca_file=mqtt_pki.ca_file, server=mqtt_pki.server, admin=mqtt_pki.admin
-        )
+        instance = Broker(tmp_path / "b", ca_file=mqtt_pki.ca_file, server=mqtt_pki.server)
         await instance.start()
         pid = instance.pid
         await instance.stop()
@@ -255,7 +353,7 @@ class TestLifecycle:
 
         assert stat.S_IMODE(broker.config_file.stat().st_mode) == 0o600
         assert stat.S_IMODE((broker.directory / "server.key").stat().st_mode) == 0o600
-        assert f"listener {broker.port} 127.0.0.1" in config
+        assert f"listener {broker.backend_port} 127.0.0.1" in config
         assert "require_certificate true" in config
         assert "use_identity_as_username true" in config
         assert ("user root" in config) is IS_ROOT
@@ -273,7 +371,6 @@ class TestLifecycle:
             tmp_path / "b",
             ca_file=mqtt_pki.ca_file,
             server=mqtt_pki.server,
-            admin=mqtt_pki.admin,
             port=port,
         )
         try:
@@ -289,9 +386,7 @@ class TestLifecycle:
         """Without mosquitto on PATH or in sbin the error says which package to install."""
         monkeypatch.setenv("PATH", str(tmp_path))
         monkeypatch.setattr(broker_module, "_SBIN", ())
-        instance = Broker(
-            tmp_path / "b", ca_file=mqtt_pki.ca_file, server=mqtt_pki.server, admin=mqtt_pki.admin
-        )
+        instance = Broker(tmp_path / "b", ca_file=mqtt_pki.ca_file, server=mqtt_pki.server)
 
         with pytest.raises(BrokerError, match="apt-get install mosquitto"):
             await instance.start()
@@ -302,7 +397,6 @@ class TestLifecycle:
             tmp_path / "b",
             ca_file=mqtt_pki.ca_file,
             server=mqtt_pki.server,
-            admin=mqtt_pki.admin,
             binary=str(tmp_path / "missing-mosquitto"),
         )
 
@@ -322,7 +416,6 @@ class TestLifecycle:
             tmp_path / "b",
             ca_file=mqtt_pki.ca_file,
             server=mqtt_pki.server.__class__(mqtt_pki.server.cert, tmp_path / "bad.key"),
-            admin=mqtt_pki.admin,
         )
 
         with pytest.raises(BrokerError, match="Unable to load server key"):
@@ -353,7 +446,6 @@ class TestRunAs:
             open_dir / "broker",
             ca_file=pki.ca_file,
             server=pki.server,
-            admin=pki.admin,
             things=["thing1"],
             run_as="mosquitto",
         )
@@ -388,7 +480,6 @@ class TestRunAs:
             locked / "broker",
             ca_file=pki.ca_file,
             server=pki.server,
-            admin=pki.admin,
             run_as="mosquitto",
         )
 

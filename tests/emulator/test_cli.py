@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
+import pwd
 import re
+import shutil
 import signal
+import socket
 import stat
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +24,47 @@ from tests.emulator.fixtures import SCALE, alive, refused
 
 
 READY = "Ctrl-C to stop."
+TUNNEL_AGENT = Path(sys.executable).with_name("tunnel-agent")
+
+
+def _has_mosquitto_user() -> bool:
+    try:
+        pwd.getpwnam("mosquitto")
+    except KeyError:
+        return False
+    return True
+
+
+def _gone(pid: int) -> bool:
+    """Whether ``pid`` has exited (a zombie nobody reaped yet counts as exited)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "State:\tZ" in status
+
+
+def _traversable_dir() -> Path:
+    """A new directory under /tmp that the mosquitto account can reach (pytest's cannot)."""
+    base = Path(tempfile.mkdtemp(prefix="emu-kill-", dir="/tmp"))
+    base.chmod(0o755)
+    (base / "emu").mkdir(mode=0o755)
+    return base
+
+
+def _owner(pid: int) -> int:
+    return Path(f"/proc/{pid}").stat().st_uid
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+            sock.listen()
+        except OSError:
+            return False
+    return True
 
 
 def _mode(path: Path) -> int:
@@ -111,6 +158,67 @@ class TestForeground:
         assert existed
         assert relay_lines == []
         assert not _is_dir(directory)
+
+    @pytest.mark.parametrize(
+        "broker_user",
+        [
+            None,
+            pytest.param(
+                "mosquitto",
+                marks=pytest.mark.skipif(
+                    os.geteuid() != 0 or not _has_mosquitto_user(),
+                    reason="needs root and a mosquitto account",
+                ),
+            ),
+        ],
+    )
+    async def test_kill_9_takes_the_broker_along(self, broker_user):
+        """SIGKILL of the emulator ends its mosquitto at once and frees the MQTT port."""
+        base = _traversable_dir()
+        directory = base / "emu"
+        extra = ["--broker-user", broker_user] if broker_user else []
+        process = await asyncio.create_subprocess_exec(
+            str(TUNNEL_AGENT),
+            "emulator",
+            "--dir",
+            str(directory),
+            "--thing",
+            "dev1",
+            *extra,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+        broker_pid = None
+        try:
+            await _read_until_ready(process)
+            running = json.loads((directory / "emulator.json").read_text())
+            broker_pid = running["broker_pid"]
+            host, port = running["mqtt"]
+            backend_host, backend_port = running["mqtt_backend"]
+            served = not await refused(host, port) and not await refused(backend_host, backend_port)
+            broker_uid = _owner(broker_pid)
+            process.kill()
+            await _stop(process)
+            waited = 0.0
+            while not _gone(broker_pid) and waited < 5 * SCALE:
+                await asyncio.sleep(0.05)
+                waited += 0.05
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await _stop(process)
+            if broker_pid is not None and not _gone(broker_pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(broker_pid, signal.SIGKILL)
+            shutil.rmtree(base, ignore_errors=True)
+
+        assert process.returncode == -signal.SIGKILL
+        assert served
+        assert broker_uid == (pwd.getpwnam(broker_user).pw_uid if broker_user else os.geteuid())
+        assert _gone(broker_pid)
+        assert waited < 5 * SCALE
+        assert _port_free(host, port)
+        assert _port_free(backend_host, backend_port)
 
     async def test_startup_failure_exit_code(self, tmp_path):
         """A port already in use makes the emulator exit 1 with a message, leaving nothing."""

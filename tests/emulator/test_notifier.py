@@ -130,7 +130,7 @@ class TestPublish:
     async def test_only_the_named_thing(self, store_and_notifier, broker, mqtt_pki, thing1):
         """thing2's notification reaches thing2 and not thing1."""
         store, notifier = store_and_notifier
-        async with mqtt_client(mqtt_pki, broker.port, mqtt_pki.thing("thing2"), "t2") as thing2:
+        async with mqtt_client(mqtt_pki, broker.port, mqtt_pki.thing("thing2"), "thing2") as thing2:
             await thing2.subscribe(notify_topic("thing2"))
 
             tunnel = store.open_tunnel(thing_name="thing2", services=["SSH"])

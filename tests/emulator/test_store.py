@@ -466,6 +466,22 @@ class TestTags:
         with pytest.raises(ResourceNotFound):
             store.untag("arn:nope", [])
 
+    def test_tag_limit_counts_existing_tags(self, tmp_path, clock):
+        """A tunnel holds at most 200 tags; an overflowing TagResource changes nothing."""
+        state = tmp_path / "state.json"
+        store = TunnelStore(clock=clock, state_file=state)
+        t = store.open_tunnel(tags={f"k{i}": "v" for i in range(150)})
+        store.tag(t.arn, {f"k{i}": "w" for i in range(100, 200)})  # 50 overwrites, 50 new: 200
+        saved = state.read_text()
+
+        with pytest.raises(ValidationFailed, match="would have 201 tags, the limit is 200"):
+            store.tag(t.arn, {"k0": "x", "extra": "v"})
+
+        assert len(t.tags) == 200
+        assert (t.tags["k0"], t.tags["k199"]) == ("v", "w")
+        assert "extra" not in t.tags
+        assert state.read_text() == saved
+
 
 class TestPersistence:
     def test_round_trip(self, tmp_path, clock):
@@ -503,6 +519,35 @@ class TestPersistence:
             second.authenticate(mode="source", token=b.source.token, client_token=None)
         assert second.authenticate(mode="source", token=a.source.token, client_token=None) is a2
         assert sorted(p.name for p in path.parent.iterdir()) == ["store.json"]
+
+    def test_timestamps_to_the_millisecond(self, tmp_path, clock):
+        """Stored and saved timestamps are cut to milliseconds, also those of older files."""
+        state = tmp_path / "state.json"
+        clock.now = T0 + 0.1234567
+        store = TunnelStore(clock=clock, state_file=state)
+        t = store.open_tunnel(max_lifetime_minutes=1)
+        clock.now = T0 + 5.0006
+        store.set_connected(t.tunnel_id, "destination", connected=True)
+        saved = json.loads(state.read_text())["tunnels"][0]
+        # A file from before the cut, with a float clock's full digits.
+        saved["created_at"] = saved["last_updated_at"] = T0 + 0.1234567
+        saved["source"]["last_updated_at"] = T0 + 0.9999
+        state.write_text(json.dumps({"version": 1, "tunnels": [saved]}))
+        loaded = TunnelStore(clock=clock, state_file=state).get(t.tunnel_id)
+
+        assert (t.created_at, t.last_updated_at, t.expires_at) == (
+            T0 + 0.123,
+            T0 + 0.123,
+            T0 + 60.123,
+        )
+        assert t.destination.last_updated_at == T0 + 5.001
+        assert (saved["expires_at"], saved["destination"]["last_updated_at"]) == (
+            T0 + 60.123,
+            T0 + 5.001,
+        )
+        assert (loaded.created_at, loaded.last_updated_at) == (T0 + 0.123, T0 + 0.123)
+        assert loaded.source.last_updated_at == T0 + 1.0
+        assert loaded.destination.last_updated_at == T0 + 5.001  # disconnected by the restart
 
     def test_every_change_is_saved(self, tmp_path, clock):
         """Rotation, tags, deletes and purges reach the file without any explicit flush."""

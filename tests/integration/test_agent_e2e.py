@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from agent.daemon.capath import pem_certificates, subject_hash
 from tests.emulator.fixtures import EmulatorThread
 from tests.fakes import all_cmdlines
 from tests.integration.conftest import PAGE
@@ -264,7 +265,7 @@ class TestEndToEnd:
         assert tunnel["destinationAccessToken"] not in agent.text
 
     def test_external_binary_path(self, world, sshd, tmp_path):
-        """proxy.binary = a path: a wrapper around tunnel-localproxy is what the agent runs."""
+        """proxy.binary = a path: the agent runs it, with the CA file made a hashed directory."""
         record = tmp_path / "wrapper-argv"
         wrapper = tmp_path / "localproxy-wrapper"
         wrapper.write_text(
@@ -287,6 +288,13 @@ class TestEndToEnd:
         assert lines[-1] == "env-token-present"
         assert tunnel["destinationAccessToken"] not in record.read_text()
         assert agent.events("tunnel_started")[0]["pid"] > 0
+        capath = Path(lines[lines.index("-c") + 1])
+        ca_hash = subject_hash(pem_certificates(world.emulator.ca_file.read_bytes())[0])
+        assert capath.parent == agent.runtime / "ca"
+        assert [p.name for p in capath.iterdir()] == [f"{ca_hash}.0"]
+        assert "-k" not in lines
+        assert agent.wait_event("proxy_connected")
+        assert agent.status()["tunnels"][0]["connected"] is True
 
     def test_proxy_sigkill_restarted_and_works_again(self, world, sshd):
         """A destination proxy killed with SIGKILL is restarted; ssh works through it again."""

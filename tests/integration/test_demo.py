@@ -5,16 +5,17 @@ The README's demo, run as a test: the whole system end to end on the emulator.
 from __future__ import annotations
 
 import io
+import os
 import re
-from typing import TYPE_CHECKING
+import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from agent.emulator.demo import run
 
-
-if TYPE_CHECKING:
-    from pathlib import Path
 
 pytestmark = pytest.mark.integration
 
@@ -34,3 +35,31 @@ class TestDemo:
         assert "new proxy took over" in text
         assert "status CLOSED, device proxies gone" in text
         assert re.search(r"all 11 steps passed", text)
+
+
+def like_nohup_in_background() -> None:
+    """Leave a child what a script's `setsid nohup make test </dev/null &` leaves it."""
+    # A non-interactive shell ignores SIGINT for its background jobs; nohup ignores SIGHUP.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
+
+class TestDemoInheritedSignals:
+    def test_passes_with_sigint_ignored(self, tmp_path: Path):
+        """The demo (Ctrl-C on connect included) passes with SIGINT and SIGHUP ignored."""
+        result = subprocess.run(
+            [sys.executable, "-m", "agent.emulator.demo"],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            start_new_session=True,
+            preexec_fn=like_nohup_in_background,
+            env={**os.environ, "TMPDIR": str(tmp_path)},
+            cwd=Path(__file__).parents[2],
+            timeout=300,
+            check=False,
+        )
+
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert re.search(r"close the tunnel \(Ctrl-C on connect\)\s+\d+ ms  ok", result.stdout)
+        assert re.search(r"all 11 steps passed", result.stdout)

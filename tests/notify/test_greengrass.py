@@ -226,24 +226,41 @@ class TestDelivery:
         assert "SECRET-TOKEN-123" not in repr(logs)
         assert [e["event"] for e in logs] == ["notify_subscribed"]
 
-    async def test_full_queue_drops_the_oldest(self):
-        """Beyond queue_size the oldest notification is dropped and counted."""
+    async def test_a_backlog_is_kept_whole_and_logged(self):
+        """Far more notifications than the backlog warning: all kept, in order, one warning."""
         nucleus = FakeNucleus()
+        payloads = [b"n%d" % index for index in range(250)]
         with capture_logs() as logs:
-            async with make_source(nucleus, queue_size=2) as source:
-                for index in range(4):
-                    nucleus.current.publish(b"n%d" % index)
-                # publish() returned after call_soon_threadsafe: one loop pass delivers all four.
+            async with make_source(nucleus) as source:
+                for payload in payloads:
+                    nucleus.current.publish(payload)
+                # publish() returned after call_soon_threadsafe: one loop pass delivers all.
                 await asyncio.sleep(0)
-                dropped = source.dropped
-                received = await receive(source, 2)
+                waiting = source.waiting
+                received = await receive(source, len(payloads))
 
-        assert dropped == 2
-        assert [n.payload for n in received] == [b"n2", b"n3"]
-        assert [e["reason"] for e in logs if e["event"] == "notification_dropped"] == [
-            "queue_full",
-            "queue_full",
+        assert waiting == 250
+        assert [n.payload for n in received] == payloads
+        assert [e for e in logs if e["event"] == "notification_backlog"] == [
+            {
+                "event": "notification_backlog",
+                "log_level": "warning",
+                "source": "greengrass",
+                "waiting": 101,
+            }
         ]
+
+    async def test_acknowledgement_is_a_no_op(self):
+        """IPC cannot acknowledge: ack() only records that the daemon handled the notification."""
+        nucleus = FakeNucleus()
+        async with make_source(nucleus) as source:
+            nucleus.current.publish(b"one")
+            (notification,) = await receive(source, 1)
+            before = notification.ack.done
+            notification.ack()
+            notification.ack()
+
+        assert (before, notification.ack.done) == (False, True)
 
 
 class TestStreamErrors:

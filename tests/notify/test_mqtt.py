@@ -57,6 +57,16 @@ async def _first(source):
     return None
 
 
+async def _take(source, count):
+    taken = []
+    async with asyncio.timeout(5 * SCALE):
+        async for notification in source:
+            taken.append(notification)
+            if len(taken) == count:
+                break
+    return taken
+
+
 async def _until(predicate):
     # Polling: the counters change in CRT callbacks; there is no event to wait on.
     async with asyncio.timeout(10 * SCALE):
@@ -126,27 +136,46 @@ class TestReceive:
         assert received == []
         assert task.done()
 
-    async def test_queue_full_drops_oldest(self, broker, mqtt_pki):
-        """With a full queue the oldest notification is dropped with a warning."""
-        with capture_logs() as logs:
-            async with (
-                _source(mqtt_pki, broker.port, queue_size=2) as source,
-                _service(mqtt_pki, broker.port) as svc,
-            ):
-                for n in range(3):
-                    await svc.publish(notify_topic("thing1"), b"n%d" % n)
-                await _until(lambda: source.dropped == 1)
-                kept = [await _first(source), await _first(source)]
+    async def test_receive_maximum_holds_back_the_rest(self, broker, mqtt_pki):
+        """Unacknowledged, only receive_maximum notifications come; acknowledged, all of them."""
+        async with (
+            _source(mqtt_pki, broker.port, receive_maximum=3) as source,
+            _service(mqtt_pki, broker.port) as svc,
+        ):
+            for n in range(8):
+                await svc.publish(notify_topic("thing1"), b"n%d" % n)
+            await _until(lambda: source.waiting == 3)
+            await asyncio.sleep(0.5 * SCALE)  # time for a 4th to arrive, if it were sent
+            held = source.waiting
+            received = []
+            # Mosquitto 2.0.11 releases more than one message per PUBACK after the first
+            # window: count what comes rather than expecting one per acknowledgement.
+            async with asyncio.timeout(5 * SCALE):
+                async for notification in source:
+                    received.append(notification)
+                    notification.ack()
+                    if len(received) == 8:
+                        break
+            unacknowledged = source.unacknowledged
 
-        assert [n.payload for n in kept if n] == [b"n1", b"n2"]
-        assert _events(logs, "notification_dropped") == [
-            {
-                "event": "notification_dropped",
-                "log_level": "warning",
-                "source": "mqtt",
-                "reason": "queue_full",
-            }
-        ]
+        assert held == 3
+        assert [n.payload for n in received] == [b"n%d" % n for n in range(8)]
+        assert unacknowledged == 0
+
+    async def test_acknowledgement_is_idempotent(self, broker, mqtt_pki):
+        """Acknowledging twice sends one PUBACK: the in-flight count goes down once."""
+        async with _source(mqtt_pki, broker.port) as source, _service(mqtt_pki, broker.port) as svc:
+            await svc.publish(notify_topic("thing1"), b"a")
+            await svc.publish(notify_topic("thing1"), b"b")
+            a, b = await _take(source, 2)
+            a.ack()
+            a.ack()
+            counted = source.unacknowledged
+            b.ack()
+
+        assert counted == 1
+        assert a.ack.done
+        assert b.ack.done
 
     async def test_wait_subscribed_after_early_return(self, broker, mqtt_pki):
         """If __aenter__ stops waiting early, wait_subscribed() still reports the SUBACK."""
@@ -217,6 +246,44 @@ class TestPersistentSession:
         assert notification is not None
         assert notification.payload == PAYLOAD
 
+    async def test_unacknowledged_is_redelivered_on_the_next_start(self, broker, mqtt_pki):
+        """Received but never acknowledged: it comes again; an acknowledged one does not."""
+        async with _source(mqtt_pki, broker.port) as source, _service(mqtt_pki, broker.port) as svc:
+            await svc.publish(notify_topic("thing1"), b"handled")
+            await svc.publish(notify_topic("thing1"), b"interrupted")
+            handled, _interrupted = await _take(source, 2)
+            handled.ack()
+            await asyncio.sleep(0.2 * SCALE)  # let the PUBACK reach the broker
+
+        async with _source(mqtt_pki, broker.port) as again:
+            (redelivered,) = await _take(again, 1)
+            redelivered.ack()
+            await asyncio.sleep(0.5 * SCALE)  # anything else would arrive now
+            extra = again.waiting
+
+        assert redelivered.payload == b"interrupted"
+        assert extra == 0
+
+    async def test_unacknowledged_is_redelivered_after_a_broker_restart(self, broker, mqtt_pki):
+        """Unacknowledged when the connection drops: sent again on the resumed session."""
+        with capture_logs() as logs:
+            async with (
+                _source(mqtt_pki, broker.port) as source,
+                _service(mqtt_pki, broker.port) as svc,
+            ):
+                await svc.publish(notify_topic("thing1"), PAYLOAD)
+                (first,) = await _take(source, 1)
+                await broker.restart()
+                (second,) = await _take(source, 1)
+                first.ack()  # its PUBACK died with the connection: a no-op
+                counted = source.unacknowledged
+                second.ack()
+                after = source.unacknowledged
+
+        assert first.payload == second.payload == PAYLOAD
+        assert (counted, after) == (1, 0)
+        assert [e["session_present"] for e in _events(logs, "mqtt_connected")] == [False, True]
+
     async def test_session_expiry_requested(self, broker, mqtt_pki):
         """The CONNECT asks for a session of at least an hour (the broker logs it as c0)."""
         async with _source(mqtt_pki, broker.port, session_expiry=7200) as source:
@@ -258,7 +325,10 @@ class TestFailures:
         [
             ({"thing_name": "a/#"}, "does not match"),
             ({"session_expiry": 60}, "session_expiry"),
-            ({"queue_size": 0}, "queue_size"),
+            ({"receive_maximum": 0}, "receive_maximum"),
+            ({"receive_maximum": 101}, "receive_maximum"),
+            ({"min_reconnect_delay": 5, "max_reconnect_delay": 2}, "reconnect delays"),
+            ({"reconnect_reset_after": 0}, "reconnect_reset_after"),
             ({"http_proxy": "socks5://127.0.0.1:1080"}, "only http"),
             ({"http_proxy": "http://127.0.0.1:99999"}, "bad port"),
             ({"http_proxy": "http://:8080"}, "no host"),

@@ -182,3 +182,14 @@ class TestFootprint:
         )
 
         assert result.stdout.split("\n")[:2] == ["[]", "True"]
+
+
+class TestClientTokenVariables:
+    def test_the_aws_binarys_variable_name_is_read_too(self):
+        """AWSIOT_CLIENT_TOKEN, the AWS localproxy's name, works like AWSIOT_TUNNEL_CLIENT_TOKEN."""
+        client = "c" * 40
+        env = {"AWSIOT_TUNNEL_ACCESS_TOKEN": TOKEN, "AWSIOT_CLIENT_TOKEN": client}
+
+        opts = options_from_args(build_parser().parse_args(["-r", "us-east-1", "-d", "22"]), env)
+
+        assert opts.client_token == client
