@@ -237,9 +237,13 @@ def _cmd_import_device_client(args: argparse.Namespace) -> int:
         if args.output.exists() and not (args.yes or _confirm(f"Replace {args.output}?")):
             _err(f"tunnel-agent: {args.output} exists: pass --yes to replace it")
             return EXIT_FAILURE
-        # No secret in it (the key stays in its own file): readable like any configuration.
-        write_private(args.output, text.encode())
-        args.output.chmod(0o644)
+        try:
+            write_private(args.output, text.encode())
+            # No secret in it (the key stays in its own file): readable like any configuration.
+            args.output.chmod(0o644)
+        except OSError as exc:
+            _err(f"tunnel-agent: {args.output}: {exc.strerror or exc}")
+            return EXIT_FAILURE
         report(f"wrote {args.output} for thing {config.thing_name}")
     else:
         sys.stdout.write(text)

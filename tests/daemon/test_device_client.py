@@ -390,6 +390,15 @@ class TestAnswers:
         assert replaced == 0
         assert tomllib.loads(out.read_text())["thing_name"] == "pump-station-7"
 
+    def test_unwritable_output(self, tmp_path, capsys):
+        """An --output in a missing directory is one line and exit 1, not a traceback."""
+        out = tmp_path / "nowhere" / "config.toml"
+
+        code = main(["import-device-client", str(DATA / "full.json"), "--output", str(out)])
+
+        assert code == 1
+        assert capsys.readouterr().err == f"tunnel-agent: {out}: No such file or directory\n"
+
     def test_key_in_place(self, tmp_path, capsys):
         """With the certificates directory where the files already are, chown/chmod them."""
         code = main(
