@@ -1,13 +1,13 @@
 """
 ``tunnel-agent``: the command line of the device agent.
 
-Sub-commands: ``run`` (the daemon), ``check-config``, ``status``, ``version``;
-``emulator`` and ``connect`` dispatch lazily to modules that are not needed on
-a device (imported only when that sub-command runs).
+Sub-commands: ``run`` (the daemon), ``check-config``, ``status``, ``version``,
+``import-device-client``; ``emulator`` and ``connect`` dispatch lazily to modules
+that are not needed on a device (imported only when that sub-command runs). Without
+their extra ([emulator], [operator]) they print one line naming it and exit 1.
 
-Every setting has a flag mirroring its environment variable one to one, as
-uvicorn's ``auto_envvar_prefix`` does: ``TUNNEL_AGENT_MQTT__PORT``
-is ``--mqtt-port``; ``[services]`` entries are ``--service NAME=TARGET``.
+Every setting has a flag mirroring its environment variable one to one
+(agent/daemon/flags.py): ``TUNNEL_AGENT_MQTT__PORT`` is ``--mqtt-port``.
 
 Exit codes: 0 ok, 1 runtime failure, 2 usage, 78 configuration error (EX_CONFIG).
 """
@@ -17,42 +17,73 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib
+import importlib.util
 import json
 import os
 import sys
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, get_args, get_origin
-
-from pydantic import BaseModel
+from typing import TYPE_CHECKING, Any
 
 from agent import __version__
+from agent.common.files import write_private
 from agent.daemon.capath import ca_directory_plan, needs_ca_directory
+from agent.daemon.device_client import (
+    AGENT_USER,
+    DEFAULT_CERTS_DIR,
+    IMPLIED_SERVICES,
+    DeviceClientConfig,
+    read_device_client_config,
+    render_toml,
+)
+from agent.daemon.flags import add_setting_arguments, overrides, parse_service_flags
 from agent.daemon.settings import (
     DEFAULT_CONFIG_PATH,
     DEFAULT_RUNTIME_DIR,
     AgentSettings,
+    check_dates,
     check_files,
     load_settings,
 )
 from agent.daemon.status import format_status, read_status
 from agent.exceptions import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, AgentError, ConfigError
 from agent.notify import resolve_kind
+from agent.protocol.ids import THING_NAME
 
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
 
 
 __all__ = ["main"]
 
 
-# Sub-commands implemented elsewhere; imported only when used.
+@dataclass(frozen=True)
+class _Lazy:
+    """A sub-command implemented elsewhere, imported only when used, and the extra it needs."""
+
+    module: str
+    help: str
+    extra: str
+    # Top-level modules of the extra's distributions, checked before anything is imported.
+    requires: tuple[str, ...]
+
+
 _LAZY = {
-    "emulator": ("agent.emulator.cli", "run the Secure Tunneling emulator (development)"),
-    "connect": ("agent.connect.command", "open a tunnel and connect to a device (operator side)"),
+    "emulator": _Lazy(
+        "agent.emulator.cli",
+        "run the Secure Tunneling emulator (development)",
+        "emulator",
+        ("aiohttp", "botocore", "boto3", "cryptography", "regex"),
+    ),
+    "connect": _Lazy(
+        "agent.connect.command",
+        "open a tunnel and connect to a device (operator side)",
+        "operator",
+        ("boto3",),
+    ),
 }
-_SKIPPED_FIELDS = frozenset({"services"})
 
 
 def _out(text: str) -> None:
@@ -63,92 +94,16 @@ def _err(text: str) -> None:
     sys.stderr.write(text + "\n")
 
 
-def _is_scalar(annotation: Any) -> bool:
-    origin = get_origin(annotation)
-    if origin in (dict, tuple, list):
-        return False
-    return all(_is_scalar(arg) for arg in get_args(annotation) if arg is not type(None))
-
-
-def _is_bool(annotation: Any) -> bool:
-    return annotation is bool
-
-
-def _setting_flags() -> list[tuple[tuple[str, ...], str, bool]]:
-    """
-    List (path, flag, is_bool) for every scalar setting, sections included.
-    """
-    flags: list[tuple[tuple[str, ...], str, bool]] = []
-    for name, info in AgentSettings.model_fields.items():
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            for sub, sub_info in annotation.model_fields.items():
-                if _is_scalar(sub_info.annotation):
-                    flag = f"--{name}-{sub}".replace("_", "-")
-                    flags.append(((name, sub), flag, _is_bool(sub_info.annotation)))
-        elif name not in _SKIPPED_FIELDS and _is_scalar(annotation):
-            flags.append(((name,), f"--{name}".replace("_", "-"), _is_bool(annotation)))
-    return flags
-
-
-def _add_setting_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=os.environ.get("TUNNEL_AGENT_CONFIG"),
-        help=f"TOML settings file (default {DEFAULT_CONFIG_PATH}; env TUNNEL_AGENT_CONFIG)",
-    )
-    group = parser.add_argument_group("settings (each overrides its TUNNEL_AGENT_* variable)")
-    for path, flag, is_bool in _setting_flags():
-        env = "TUNNEL_AGENT_" + "__".join(path).upper()
-        dest = "setting:" + ".".join(path)
-        if is_bool:
-            group.add_argument(
-                flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=env
-            )
-        else:
-            group.add_argument(flag, dest=dest, metavar="VALUE", default=None, help=env)
-    group.add_argument(
-        "--service",
-        dest="services",
-        action="append",
-        metavar="NAME=TARGET",
-        default=[],
-        help="add or replace a [services] entry (TARGET: port, host:port or socket path)",
-    )
-
-
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
-    for dest, value in vars(args).items():
-        if not dest.startswith("setting:") or value is None:
-            continue
-        *sections, leaf = dest.removeprefix("setting:").split(".")
-        target = overrides
-        for section in sections:
-            target = target.setdefault(section, {})
-        target[leaf] = value
-    services: dict[str, str] = {}
-    for entry in args.services:
-        name, sep, target = entry.partition("=")
-        if not sep:
-            raise ConfigError(f"--service {entry!r}: expected NAME=TARGET")
-        services[name] = target
-    if services:
-        overrides["services"] = services
-    return overrides
-
-
-def _load(args: argparse.Namespace) -> AgentSettings:
-    settings = load_settings(args.config, _overrides(args))
-    problems = check_files(settings)
+def _load(args: argparse.Namespace, *, dates: bool) -> AgentSettings:
+    settings = load_settings(args.config, overrides(args))
+    problems = check_files(settings) + (check_dates(settings) if dates else [])
     if problems:
         raise ConfigError("invalid configuration:\n  " + "\n  ".join(problems))
     return settings
 
 
 def _cmd_check_config(args: argparse.Namespace) -> int:
-    settings = _load(args)
+    settings = _load(args, dates=True)
     source = args.config or (DEFAULT_CONFIG_PATH if DEFAULT_CONFIG_PATH.exists() else None)
     _out(f"configuration ok ({source or 'environment and flags only'})")
     _out(f"  thing_name: {settings.thing_name}")
@@ -182,16 +137,22 @@ def _cmd_check_config(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     # Imported here: `status` and `check-config` need neither asyncio apps nor SDKs.
+    import structlog  # noqa: PLC0415
+
     from agent.daemon.lifecycle import build_daemon  # noqa: PLC0415
     from agent.daemon.reexec import ReexecPlan  # noqa: PLC0415
     from agent.logging import configure_logging  # noqa: PLC0415
 
-    settings = _load(args)
+    settings = _load(args, dates=False)
     configure_logging(level=settings.logging.level, fmt=settings.logging.format)
-    overrides = _overrides(args)
+    for problem in check_dates(settings):
+        # Not fatal here: the clock may be wrong until NTP has synced, or the certificate
+        # renewed in place; AWS IoT's refusal is then logged and retried.
+        structlog.get_logger("agent.cli").warning("certificate_not_valid_now", problem=problem)
+    flags = overrides(args)
 
     def reload() -> AgentSettings:
-        return load_settings(args.config, overrides)
+        return load_settings(args.config, flags)
 
     # SIGHUP re-executes this command line, which is only ours when main() got sys.argv.
     run_args: list[str] = args.argv[1:]
@@ -206,27 +167,48 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return asyncio.run(daemon.run())
 
 
-def _status_dir(args: argparse.Namespace) -> Path:
+def _status_target(args: argparse.Namespace) -> tuple[Path, str | None]:
+    """
+    Where the agent's status file is: its runtime directory, and its thing when known.
+
+    The thing comes from --thing, else ``TUNNEL_AGENT_THING_NAME``, else the file given with
+    --config; without any, :func:`read_status` takes the only live agent in the directory.
+    """
+    config: dict[str, Any] = {}
+    if args.config is not None or DEFAULT_CONFIG_PATH.exists():
+        try:
+            with Path(args.config or DEFAULT_CONFIG_PATH).open("rb") as file:
+                config = tomllib.load(file)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            if args.config is not None:
+                raise ConfigError(f"config: {args.config}: {_reason(exc)}") from None
+    thing = args.thing or os.environ.get("TUNNEL_AGENT_THING_NAME")
+    if thing is None and args.config is not None and isinstance(config.get("thing_name"), str):
+        thing = config["thing_name"]
+    if thing is not None and not THING_NAME.fullmatch(thing):
+        raise ConfigError(f"thing_name = {thing!r}: must match [a-zA-Z0-9:_-]{{1,128}}")
     if args.runtime_dir is not None:
-        return Path(args.runtime_dir)
+        return Path(args.runtime_dir), thing
     if env := os.environ.get("TUNNEL_AGENT_RUNTIME_DIR"):
-        return Path(env)
-    config = args.config or DEFAULT_CONFIG_PATH
-    try:
-        with Path(config).open("rb") as file:
-            configured = tomllib.load(file).get("runtime_dir")
-    except (OSError, tomllib.TOMLDecodeError):
-        configured = None
-    if isinstance(configured, str):
-        return Path(configured)
+        return Path(env), thing
+    if isinstance(config.get("runtime_dir"), str):
+        return Path(config["runtime_dir"]), thing
     if env := os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]:
-        return Path(env)
-    return DEFAULT_RUNTIME_DIR
+        return Path(env), thing
+    return DEFAULT_RUNTIME_DIR, thing
+
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return "no such file"
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return f"invalid TOML: {exc}"
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
     try:
-        document = read_status(_status_dir(args))
+        document = read_status(*_status_target(args))
     except AgentError as exc:
         _err(f"tunnel-agent: {exc}")
         return EXIT_FAILURE
@@ -235,6 +217,85 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(format_status(document))
     return EXIT_OK
+
+
+_IMPLIED = " and ".join(f"{name} on port {port}" for name, port in IMPLIED_SERVICES.items())
+
+
+def _confirm(question: str) -> bool:
+    # Asked on the terminal only: stdout may be the TOML being written.
+    if not sys.stdin.isatty():
+        return False
+    sys.stderr.write(f"{question} [y/N] ")
+    sys.stderr.flush()
+    return sys.stdin.readline().strip().lower() in {"y", "yes"}
+
+
+def _cmd_import_device_client(args: argparse.Namespace) -> int:
+    config = read_device_client_config(args.path)
+    services = parse_service_flags(args.services)
+    question = f"Allow {_IMPLIED}, as the Device Client's tunneling did?"
+    if config.tunneling and not services and (args.yes or _confirm(question)):
+        services = dict(IMPLIED_SERVICES)
+    text = render_toml(config, services=services, certs_dir=args.certs_dir)
+    report = _out if args.output else _err
+    if args.output is not None:
+        if args.output.exists() and not (args.yes or _confirm(f"Replace {args.output}?")):
+            _err(f"tunnel-agent: {args.output} exists: pass --yes to replace it")
+            return EXIT_FAILURE
+        try:
+            write_private(args.output, text.encode())
+            # No secret in it (the key stays in its own file): readable like any configuration.
+            args.output.chmod(0o644)
+        except OSError as exc:
+            _err(f"tunnel-agent: {args.output}: {exc.strerror or exc}")
+            return EXIT_FAILURE
+        report(f"wrote {args.output} for thing {config.thing_name}")
+    else:
+        sys.stdout.write(text)
+    _import_report(config, services, args, report)
+    return EXIT_OK
+
+
+def _import_report(
+    config: DeviceClientConfig,
+    services: dict[str, str],
+    args: argparse.Namespace,
+    report: Callable[[str], None],
+) -> None:
+    if services:
+        report("services: " + ", ".join(f"{k}={v}" for k, v in services.items()))
+    elif config.tunneling:
+        report(
+            f"services: none. The Device Client's tunneling allowed {_IMPLIED} for any tunnel; "
+            "this agent refuses every service not listed: rerun with --service SSH=22 "
+            "(--service VNC=5900) or --yes to allow them, or edit [services]."
+        )
+    for title, lines in (("notes", config.notes), ("not carried over", config.dropped)):
+        if lines:
+            report(f"{title}:")
+            for line in lines:
+                report(f"  - {line}")
+    copies = config.copies(args.certs_dir)
+    report(
+        f"next steps, as root. This agent requires its key owned by its own user "
+        f"({AGENT_USER}), mode 0600 or 0400 (the Device Client's is root's), and cannot "
+        "read home directories: the files are copied for it."
+    )
+    report(f"  sudo install -d -o root -g {AGENT_USER} -m 0750 {args.certs_dir}")
+    for copy in copies:
+        try:
+            copy.source.stat()
+        except OSError as exc:
+            report(f"  # {copy.setting}: {copy.source}: {exc.strerror} here")
+        report(f"  {copy.command()}")
+    target = args.output or "FILE"
+    report(f"  sudo -u {AGENT_USER} tunnel-agent check-config --config {target}")
+    report(
+        "  then stop the Device Client (sudo systemctl disable --now aws-iot-device-client) or "
+        'at least its tunneling ("tunneling": {"enabled": false}): AWS IoT allows one '
+        f"connection per client id, and both would connect as {config.thing_name}."
+    )
 
 
 def _cmd_version(_args: argparse.Namespace) -> int:
@@ -249,23 +310,96 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"tunnel-agent {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="run the agent daemon")
-    _add_setting_arguments(run)
+    add_setting_arguments(run)
     run.set_defaults(handler=_cmd_run)
     check = commands.add_parser(
         "check-config", help="validate the settings; exit 78 and say what is wrong"
     )
-    _add_setting_arguments(check)
+    add_setting_arguments(check)
     check.set_defaults(handler=_cmd_check_config)
     status = commands.add_parser("status", help="show the running agent's tunnels")
-    status.add_argument("--runtime-dir", help="directory of the agent's status file")
-    status.add_argument("--config", type=Path, help="settings file (for its runtime_dir)")
+    status.add_argument("--runtime-dir", metavar="DIR", help="directory of the agent's status file")
+    status.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE",
+        help="the agent's settings file (for its thing_name and runtime_dir)",
+    )
+    status.add_argument(
+        "--thing",
+        metavar="NAME",
+        help="the agent serving this thing, when several run on this host (default: the only one)",
+    )
     status.add_argument("--json", action="store_true", help="print the raw status document")
     status.set_defaults(handler=_cmd_status)
+    importer = commands.add_parser(
+        "import-device-client",
+        help="turn an AWS IoT Device Client configuration into this agent's",
+        description="Write this agent's TOML configuration from the AWS IoT Device Client's "
+        "JSON one, and say what it could not carry over and which commands give the agent "
+        "its certificate files. The TOML goes to stdout (the report to stderr) unless "
+        "--output is given. Exit status 78 when required values are missing.",
+    )
+    importer.add_argument("path", type=Path, help="the Device Client's configuration file")
+    importer.add_argument(
+        "--output", type=Path, metavar="FILE", help="write the TOML here (default: stdout)"
+    )
+    importer.add_argument(
+        "--service",
+        dest="services",
+        action="append",
+        metavar="NAME=TARGET",
+        default=[],
+        help="a [services] entry (repeatable); without any, SSH=22 and VNC=5900 (what the "
+        "Device Client's tunneling allowed) are written only when confirmed or with --yes",
+    )
+    importer.add_argument(
+        "--certs-dir",
+        type=Path,
+        metavar="DIR",
+        default=DEFAULT_CERTS_DIR,
+        help=f"where the certificate and key are copied for the agent (default: "
+        f"{DEFAULT_CERTS_DIR})",
+    )
+    importer.add_argument(
+        "--yes",
+        action="store_true",
+        help="answer yes: allow SSH=22 and VNC=5900, replace an existing --output file",
+    )
+    importer.set_defaults(handler=_cmd_import_device_client)
     version = commands.add_parser("version", help="print the version")
     version.set_defaults(handler=_cmd_version)
-    for name, (_, help_text) in _LAZY.items():
-        commands.add_parser(name, help=help_text, add_help=False)
+    for name, lazy in _LAZY.items():
+        commands.add_parser(name, help=f"{lazy.help} [{lazy.extra} extra]", add_help=False)
     return parser
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _run_lazy(command: str, argv: list[str]) -> int:
+    lazy = _LAZY[command]
+    # A device installs neither extra: say which one to add, not a ModuleNotFoundError.
+    missing = (
+        f"error: tunnel-agent {command} needs the [{lazy.extra}] extra: "
+        f"pip install 'iot-tunnel-agent[{lazy.extra}]'"
+    )
+    if not all(_installed(name) for name in lazy.requires):
+        _err(missing)
+        return EXIT_FAILURE
+    try:
+        module = importlib.import_module(lazy.module)
+    except ImportError as exc:
+        name = exc.name or ""
+        ours = not name or name.split(".")[0] in lazy.requires or lazy.module.startswith(name)
+        _err(missing if ours else f"error: tunnel-agent {command}: {exc}")
+        return EXIT_FAILURE
+    status: int = module.main(argv)
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -280,18 +414,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments and arguments[0] in _LAZY:
-        try:
-            module = importlib.import_module(_LAZY[arguments[0]][0])
-        except ImportError as exc:
-            # e.g. a device install without the emulator/operator extras.
-            _err(f"tunnel-agent: '{arguments[0]}' is not available in this installation: {exc}")
-            return EXIT_FAILURE
-        result: int = module.main(arguments[1:])
-        return result
+        return _run_lazy(arguments[0], arguments[1:])
     args = _parser().parse_args(arguments)
     args.argv = arguments
     try:
-        result = args.handler(args)
+        result: int = args.handler(args)
     except ConfigError as exc:
         _err(f"tunnel-agent: {exc}")
         return EXIT_CONFIG

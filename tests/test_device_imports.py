@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from tests.certs import write_credentials
+
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -105,9 +107,7 @@ def test_agent_help(tmp_path):
 
 def test_agent_check_config(tmp_path):
     """`tunnel-agent check-config` validates a minimal MQTT configuration."""
-    for name in ("cert.pem", "ca.pem", "key.pem"):
-        (tmp_path / name).write_text("pem\n")
-    (tmp_path / "key.pem").chmod(0o600)
+    write_credentials(tmp_path)  # real PEM files: check-config parses them with the stdlib
     config = tmp_path / "config.toml"
     config.write_text(
         'thing_name = "dev-1"\nnotify = "mqtt"\n[services]\nSSH = 22\n'
@@ -123,13 +123,23 @@ def test_agent_check_config(tmp_path):
     assert "  services: SSH=22\n" in result.stdout
 
 
-def test_agent_emulator_is_absent(tmp_path):
-    """Without the emulator, `tunnel-agent emulator` says so and exits 1."""
-    result, refused = run_blocked(AGENT, "emulator", "--help", cwd=tmp_path)
+@pytest.mark.parametrize(("command", "extra"), [("emulator", "emulator"), ("connect", "operator")])
+def test_lazy_command_without_its_extra(tmp_path, command, extra):
+    """Without its extra, a sub-command prints one line naming it and exits 1, no traceback."""
+    result, refused = run_blocked(AGENT, command, "--help", cwd=tmp_path)
+    lines = result.stderr.strip().split("\n")[:-1]  # the last line is the blocker's report
 
     assert result.returncode == 1
-    assert refused == ["agent.emulator"]
-    assert "tunnel-agent: 'emulator' is not available in this installation" in result.stderr
+    assert result.stdout == ""
+    assert [line for line in lines if line] == [
+        (
+            f"error: tunnel-agent {command} needs the [{extra}] extra: "
+            f"pip install 'iot-tunnel-agent[{extra}]'"
+        )
+    ]
+    # Found missing before anything of the sub-command was imported.
+    assert refused
+    assert not [name for name in refused if name.startswith("agent.")]
 
 
 def test_localproxy_help(tmp_path):

@@ -8,18 +8,21 @@ Sources, highest priority first: command-line flags (passed as ``overrides``),
 the daemon passes plain keyword arguments down.
 
 :func:`load_settings` turns every problem into one :class:`ConfigError` whose
-message lists each bad field as ``field = value: why``; :func:`check_files`
-adds what only the filesystem can tell (unreadable or exposed key files).
+message lists each bad field as ``field = value: why``, unknown keys and
+``TUNNEL_AGENT_*`` variables with a suggestion; :func:`check_files` adds what only
+the filesystem can tell (unreadable, exposed or damaged key and certificate files, a
+key that is not the certificate's), :func:`check_dates` the certificates' validity.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import stat
 import tomllib
 from contextvars import ContextVar
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
@@ -36,6 +39,8 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, InitSettingsSource, SettingsConfigDict
 
+from agent.daemon.credentials import certificate_problems, date_problems, key_problems
+from agent.daemon.spelling import suggest_key, unknown_variables
 from agent.exceptions import ConfigError
 from agent.notify import NotifyKind, resolve_kind
 from agent.protocol.ids import SERVICE_ID, THING_NAME
@@ -51,12 +56,15 @@ __all__ = [
     "DEFAULT_CONFIG_PATH",
     "DEFAULT_RUNTIME_DIR",
     "DEFAULT_STATE_DIR",
+    "ENV_PREFIX",
+    "OTHER_VARIABLES",
     "AgentSettings",
     "LimitsSettings",
     "LoggingSettings",
     "MqttSettings",
     "ProxySettings",
     "TunnelsSettings",
+    "check_dates",
     "check_files",
     "load_settings",
     "parse_duration",
@@ -66,6 +74,10 @@ __all__ = [
 DEFAULT_CONFIG_PATH = Path("/etc/iot-tunnel-agent/config.toml")
 DEFAULT_RUNTIME_DIR = Path("/run/iot-tunnel-agent")
 DEFAULT_STATE_DIR = Path("/var/lib/iot-tunnel-agent")
+ENV_PREFIX = "TUNNEL_AGENT_"
+#: Variables with the settings prefix that are not settings: read by agent/cli.py (--config)
+#: and agent/common/loop.py.
+OTHER_VARIABLES = frozenset({"TUNNEL_AGENT_CONFIG", "TUNNEL_AGENT_EVENT_LOOP"})
 
 # host[:port] for the proxy endpoint override, as localproxy accepts it (docs/protocol.md §9.2).
 _ENDPOINT = re.compile(r"[a-z0-9.\[\]-]+(:[0-9]{1,5})?")
@@ -159,20 +171,65 @@ class MqttSettings(_Section):
     Required when the notification source is MQTT; ignored under Greengrass.
     """
 
-    endpoint: str | None = Field(default=None, min_length=1, max_length=253)
-    port: int = Field(default=8883, ge=1, le=65535)
-    client_id: str | None = Field(default=None, min_length=1, max_length=128)
-    cert: Path | None = None
-    key: Path | None = None
-    ca: Path | None = None
-    http_proxy: SecretStr | None = None
+    endpoint: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=253,
+        description="AWS IoT Core data endpoint, host name only "
+        "(aws iot describe-endpoint --endpoint-type iot:Data-ATS)",
+    )
+    port: int = Field(default=8883, ge=1, le=65535, description="MQTT port (mutual TLS), 1-65535")
+    client_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        description="MQTT client id; unset: thing_name, which AWS IoT policies usually require",
+    )
+    cert: Path | None = Field(default=None, description="device certificate, PEM file")
+    key: Path | None = Field(
+        default=None,
+        description="device private key, PEM file owned by the agent's user, mode 0600 or 0400",
+    )
+    ca: Path | None = Field(
+        default=None,
+        description="CA certificate(s) of the endpoint, PEM file, e.g. AmazonRootCA1.pem; "
+        "unset: the system store",
+    )
+    http_proxy: SecretStr | None = Field(
+        default=None,
+        description="outbound web proxy http://[user:password@]host:port, also given to each "
+        "local proxy; a secret: prefer the environment variable to the flag",
+    )
     # Reconnection: exponential backoff with jitter from the minimum to the maximum delay,
     # back to the minimum once a connection lasted reconnect_reset_after seconds.
-    min_reconnect_delay: float = Field(default=1.0, gt=0, le=300)
-    max_reconnect_delay: float = Field(default=20.0, gt=0, le=3600)
-    reconnect_reset_after: float = Field(default=10.0, gt=0, le=3600)
+    min_reconnect_delay: float = Field(
+        default=1.0,
+        gt=0,
+        le=300,
+        description="first reconnection delay in seconds, (0, 300]; keep it >= 1 (AWS IoT "
+        "accepts one CONNECT per second per client id)",
+    )
+    max_reconnect_delay: float = Field(
+        default=20.0,
+        gt=0,
+        le=3600,
+        description="longest reconnection delay in seconds, (0, 3600], >= the first",
+    )
+    reconnect_reset_after: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="seconds a connection must last for the delay to start again from the "
+        "first, (0, 3600]",
+    )
     # Unacknowledged notifications the broker may have out at once (MQTT5 Receive Maximum).
-    receive_maximum: int = Field(default=10, ge=1, le=100)
+    receive_maximum: int = Field(
+        default=10,
+        ge=1,
+        le=100,
+        description="notifications the broker may send before the agent acknowledged them "
+        "(MQTT 5 Receive Maximum), 1-100",
+    )
 
     @field_validator("endpoint")
     @classmethod
@@ -202,18 +259,56 @@ class ProxySettings(_Section):
     How the destination local proxy is started for each tunnel (docs/architecture.md §5.2).
     """
 
-    binary: Literal["bundled"] | Path = "bundled"
-    ca: Path | None = None
-    endpoint: str | None = None
-    no_verify: bool = False
-    extra_args: tuple[str, ...] = ()
-    extra_env: dict[str, SecretStr] = Field(default_factory=dict)
-    stop_grace: float = Field(default=2.0, gt=0, le=30)
+    binary: Literal["bundled"] | Path = Field(
+        default="bundled",
+        description="'bundled' (this package's tunnel-localproxy) or an absolute path to "
+        "AWS localproxy",
+    )
+    ca: Path | None = Field(
+        default=None,
+        description="CA file or directory for the data-plane TLS, localproxy -c; "
+        "unset: the system store",
+    )
+    endpoint: str | None = Field(
+        default=None,
+        description="data-plane endpoint host[:port] instead of the notification's region, "
+        "localproxy -e (the emulator)",
+    )
+    no_verify: bool = Field(
+        default=False,
+        description="skip data-plane TLS verification, localproxy -k; only with "
+        "--proxy-endpoint (the emulator)",
+    )
+    extra_args: tuple[str, ...] = Field(
+        default=(), description="extra localproxy flags; those the agent sets are refused"
+    )
+    extra_env: dict[str, SecretStr] = Field(
+        default_factory=dict, description="extra environment for each local proxy (secrets)"
+    )
+    stop_grace: float = Field(
+        default=2.0, gt=0, le=30, description="seconds between SIGTERM and SIGKILL, (0, 30]"
+    )
     # A proxy with no connected line this long after its start (or a drop) is reported.
-    connect_timeout: Duration = timedelta(seconds=30)
-    max_restarts: int = Field(default=5, ge=0, le=1000)
-    restart_backoff_initial: float = Field(default=1.0, gt=0, le=600)
-    restart_backoff_max: float = Field(default=30.0, gt=0, le=3600)
+    connect_timeout: Duration = Field(
+        default=timedelta(seconds=30),
+        description="a proxy not connected this long after its start or a drop is reported "
+        "(proxy_not_connected, status); 1s to 1h",
+    )
+    max_restarts: int = Field(
+        default=5,
+        ge=0,
+        le=1000,
+        description="restarts in a row of a failed proxy before its tunnel is dropped, 0-1000",
+    )
+    restart_backoff_initial: float = Field(
+        default=1.0, gt=0, le=600, description="first restart delay in seconds, (0, 600]"
+    )
+    restart_backoff_max: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="longest restart delay in seconds, (0, 3600], >= the initial delay",
+    )
 
     @field_validator("binary", mode="before")
     @classmethod
@@ -272,8 +367,14 @@ class LoggingSettings(_Section):
     Log level and format; ``auto`` means JSON unless stdout is a terminal.
     """
 
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "json", "console"] = "auto"
+    level: Literal["debug", "info", "warning", "error"] = Field(
+        default="info", description="least severe level logged"
+    )
+    format: Literal["auto", "json", "console"] = Field(
+        default="auto",
+        description="json (one object per line, for journald), console (human), or auto: "
+        "JSON unless stdout is a terminal",
+    )
 
     @field_validator("level", "format", mode="before")
     @classmethod
@@ -286,11 +387,21 @@ class LimitsSettings(_Section):
     Bounds on tunnels; reloaded on SIGHUP without touching running tunnels.
     """
 
-    max_concurrent_tunnels: int = Field(default=10, ge=1, le=1000)
-    max_tunnel_lifetime: Duration = timedelta(hours=12)
+    max_concurrent_tunnels: int = Field(
+        default=10, ge=1, le=1000, description="most tunnels running at once, 1-1000"
+    )
+    max_tunnel_lifetime: Duration = Field(
+        default=timedelta(hours=12),
+        description="a tunnel's proxy is stopped this long after it started: 12h, 90m, 1h30m, "
+        "45s, seconds, or ISO 8601 PT12H; 1 s to 7 days",
+    )
     # What happens to a notification over the cap: "refuse_new" keeps running sessions
     # intact; "stop_oldest" favours the newest operator.
-    on_limit: Literal["refuse_new", "stop_oldest"] = "refuse_new"
+    on_limit: Literal["refuse_new", "stop_oldest"] = Field(
+        default="refuse_new",
+        description="a notification over the cap: refuse_new drops it, stop_oldest stops the "
+        "oldest tunnel",
+    )
 
     @field_validator("max_tunnel_lifetime")
     @classmethod
@@ -332,17 +443,29 @@ class AgentSettings(BaseSettings):
     """
 
     model_config = SettingsConfigDict(
-        env_prefix="TUNNEL_AGENT_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         frozen=True,
         extra="forbid",
         validate_default=True,
     )
 
-    thing_name: str
-    notify: NotifyKind = "auto"
-    services: dict[ServiceName, ServiceTarget] = Field(default_factory=dict)
-    runtime_dir: Path | None = None
+    thing_name: str = Field(description="the AWS IoT thing this device is, [a-zA-Z0-9:_-]{1,128}")
+    notify: NotifyKind = Field(
+        default="auto",
+        description="where notifications come from: mqtt (own connection), greengrass "
+        "(nucleus IPC), or auto: greengrass when the nucleus' IPC variables are set",
+    )
+    services: dict[ServiceName, ServiceTarget] = Field(
+        default_factory=dict,
+        description="services an operator may reach, name -> port, host:port or socket path; "
+        "deny by default",
+    )
+    runtime_dir: Path | None = Field(
+        default=None,
+        description="directory of the status file; unset: $RUNTIME_DIRECTORY (systemd), else "
+        "/run/iot-tunnel-agent",
+    )
     mqtt: MqttSettings = MqttSettings()
     proxy: ProxySettings = ProxySettings()
     logging: LoggingSettings = LoggingSettings()
@@ -421,15 +544,15 @@ def _read_toml(path: Path) -> dict[str, Any]:
         with path.open("rb") as file:
             return tomllib.load(file)
     except FileNotFoundError as exc:
-        raise ConfigError(f"config file {path}: not found") from exc
+        raise ConfigError(f"config: {path}: no such file") from exc
     except PermissionError as exc:
-        raise ConfigError(f"config file {path}: not readable by this user") from exc
+        raise ConfigError(f"config: {path}: not readable by this user") from exc
     except IsADirectoryError as exc:
-        raise ConfigError(f"config file {path}: is a directory") from exc
+        raise ConfigError(f"config: {path}: is a directory") from exc
     except OSError as exc:
-        raise ConfigError(f"config file {path}: {exc.strerror or exc}") from exc
+        raise ConfigError(f"config: {path}: {exc.strerror or exc}") from exc
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path}: invalid TOML: {exc}") from exc
+        raise ConfigError(f"config: {path}: invalid TOML: {exc}") from exc
 
 
 _SECRET_FIELDS = ("http_proxy", "extra_env")
@@ -440,6 +563,10 @@ def _describe(error: Mapping[str, Any]) -> str:
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "missing":
         return f"{loc}: required, not set"
+    if error["type"] == "extra_forbidden":
+        # Without its value: a misspelt http_proxy may carry a password.
+        close = suggest_key(AgentSettings, error["loc"])
+        return f"{loc}: unknown setting" + (f"; did you mean {close}?" if close else "")
     if any(part in _SECRET_FIELDS for part in error["loc"]):
         return f"{loc}: {message}"
     value = error.get("input")
@@ -447,6 +574,10 @@ def _describe(error: Mapping[str, Any]) -> str:
     if len(shown) > 80:
         shown = shown[:77] + "..."
     return f"{loc} = {shown}: {message}"
+
+
+def _variable(loc: tuple[int | str, ...]) -> str:
+    return ENV_PREFIX + "__".join(str(part) for part in loc).upper()
 
 
 def load_settings(
@@ -465,27 +596,41 @@ def load_settings(
     Raises:
         ConfigError: One line per problem, each naming the field, value and reason.
     """
+    absent = None
     if config is None:
         try:
             data = _read_toml(DEFAULT_CONFIG_PATH)
         except ConfigError:
             # No usable default file (absent, or /etc/iot-tunnel-agent is 0750 and we are not
             # in its group): say so precisely rather than run on defaults or a traceback.
-            if _default_missing():
-                data = {}
-            else:
+            if not _default_missing():
                 raise
+            data, absent = {}, f"config: {DEFAULT_CONFIG_PATH}: no such file"
     else:
         data = _read_toml(config)
+    lines = unknown_variables(
+        AgentSettings, os.environ, prefix=ENV_PREFIX, delimiter="__", others=OTHER_VARIABLES
+    )
+    variables = {name.upper() for name in os.environ}
     token = _toml_data.set(data)
     try:
-        return AgentSettings(**dict(overrides or {}))
+        settings = AgentSettings(**dict(overrides or {}))
     except ValidationError as exc:
-        where = f" in {config or DEFAULT_CONFIG_PATH}" if data else ""
-        lines = [_describe(error) for error in exc.errors(include_url=False)]
-        raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(lines)) from None
+        lines += [
+            _describe(error)
+            for error in exc.errors(include_url=False)
+            # A misspelt TUNNEL_AGENT_MQTT__X also reaches pydantic as mqtt.x: named above.
+            if not (error["type"] == "extra_forbidden" and _variable(error["loc"]) in variables)
+        ]
+    else:
+        if not lines:
+            return settings
     finally:
         _toml_data.reset(token)
+    # Only worth saying when something is wrong: settings may come from the environment alone.
+    where = f" in {config or DEFAULT_CONFIG_PATH}" if data else ""
+    lines = [absent, *lines] if absent else lines
+    raise ConfigError(f"invalid configuration{where}:\n  " + "\n  ".join(lines))
 
 
 def _check_readable(problems: list[str], field: str, path: Path) -> bool:
@@ -503,9 +648,33 @@ def _check_readable(problems: list[str], field: str, path: Path) -> bool:
     return False
 
 
+def _certificate_files(settings: AgentSettings) -> list[tuple[str, Path, bool]]:
+    """(field, path, is a CA bundle) of the certificate files that are set."""
+    files = [
+        ("mqtt.cert", settings.mqtt.cert, False),
+        ("mqtt.ca", settings.mqtt.ca, True),
+        ("proxy.ca", settings.proxy.ca, True),
+    ]
+    # proxy.ca may also name a directory of CA files (localproxy -c): nothing to parse then.
+    return [
+        (f, p, ca) for f, p, ca in files if p is not None and not (f == "proxy.ca" and _is_dir(p))
+    ]
+
+
+def _is_dir(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(path.stat().st_mode)
+    except OSError:
+        return False  # unreadable: _check_readable says so
+
+
 def check_files(settings: AgentSettings) -> list[str]:
     """
     Check the files the settings point to, as the daemon's user.
+
+    Certificates and the key are parsed (agent/daemon/credentials.py): empty or damaged
+    PEM, or a key that is not the certificate's, is reported; their dates are not (see
+    :func:`check_dates`).
 
     Args:
         settings: Validated settings.
@@ -515,13 +684,12 @@ def check_files(settings: AgentSettings) -> list[str]:
     """
     problems: list[str] = []
     mqtt = settings.mqtt
-    for field, path in (
-        ("mqtt.cert", mqtt.cert),
-        ("mqtt.ca", mqtt.ca),
-        ("proxy.ca", settings.proxy.ca),
-    ):
-        if path is not None and not (field == "proxy.ca" and path.is_dir()):
-            _check_readable(problems, field, path)
+    cert_ok = False
+    for field, path, _ in _certificate_files(settings):
+        if _check_readable(problems, field, path):
+            found = certificate_problems(field, path)
+            problems += found
+            cert_ok = cert_ok or (field == "mqtt.cert" and not found)
     if mqtt.key is not None and _check_readable(problems, "mqtt.key", mqtt.key):
         mode = stat.S_IMODE(mqtt.key.stat().st_mode)
         # A private key readable by others defeats mutual TLS (chmod 0600 or 0400).
@@ -530,10 +698,31 @@ def check_files(settings: AgentSettings) -> list[str]:
                 f"mqtt.key = '{mqtt.key}': mode {mode:04o} lets group/others read the "
                 "private key; chmod 600 it"
             )
+        problems += key_problems("mqtt.key", mqtt.key, "mqtt.cert", mqtt.cert if cert_ok else None)
     binary = settings.proxy.binary
     if isinstance(binary, Path):
         if not binary.is_file():
             problems.append(f"proxy.binary = '{binary}': file does not exist")
         elif not os.access(binary, os.X_OK):
             problems.append(f"proxy.binary = '{binary}': not executable by this user")
+    return problems
+
+
+def check_dates(settings: AgentSettings, now: datetime | None = None) -> list[str]:
+    """
+    Check that the certificates are within their validity period.
+
+    Args:
+        settings: Validated settings.
+        now: The time to check at; the current time by default.
+
+    Returns:
+        One line per certificate file outside its period (an unreadable or damaged file
+        is :func:`check_files`' to report, not this one's).
+    """
+    now = now or datetime.now(UTC)
+    problems: list[str] = []
+    for field, path, bundle in _certificate_files(settings):
+        with contextlib.suppress(OSError):
+            problems += date_problems(field, path, now, bundle=bundle)
     return problems

@@ -5,6 +5,10 @@ Written atomically (temporary file + rename) with mode 0600 in the runtime
 directory (``$RUNTIME_DIRECTORY`` under systemd, else ``/run/iot-tunnel-agent``),
 on every change and never on a timer: an idle agent does no I/O. It holds no
 secret, but who runs which tunnel is nobody else's business.
+
+The file is named after the thing (``status.<thing_name>.json``) so that two
+agents sharing a runtime directory, one per thing, do not overwrite each other;
+:func:`read_status` finds the only one when no thing is named.
 """
 
 from __future__ import annotations
@@ -27,15 +31,15 @@ if TYPE_CHECKING:
     from agent.daemon.tunnels import TunnelInfo
 
 
-__all__ = ["STATUS_FILE", "StatusFile", "format_status", "read_status"]
+__all__ = ["StatusFile", "format_status", "read_status", "status_path"]
 
-STATUS_FILE = "status.json"
+_PREFIX, _SUFFIX = "status.", ".json"
 _FORMAT_VERSION = 1
 
 
 class StatusFile:
     """
-    Keeps ``<runtime_dir>/status.json`` up to date for one daemon process.
+    Keeps ``<runtime_dir>/status.<thing_name>.json`` up to date for one daemon process.
     """
 
     def __init__(self, directory: Path, *, thing_name: str) -> None:
@@ -46,7 +50,7 @@ class StatusFile:
             directory: The runtime directory; created 0700 if missing.
             thing_name: Recorded in the file.
         """
-        self.path = directory / STATUS_FILE
+        self.path = status_path(directory, thing_name)
         self._directory = directory
         self._thing_name = thing_name
         self._started_at = time.time()
@@ -97,20 +101,67 @@ class StatusFile:
             self.path.unlink()
 
 
-def read_status(directory: Path) -> dict[str, Any]:
+def status_path(directory: Path, thing_name: str) -> Path:
+    """
+    Return the status file of the agent serving ``thing_name`` in ``directory``.
+    """
+    return directory / f"{_PREFIX}{thing_name}{_SUFFIX}"
+
+
+def read_status(directory: Path, thing_name: str | None = None) -> dict[str, Any]:
     """
     Read a daemon's status file and check that the daemon is alive.
 
     Args:
         directory: The runtime directory.
+        thing_name: The agent's thing; ``None`` picks the only live agent in ``directory``.
 
     Returns:
         The parsed document.
 
     Raises:
-        AgentError: No file, unreadable, malformed, or its daemon is gone.
+        AgentError: No file, unreadable, malformed, its daemon is gone, or (without a
+            thing name) several live agents share the directory.
     """
-    path = directory / STATUS_FILE
+    if thing_name is not None:
+        return _read_one(status_path(directory, thing_name))
+    paths = _status_files(directory)
+    if not paths:
+        raise AgentError(f"no status file in {directory}: is the agent running?")
+    live: list[dict[str, Any]] = []
+    errors: list[AgentError] = []
+    for path in paths:
+        try:
+            live.append(_read_one(path))
+        except AgentError as exc:
+            errors.append(exc)
+    if len(live) == 1:
+        return live[0]
+    if not live:
+        raise errors[0]  # e.g. a crashed agent's stale file: say which one
+    things = ", ".join(str(document.get("thing_name", "?")) for document in live)
+    raise AgentError(
+        f"{len(live)} agents run here ({things}): choose one with --thing NAME or --config FILE"
+    )
+
+
+def _status_files(directory: Path) -> list[Path]:
+    # scandir, not glob: glob hides a directory we may not list behind an empty result.
+    try:
+        with os.scandir(directory) as entries:
+            names = sorted(
+                e.name for e in entries if e.name.startswith(_PREFIX) and e.name.endswith(_SUFFIX)
+            )
+    except FileNotFoundError:
+        return []
+    except PermissionError:
+        raise AgentError(f"{directory}: permission denied (run as the agent's user)") from None
+    except OSError as exc:
+        raise AgentError(f"{directory}: {exc.strerror or exc}") from None
+    return [directory / name for name in names]
+
+
+def _read_one(path: Path) -> dict[str, Any]:
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -179,7 +179,7 @@ def _boto3_client(operator: dict[str, str]) -> Any:
 
 
 def _agent_status(directory: Path) -> dict[str, Any]:
-    status = directory / "agent-run" / "status.json"
+    status = directory / "agent-run" / f"status.{THING}.json"  # status.<thing_name>.json
     return json.loads(status.read_text()) if status.exists() else {}
 
 

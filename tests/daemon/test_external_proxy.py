@@ -249,7 +249,7 @@ class TestExternalBinary:
         assert [e["level"] for e in outputs if "Starting proxy" in e["line"]] == ["info"]
         # The token echoed by the binary reaches neither the log nor the status file.
         assert TOKEN not in log_text
-        assert TOKEN not in (a.runtime / "status.json").read_text()
+        assert TOKEN not in (a.runtime / "status.dev-1.json").read_text()
         assert TOKEN not in table
 
     def test_check_config_warns(self, tmp_path, pki, capsys):
@@ -293,7 +293,10 @@ class TestExternalBinary:
         code = main(["check-config", "--config", str(config)])
 
         assert code == 78
-        assert f"proxy.ca = '{ca}': no PEM certificate in the file" in capsys.readouterr().err
+        assert (
+            f"proxy.ca = '{ca}': no PEM certificate (-----BEGIN CERTIFICATE-----) in the file"
+            in capsys.readouterr().err
+        )
 
     def test_run_refuses_unusable_ca_file(self, tmp_path):
         """`run` stops at start, exit 78 (systemd does not restart it), naming the file."""
@@ -318,7 +321,10 @@ class TestExternalBinary:
         )
 
         assert result.returncode == 78, result.stderr
-        assert f"proxy.ca = '{ca}': not a certificate" in result.stderr
+        assert (
+            f"proxy.ca = '{ca}': not a valid PEM certificate (damaged or truncated)"
+            in result.stderr
+        )
         assert not (tmp_path / "rt" / "ca").exists()
 
 

@@ -640,7 +640,7 @@ class TestAgentProcess:
         assert elapsed < 5
         assert not alive(run["pid"])
         assert (a.proxy_dir / f"term-{run['pid']}").exists()
-        assert not (a.runtime / "status.json").exists()
+        assert not (a.runtime / "status.dev-1.json").exists()
 
     def test_sigkill_no_orphan(self, agent):
         """SIGKILL of the agent leaves no proxy process behind."""
@@ -670,7 +670,8 @@ class TestAgentProcess:
         second = read_runs(a.proxy_dir)[1]
         a.wait_until(
             lambda: (
-                json.loads((a.runtime / "status.json").read_text())["tunnels"][0]["restarts"] == 1
+                json.loads((a.runtime / "status.dev-1.json").read_text())["tunnels"][0]["restarts"]
+                == 1
             )
         )
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,12 +14,14 @@ from pydantic import ValidationError
 from agent.daemon import settings as settings_module
 from agent.daemon.settings import (
     AgentSettings,
+    check_dates,
     check_files,
     load_settings,
     parse_duration,
     parse_service_target,
 )
 from agent.exceptions import ConfigError
+from tests.certs import DAY, certificate, write_certificate, write_credentials, write_key
 
 
 MINIMAL = """\
@@ -43,11 +45,8 @@ def clean_env(monkeypatch):
 
 @pytest.fixture
 def files(tmp_path):
-    for name in ("cert.pem", "ca.pem"):
-        (tmp_path / name).write_text("pem\n")
-    key = tmp_path / "key.pem"
-    key.write_text("key\n")
-    key.chmod(0o600)
+    """A device certificate, its key (0600) and its CA in tmp_path."""
+    write_credentials(tmp_path)
     return tmp_path
 
 
@@ -204,22 +203,30 @@ class TestErrors:
         blocker.write_text("")
         monkeypatch.setattr(settings_module, "DEFAULT_CONFIG_PATH", blocker / "config.toml")
 
-        with pytest.raises(ConfigError, match=r"config file .*/etc/config.toml: Not a directory"):
+        with pytest.raises(ConfigError, match=r"config: .*/etc/config.toml: Not a directory"):
             load_settings(None)
 
     def test_absent_default_path_uses_defaults(self, tmp_path, monkeypatch):
-        """No default file at all is not an error by itself: the defaults then apply."""
+        """No default file is not an error by itself: the environment may hold everything."""
+        monkeypatch.setattr(settings_module, "DEFAULT_CONFIG_PATH", tmp_path / "none.toml")
+        monkeypatch.setenv("TUNNEL_AGENT_THING_NAME", "dev-9")
+        monkeypatch.setenv("TUNNEL_AGENT_NOTIFY", "greengrass")
+
+        assert load_settings(None).thing_name == "dev-9"
+
+    def test_absent_default_path_named_when_incomplete(self, tmp_path, monkeypatch):
+        """When settings are missing, the absent default file is named first, as such."""
         monkeypatch.setattr(settings_module, "DEFAULT_CONFIG_PATH", tmp_path / "none.toml")
 
-        with pytest.raises(ConfigError) as info:
-            load_settings(None)
-
-        assert "config file" not in str(info.value)
-        assert "thing_name" in str(info.value)
+        assert error_of(None) == (
+            "invalid configuration:\n"
+            f"  config: {tmp_path}/none.toml: no such file\n"
+            "  thing_name: required, not set"
+        )
 
     def test_missing_file(self, tmp_path):
         """A named file that does not exist is a config error naming it."""
-        assert error_of(tmp_path / "nope.toml") == f"config file {tmp_path}/nope.toml: not found"
+        assert error_of(tmp_path / "nope.toml") == f"config: {tmp_path}/nope.toml: no such file"
 
     def test_bad_toml(self, tmp_path):
         """A TOML syntax error names the file and the position."""
@@ -228,7 +235,7 @@ class TestErrors:
 
         message = error_of(path)
 
-        assert message.startswith(f"config file {path}: invalid TOML: ")
+        assert message.startswith(f"config: {path}: invalid TOML: ")
         assert "line 1" in message
 
     def test_field_value_why(self, files):
@@ -269,16 +276,40 @@ class TestErrors:
         )
 
     def test_unknown_key(self, files):
-        """A misspelt key is refused rather than silently ignored."""
+        """A misspelt key is refused rather than silently ignored, with the closest name."""
         path = files / "c.toml"
         path.write_text(
             'max_tunnels = 3\nthing_name = "d"\nnotify = "greengrass"\n[mqtt]\nprot = 1\n'
+            "[limits]\nmax_concurrent_tunnel = 2\n"
         )
 
         message = error_of(path)
 
-        assert "  max_tunnels = 3: Extra inputs are not permitted" in message
-        assert "  mqtt.prot = 1: Extra inputs are not permitted" in message
+        assert message.splitlines()[1:] == [
+            "  mqtt.prot: unknown setting; did you mean mqtt.port?",
+            (
+                "  limits.max_concurrent_tunnel: unknown setting; did you mean "
+                "limits.max_concurrent_tunnels?"
+            ),
+            (
+                "  max_tunnels: unknown setting; did you mean limits.max_tunnel_lifetime or "
+                "limits.max_concurrent_tunnels?"
+            ),
+        ]
+
+    def test_misplaced_key(self, files):
+        """A key in the wrong section is pointed to the section that has it."""
+        path = files / "c.toml"
+        path.write_text('thing_name = "d"\nnotify = "greengrass"\nendpoint = "x"\n')
+
+        assert "  endpoint: unknown setting; did you mean mqtt.endpoint?" in error_of(path)
+
+    def test_unknown_key_without_suggestion(self, files):
+        """Nothing close: the key is still named, without a guess."""
+        path = files / "c.toml"
+        path.write_text('thing_name = "d"\nnotify = "greengrass"\nzzz = 1\n')
+
+        assert error_of(path).splitlines()[1] == "  zzz: unknown setting"
 
     def test_service_name_with_colon(self, files):
         """A service name with ':' is refused: localproxy map ids cannot hold it."""
@@ -402,6 +433,64 @@ class TestDuration:
         assert parse_duration(30) == 30
 
 
+class TestUnknownVariables:
+    @pytest.mark.parametrize(
+        ("variable", "line"),
+        [
+            (
+                "TUNNEL_AGENT_MQTT_PORT",
+                (
+                    "TUNNEL_AGENT_MQTT_PORT: not a setting variable; "
+                    "did you mean TUNNEL_AGENT_MQTT__PORT?"
+                ),
+            ),
+            (
+                "TUNNEL_AGENT_LIMITS__MAX_TUNNELS",
+                (
+                    "TUNNEL_AGENT_LIMITS__MAX_TUNNELS: not a setting variable; "
+                    "did you mean TUNNEL_AGENT_LIMITS__MAX_TUNNEL_LIFETIME?"
+                ),
+            ),
+            ("TUNNEL_AGENT_XYZZY", "TUNNEL_AGENT_XYZZY: not a setting variable"),
+        ],
+    )
+    def test_misspelt_variable(self, files, monkeypatch, variable, line):
+        """A TUNNEL_AGENT_* variable that names no setting is refused, with a suggestion."""
+        monkeypatch.setenv(variable, "1")
+        path = write_config(files)
+
+        assert error_of(path) == f"invalid configuration in {path}:\n  {line}"
+
+    def test_value_not_shown(self, files, monkeypatch):
+        """The variable's value may be a secret: it is never part of the message."""
+        monkeypatch.setenv("TUNNEL_AGENT_MQTT__HTTP_PROXYY", "http://user:s3cret@proxy:3128")
+
+        message = error_of(write_config(files))
+
+        assert "TUNNEL_AGENT_MQTT__HTTP_PROXYY: not a setting variable" in message
+        assert "s3cret" not in message
+
+    def test_known_variables_pass(self, files, monkeypatch):
+        """Settings, mapping entries, sections as JSON and the non-setting variables pass."""
+        for name, value in {
+            "TUNNEL_AGENT_MQTT__PORT": "1883",
+            "tunnel_agent_logging__level": "debug",
+            "TUNNEL_AGENT_SERVICES__WEB": "9000",
+            "TUNNEL_AGENT_PROXY__EXTRA_ENV__HTTPS_PROXY": "http://p:3128",
+            "TUNNEL_AGENT_LIMITS": '{"max_concurrent_tunnels": 3}',
+            "TUNNEL_AGENT_CONFIG": "/nowhere.toml",
+            "TUNNEL_AGENT_EVENT_LOOP": "asyncio",
+        }.items():
+            monkeypatch.setenv(name, value)
+
+        settings = load_settings(write_config(files))
+
+        assert settings.mqtt.port == 1883
+        assert settings.logging.level == "debug"
+        assert settings.services == {"web": "9000"}
+        assert settings.limits.max_concurrent_tunnels == 3
+
+
 class TestCheckFiles:
     def test_all_good(self, files):
         """Readable certificate files and a 0600 key raise no problem."""
@@ -463,6 +552,43 @@ class TestCheckFiles:
         assert f"mqtt.key = '{files}/key.pem': not readable by this user (Permission denied)" in (
             problems
         )
+
+    def test_damaged_certificate_and_foreign_key(self, files):
+        """check_files parses the files: a damaged CA and a key that is not the cert's."""
+        (files / "ca.pem").write_text("not a certificate\n")
+        write_key(files / "key.pem")
+
+        problems = check_files(load_settings(write_config(files)))
+
+        assert problems == [
+            (
+                f"mqtt.ca = '{files}/ca.pem': no PEM certificate (-----BEGIN CERTIFICATE-----) "
+                "in the file"
+            ),
+            (
+                f"mqtt.key = '{files}/key.pem': does not belong to the certificate "
+                f"mqtt.cert = '{files}/cert.pem'"
+            ),
+        ]
+
+    def test_dates_are_a_check_of_their_own(self, files):
+        """An expired certificate is check_dates' to report, not check_files'."""
+        now = datetime.now(UTC)
+        key = write_key(files / "key.pem")
+        cert = certificate(key, name="dev-1", not_before=now - 9 * DAY, not_after=now - DAY)
+        write_certificate(files / "cert.pem", cert)
+        settings = load_settings(write_config(files))
+
+        assert check_files(settings) == []
+        assert check_dates(settings, now) == [
+            f"mqtt.cert = '{files}/cert.pem': certificate expired on {now - DAY:%Y-%m-%d %H:%M} UTC"
+        ]
+
+    def test_proxy_ca_directory(self, files):
+        """proxy.ca may be a directory (localproxy -c): nothing to parse in it."""
+        settings = load_settings(write_config(files), {"proxy": {"ca": str(files)}})
+
+        assert check_files(settings) == []
 
     def test_proxy_binary(self, files):
         """A proxy binary path must exist and be executable."""

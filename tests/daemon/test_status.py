@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from agent.daemon.status import StatusFile, format_status, read_status
+from agent.daemon.status import StatusFile, format_status, read_status, status_path
 from agent.daemon.tunnels import TunnelInfo
 from agent.exceptions import AgentError
 
@@ -25,6 +25,17 @@ INFO = TunnelInfo(
     restarts=2,
     superseded=False,
 )
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited."""
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return int(dead.stdout)
 
 
 class TestStatusFile:
@@ -52,9 +63,9 @@ class TestStatusFile:
                 "last_error": None,
             }
         ]
-        assert (directory / "status.json").stat().st_mode & 0o777 == 0o600
+        assert (directory / "status.dev-1.json").stat().st_mode & 0o777 == 0o600
         assert directory.stat().st_mode & 0o777 == 0o700
-        assert [p.name for p in directory.iterdir()] == ["status.json"]
+        assert [p.name for p in directory.iterdir()] == ["status.dev-1.json"]
 
     def test_remove(self, tmp_path):
         """remove() deletes the file and tolerates its absence."""
@@ -73,23 +84,56 @@ class TestStatusFile:
 
     def test_dead_agent(self, tmp_path):
         """A file left by a dead agent is reported as such."""
-        dead = subprocess.run(
-            [sys.executable, "-c", "import os; print(os.getpid())"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        (tmp_path / "status.json").write_text(json.dumps({"pid": int(dead.stdout), "tunnels": []}))
+        stale = status_path(tmp_path, "dev-1")
+        stale.write_text(json.dumps({"pid": dead_pid(), "tunnels": []}))
 
         with pytest.raises(AgentError, match=r"the agent \(pid \d+\) is not running"):
             read_status(tmp_path)
 
     def test_garbage(self, tmp_path):
         """A malformed file is reported, not a traceback."""
-        (tmp_path / "status.json").write_text("[1, 2")
+        status_path(tmp_path, "dev-1").write_text("[1, 2")
 
         with pytest.raises(AgentError, match="unreadable status file"):
             read_status(tmp_path)
+
+
+class TestSeveralAgents:
+    def test_two_agents_do_not_collide(self, tmp_path):
+        """Two agents in one runtime directory keep a file each, read by thing name."""
+        StatusFile(tmp_path, thing_name="dev-1").write([INFO])
+        StatusFile(tmp_path, thing_name="dev-2").write([])
+
+        one, two = read_status(tmp_path, "dev-1"), read_status(tmp_path, "dev-2")
+
+        assert (one["thing_name"], len(one["tunnels"])) == ("dev-1", 1)
+        assert (two["thing_name"], len(two["tunnels"])) == ("dev-2", 0)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [
+            "status.dev-1.json",
+            "status.dev-2.json",
+        ]
+
+    def test_ambiguous_without_a_thing(self, tmp_path):
+        """Without a thing name, two live agents are named rather than one picked."""
+        StatusFile(tmp_path, thing_name="dev-1").write([])
+        StatusFile(tmp_path, thing_name="dev-2").write([])
+
+        with pytest.raises(AgentError, match=r"2 agents run here \(dev-1, dev-2\): choose one"):
+            read_status(tmp_path)
+
+    def test_stale_file_is_skipped(self, tmp_path):
+        """A dead agent's leftover file does not hide the one live agent."""
+        status_path(tmp_path, "old").write_text(json.dumps({"pid": dead_pid(), "tunnels": []}))
+        StatusFile(tmp_path, thing_name="dev-1").write([])
+
+        assert read_status(tmp_path)["thing_name"] == "dev-1"
+
+    def test_named_thing_absent(self, tmp_path):
+        """A named thing without a file says which file it looked for."""
+        StatusFile(tmp_path, thing_name="dev-1").write([])
+
+        with pytest.raises(AgentError, match=r"status\.dev-2\.json: is the agent running"):
+            read_status(tmp_path, "dev-2")
 
 
 class TestFormat:

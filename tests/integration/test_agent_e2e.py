@@ -123,7 +123,8 @@ class Agent:
         return self
 
     def status(self) -> dict[str, Any]:
-        return json.loads((self.runtime / "status.json").read_text())
+        (path,) = self.runtime.glob("status.*.json")  # status.<thing_name>.json
+        return json.loads(path.read_text())
 
     def proxy_pids(self) -> list[int]:
         return [t["pid"] for t in self.status()["tunnels"] if t["pid"]]

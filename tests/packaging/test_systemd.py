@@ -23,6 +23,7 @@ import pytest
 
 from agent.daemon import settings
 from agent.exceptions import EXIT_CONFIG
+from tests.certs import write_credentials
 
 
 REPO = Path(__file__).resolve().parents[2]
@@ -286,10 +287,10 @@ class TestMemoryDenyWriteExecute:
 
     def test_check_config_runs_without_wx_memory(self, tmp_path):
         """tunnel-agent check-config passes under MDWE with a complete configuration."""
-        cert, key = tmp_path / "device.pem.crt", tmp_path / "private.pem.key"
-        cert.write_text("certificate\n")
-        key.write_text("key\n")
-        key.chmod(0o600)
+        files = write_credentials(
+            tmp_path, names=("device.pem.crt", "private.pem.key", "AmazonRootCA1.pem")
+        )
+        cert, key = files.cert, files.key
         config = tmp_path / "config.toml"
         config.write_text(
             textwrap.dedent(
