@@ -152,6 +152,7 @@ class AsyncMqttClient:
         self._last_failure = "no attempt yet"
         self.connected = False
         self.connections = 0
+        self._tracked: set[concurrent.futures.Future[mqtt5.PublishCompletionData]] = set()
 
     async def __aenter__(self) -> Self:
         """
@@ -242,6 +243,62 @@ class AsyncMqttClient:
             packet
         )
         return future
+
+    def publish_tracked(
+        self,
+        topic: str,
+        payload: bytes,
+        on_done: Callable[[int | None, BaseException | None], None],
+    ) -> None:
+        """
+        Queue a QoS 1 PUBLISH from any thread; :meth:`flush` waits for it.
+
+        Args:
+            topic: Topic name.
+            payload: Message bytes.
+            on_done: Called in the loop with the PUBACK reason code (0: delivered,
+                16: no subscriber) or the exception, once acknowledged or failed.
+
+        Raises:
+            MqttConnectError: The client is not started.
+        """
+        future = self.publish_nowait(topic, payload)
+        loop = self._loop
+        assert loop is not None  # noqa: S101 - publish_nowait raised if never started
+        self._tracked.add(future)
+
+        def done(future: concurrent.futures.Future[mqtt5.PublishCompletionData]) -> None:
+            self._tracked.discard(future)
+            exc = future.exception()
+            puback = None if exc is not None else future.result().puback
+            code = None if puback is None or puback.reason_code is None else int(puback.reason_code)
+            on_done(code, exc)
+
+        future.add_done_callback(lambda f: call_in_loop(loop, done, f))
+
+    async def flush(self) -> None:
+        """
+        Wait until every :meth:`publish_tracked` message is acknowledged or has failed.
+        """
+        while self._tracked:
+            futures = [asyncio.wrap_future(f) for f in list(self._tracked)]
+            await asyncio.gather(*futures, return_exceptions=True)
+            # Done callbacks reach the loop through call_soon: let them run.
+            await asyncio.sleep(0)
+
+    async def finish(self, grace: float = 2.0) -> int:
+        """
+        Wait up to ``grace`` seconds for tracked PUBACKs, then disconnect.
+
+        Returns:
+            How many tracked messages were still unacknowledged.
+        """
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self.flush()
+        left = len(self._tracked)
+        await self.disconnect()
+        return left
 
     async def publish(self, topic: str, payload: bytes, *, qos: int = 1) -> int | None:
         """

@@ -23,15 +23,12 @@ from typing import TYPE_CHECKING, Self
 import structlog
 
 from agent.emulator.broker import notify_topic
-from agent.emulator.mqtt_client import AsyncMqttClient, call_in_loop
+from agent.emulator.mqtt_client import AsyncMqttClient
 from agent.emulator.pki import PRIVILEGED_IDENTITY
 
 
 if TYPE_CHECKING:
-    import concurrent.futures
     from pathlib import Path
-
-    from awscrt import mqtt5
 
     from agent.emulator.pki import KeyPair
     from agent.emulator.store import StoreEvent, Tunnel, TunnelStore
@@ -99,7 +96,6 @@ class Notifier:
             validation="none",
         )
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._pending: set[concurrent.futures.Future[mqtt5.PublishCompletionData]] = set()
         self.published = 0
         self.failed = 0
 
@@ -134,23 +130,14 @@ class Notifier:
         """
         if self._on_store_event in self.store.listeners:
             self.store.listeners.remove(self._on_store_event)
-        if self._pending:
-            try:
-                async with asyncio.timeout(2.0):
-                    await self.flush()
-            except TimeoutError:
-                log.warning("notifier_unacknowledged", count=len(self._pending))
-        await self._client.disconnect()
+        if left := await self._client.finish():
+            log.warning("notifier_unacknowledged", count=left)
 
     async def flush(self) -> None:
         """
         Wait until every queued notification is acknowledged or has failed.
         """
-        while self._pending:
-            futures = [asyncio.wrap_future(f) for f in list(self._pending)]
-            await asyncio.gather(*futures, return_exceptions=True)
-            # Done callbacks reach the loop through call_soon: let them run.
-            await asyncio.sleep(0)
+        await self._client.flush()
 
     def notify(self, tunnel: Tunnel) -> None:
         """
@@ -161,12 +148,12 @@ class Notifier:
         """
         if tunnel.thing_name is None or self._loop is None:
             return
-        loop = self._loop
-        topic = notify_topic(tunnel.thing_name)
-        future = self._client.publish_nowait(topic, notification_payload(tunnel))
-        self._pending.add(future)
-        context = (tunnel.tunnel_id, tunnel.thing_name)
-        future.add_done_callback(lambda f: call_in_loop(loop, self._on_done, f, context))
+        tunnel_id, thing_name = tunnel.tunnel_id, tunnel.thing_name
+        self._client.publish_tracked(
+            notify_topic(thing_name),
+            notification_payload(tunnel),
+            lambda code, exc: self._on_done(code, exc, tunnel_id, thing_name),
+        )
 
     def _on_store_event(self, event: StoreEvent) -> None:
         tunnel = event.tunnel
@@ -179,15 +166,8 @@ class Notifier:
             self.notify(tunnel)
 
     def _on_done(
-        self,
-        future: concurrent.futures.Future[mqtt5.PublishCompletionData],
-        context: tuple[str, str],
+        self, code: int | None, exc: BaseException | None, tunnel_id: str, thing_name: str
     ) -> None:
-        self._pending.discard(future)
-        tunnel_id, thing_name = context
-        exc = future.exception()
-        puback = None if exc is not None else future.result().puback
-        code = None if puback is None or puback.reason_code is None else int(puback.reason_code)
         # 0 = delivered to a subscriber, 16 = accepted with no subscriber (queued sessions
         # count as subscribers); anything else is a failure.
         if exc is None and code in (0, 16):

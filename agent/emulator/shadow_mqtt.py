@@ -17,21 +17,18 @@ import asyncio
 import contextlib
 import json
 import re
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Self
 
 import structlog
 
 from agent.emulator.broker import SHADOW_REQUEST_TOPICS
-from agent.emulator.mqtt_client import AsyncMqttClient, MqttConnectError, call_in_loop
+from agent.emulator.mqtt_client import AsyncMqttClient, MqttConnectError
 from agent.emulator.pki import PRIVILEGED_IDENTITY
 from agent.emulator.shadows import ShadowRejected, request_client_token
 
 
 if TYPE_CHECKING:
-    import concurrent.futures
     from pathlib import Path
-
-    from awscrt import mqtt5
 
     from agent.emulator.mqtt_client import ReceivedPublish
     from agent.emulator.pki import KeyPair
@@ -106,7 +103,6 @@ class ShadowService:
         )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._reader: asyncio.Task[None] | None = None
-        self._pending: set[concurrent.futures.Future[mqtt5.PublishCompletionData]] = set()
         self.handled = 0
         self.published = 0
         self.failed = 0
@@ -156,23 +152,14 @@ class ShadowService:
             task.cancel("shadow service stopping")
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if self._pending:
-            try:
-                async with asyncio.timeout(2.0):
-                    await self.flush()
-            except TimeoutError:
-                log.warning("shadow_unacknowledged", count=len(self._pending))
-        await self._client.disconnect()
+        if left := await self._client.finish():
+            log.warning("shadow_unacknowledged", count=left)
 
     async def flush(self) -> None:
         """
         Wait until every queued response is acknowledged or has failed.
         """
-        while self._pending:
-            futures = [asyncio.wrap_future(f) for f in list(self._pending)]
-            await asyncio.gather(*futures, return_exceptions=True)
-            # Done callbacks reach the loop through call_soon: let them run.
-            await asyncio.sleep(0)
+        await self._client.flush()
 
     def handle(self, topic: str, payload: bytes) -> None:
         """
@@ -239,25 +226,17 @@ class ShadowService:
             self._publish(shadow_topic(event.thing, event.name, "update/delta"), event.delta)
 
     def _publish(self, topic: str, document: JsonObject) -> None:
-        loop = self._loop
-        if loop is None:
+        if self._loop is None:
             return
         try:
-            future = self._client.publish_nowait(topic, _encode(document))
+            self._client.publish_tracked(
+                topic, _encode(document), lambda code, exc: self._on_done(code, exc, topic)
+            )
         except MqttConnectError:
             self.failed += 1
             log.warning("shadow_publish_failed", topic=topic, error="not connected")
-            return
-        self._pending.add(future)
-        future.add_done_callback(lambda f: call_in_loop(loop, self._on_done, f, topic))
 
-    def _on_done(
-        self, future: concurrent.futures.Future[mqtt5.PublishCompletionData], topic: str
-    ) -> None:
-        self._pending.discard(future)
-        exc = future.exception()
-        puback: Any = None if exc is not None else future.result().puback
-        code = None if puback is None or puback.reason_code is None else int(puback.reason_code)
+    def _on_done(self, code: int | None, exc: BaseException | None, topic: str) -> None:
         # 0: delivered to a subscriber; 16: nobody subscribed, which is normal for responses.
         if exc is None and code in (0, 16):
             self.published += 1
