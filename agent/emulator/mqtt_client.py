@@ -19,6 +19,7 @@ import structlog
 from awscrt import mqtt5
 from awsiot import mqtt5_client_builder
 
+from agent.common.loop import call_in_loop
 from agent.exceptions import AgentError
 
 
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 
-__all__ = ["AsyncMqttClient", "MqttConnectError", "ReceivedPublish", "call_in_loop"]
+__all__ = ["AsyncMqttClient", "MqttConnectError", "ReceivedPublish"]
 
 log = structlog.get_logger(__name__)
 
@@ -57,14 +58,6 @@ class ReceivedPublish:
         Hide the payload: on the notify topic it holds an access token.
         """
         return f"ReceivedPublish(topic={self.topic!r}, payload=<{len(self.payload)} bytes>)"
-
-
-def call_in_loop(loop: asyncio.AbstractEventLoop, func: Callable[..., object], *args: Any) -> None:
-    """
-    Schedule ``func(*args)`` on ``loop`` from a CRT thread; a no-op once the loop is closed.
-    """
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(func, *args)
 
 
 def _describe_failure(data: mqtt5.LifecycleConnectFailureData) -> str:

@@ -24,12 +24,12 @@ each notification's acknowledgement is a no-op.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from typing import TYPE_CHECKING, Any, Protocol, Self
 
 import structlog
 
+from agent.common.loop import call_in_loop
 from agent.common.retry import backoff
 from agent.exceptions import ConfigError, NotificationError
 from agent.notify.base import NotificationQueue, RawNotification
@@ -268,12 +268,8 @@ class GreengrassNotificationSource:
     # -- SDK callbacks (SDK threads) --------------------------------------------------
 
     def _call_in_loop(self, callback: Callable[..., None], *args: object) -> None:
-        loop = self._loop
-        if loop is None:
-            return
-        # RuntimeError: the loop is closed; the daemon is gone and nobody is listening.
-        with contextlib.suppress(RuntimeError):
-            loop.call_soon_threadsafe(callback, *args)
+        if self._loop is not None:
+            call_in_loop(self._loop, callback, *args)
 
     def _on_stream_event(self, generation: int, event: Any) -> None:
         message = getattr(event, "message", None)

@@ -36,9 +36,10 @@ from typing import TYPE_CHECKING, Self
 import structlog
 from awscrt import mqtt5
 
+from agent.common.loop import call_in_loop
 from agent.exceptions import ConfigError, NotificationError
 from agent.notify.base import Acknowledgement, NotificationQueue, RawNotification
-from agent.notify.mqtt_client import build_client, call_in_loop, proxy_options
+from agent.notify.mqtt_client import build_client, proxy_options
 from agent.protocol.ids import THING_NAME
 
 

@@ -1,16 +1,14 @@
 """
-The device's awscrt MQTT5 client: construction with mutual TLS, and the thread-to-loop hand-off.
+The device's awscrt MQTT5 client: construction with mutual TLS.
 
-awscrt runs its own event-loop threads and calls back on them. Nothing here
-touches asyncio state from those threads: every callback is forwarded with
-``loop.call_soon_threadsafe`` (:func:`call_in_loop`).
+awscrt runs its own event-loop threads and calls back on them; the callers forward
+every callback to their loop with :func:`agent.common.loop.call_in_loop`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import urllib.parse
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from awscrt import http as crt_http, mqtt5
 from awsiot import mqtt5_client_builder
@@ -19,28 +17,11 @@ from agent.exceptions import ConfigError
 
 
 if TYPE_CHECKING:
-    import asyncio
     from collections.abc import Callable
     from pathlib import Path
 
 
-__all__ = ["build_client", "call_in_loop", "proxy_options"]
-
-
-def call_in_loop(loop: asyncio.AbstractEventLoop, func: Callable[..., object], *args: Any) -> None:
-    """
-    Schedule ``func(*args)`` on ``loop`` from any thread; a no-op once the loop is closed.
-
-    CRT threads may still deliver a callback while the loop shuts down; dropping it
-    then is correct, since nobody is left to consume it.
-
-    Args:
-        loop: The event loop that owns the consumer.
-        func: Called in the loop's thread.
-        *args: Passed to ``func``.
-    """
-    with contextlib.suppress(RuntimeError):
-        loop.call_soon_threadsafe(func, *args)
+__all__ = ["build_client", "proxy_options"]
 
 
 def proxy_options(url: str) -> crt_http.HttpProxyOptions:
