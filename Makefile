@@ -81,8 +81,9 @@ wheel: $(WHEEL_ENV)/.installed
 	rm -f dist/iot_tunnel_agent-*.whl dist/iot_tunnel_agent-*.tar.gz
 	$(WHEEL_ENV)/bin/python -m build -q --no-isolation --outdir dist .
 
-# dist/greengrass/: iot-tunnel-agent-{x86_64,aarch64,armv7l}.zip (the wheel and every runtime
-# dependency's wheel, installed offline on the core) and recipe.yaml rendered with the version.
+# dist/greengrass/artifacts/<component>/<version>/iot-tunnel-agent-{x86_64,aarch64,armv7l}.zip
+# (the wheel and every runtime dependency's wheel, installed offline on the core) and
+# dist/greengrass/recipes/recipe.yaml rendered with the version, as the GDK lays them out.
 # GREENGRASS_BUCKET=my-bucket writes the S3 bucket into the recipe's artifact URIs.
 greengrass: wheel
 	$(WHEEL_ENV)/bin/python packaging/greengrass/build.py --output dist/greengrass \

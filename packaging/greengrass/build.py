@@ -20,6 +20,10 @@ changed pin downloads only what is missing. The recipe (recipe.yaml beside this
 script) is rendered with the version of agent/__init__.py, the one place it is
 written, and the S3 bucket given with ``--bucket``.
 
+The output has the layout of the Greengrass Development Kit's greengrass-build/:
+``artifacts/<component>/<version>/*.zip`` (what goes to the bucket, as is) and
+``recipes/recipe.yaml``.
+
 Standard library only; pip is run as ``python -m pip`` with the interpreter running
 this script. Exit status 0 built, 1 a download or the wheel is missing.
 """
@@ -232,7 +236,7 @@ def build(  # noqa: PLR0913 - the keyword options of one command
     bucket: str | None = None,
 ) -> list[Path]:
     """
-    Write one zip per architecture and recipe.yaml into OUTPUT.
+    Write one zip per architecture and the recipe into OUTPUT (artifacts/, recipes/).
 
     Args:
         wheel: The project's wheel (``make wheel``).
@@ -248,7 +252,13 @@ def build(  # noqa: PLR0913 - the keyword options of one command
     expected = f"iot_tunnel_agent-{version()}-py3-none-any.whl"
     if wheel.name != expected or not wheel.is_file():
         raise SystemExit(f"greengrass/build.py: {wheel} is not {expected}: run `make wheel`")
-    output.mkdir(parents=True, exist_ok=True)
+    template = RECIPE.read_text(encoding="utf-8")
+    component = re.search(r"^ComponentName: (\S+)$", template, re.MULTILINE)
+    if component is None:
+        raise SystemExit(f"greengrass/build.py: no ComponentName in {RECIPE}")
+    artifacts = output / "artifacts" / component.group(1) / version()
+    shutil.rmtree(output / "artifacts", ignore_errors=True)
+    artifacts.mkdir(parents=True)
     written = []
     with tempfile.TemporaryDirectory(prefix="greengrass-build.") as temporary:
         scratch = Path(temporary)
@@ -276,13 +286,13 @@ def build(  # noqa: PLR0913 - the keyword options of one command
                     shutil.copy2(path, folder / path.name)
             shutil.copy2(wheel, folder / wheel.name)
             shutil.copy2(RENDER_CONFIG, folder / RENDER_CONFIG.name)
-            archive = output / f"{folder.name}.zip"
+            archive = artifacts / f"{folder.name}.zip"
             _zip(folder, archive)
             digest = hashlib.sha256(archive.read_bytes()).hexdigest()[:12]
             _say(f"wrote {archive} ({archive.stat().st_size // 1024} KiB, sha256 {digest}...)")
             written.append(archive)
-    recipe = output / "recipe.yaml"
-    template = RECIPE.read_text(encoding="utf-8")
+    recipe = output / "recipes" / "recipe.yaml"
+    recipe.parent.mkdir(parents=True, exist_ok=True)
     recipe.write_text(
         render_recipe(template, component_version=version(), bucket=bucket), encoding="utf-8"
     )

@@ -643,22 +643,34 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return output
 
 
+def zip_path(built: Path, arch: str) -> Path:
+    return (
+        built
+        / "artifacts"
+        / "com.example.IoTTunnelAgent"
+        / VERSION
+        / f"iot-tunnel-agent-{arch}.zip"
+    )
+
+
 def zip_names(built: Path, arch: str) -> list[str]:
-    with zipfile.ZipFile(built / f"iot-tunnel-agent-{arch}.zip") as archive:
+    with zipfile.ZipFile(zip_path(built, arch)) as archive:
         return archive.namelist()
 
 
 @pytest.mark.integration
 class TestArtifacts:
     def test_the_recipe_is_rendered_beside_the_zips(self, built):
-        """build.py writes the three zips and the recipe rendered with this version."""
-        assert sorted(p.name for p in built.iterdir()) == [
-            "iot-tunnel-agent-aarch64.zip",
-            "iot-tunnel-agent-armv7l.zip",
-            "iot-tunnel-agent-x86_64.zip",
-            "recipe.yaml",
-        ]
-        assert (built / "recipe.yaml").read_text() == rendered_recipe_text()
+        """The GDK's layout: the zips under their S3 key, the recipe rendered with this version."""
+        files = sorted(str(p.relative_to(built)) for p in built.rglob("*") if p.is_file())
+        uris = [a["URI"] for m in manifests().values() for a in m["Artifacts"]]
+
+        assert files == [
+            f"artifacts/com.example.IoTTunnelAgent/{VERSION}/iot-tunnel-agent-{arch}.zip"
+            for arch in ("aarch64", "armv7l", "x86_64")
+        ] + ["recipes/recipe.yaml"]
+        assert sorted(uri.replace("s3://BUCKET_NAME/", "artifacts/") for uri in uris) == files[:3]
+        assert (built / "recipes" / "recipe.yaml").read_text() == rendered_recipe_text()
 
     @pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
     def test_64_bit_zips_hold_a_wheel_of_every_dependency_per_python(self, built, arch):
@@ -702,9 +714,9 @@ class TestArtifacts:
             capture_output=True, text=True, timeout=300, check=True,
         )  # fmt: skip
 
-        again = (tmp_path / "iot-tunnel-agent-x86_64.zip").read_bytes()
+        again = zip_path(tmp_path, "x86_64").read_bytes()
 
-        assert again == (built / "iot-tunnel-agent-x86_64.zip").read_bytes()
+        assert again == zip_path(built, "x86_64").read_bytes()
 
 
 @pytest.fixture(scope="module")
@@ -712,7 +724,7 @@ def installed(built: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A core's directory after the x86_64 manifest's Install step ran offline."""
     core = tmp_path_factory.mktemp("core")
     folder = core / "artifacts" / "decompressed" / "iot-tunnel-agent-x86_64"
-    with zipfile.ZipFile(built / "iot-tunnel-agent-x86_64.zip") as archive:
+    with zipfile.ZipFile(zip_path(built, "x86_64")) as archive:
         archive.extractall(folder)
     result = run_step("Install", core, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
