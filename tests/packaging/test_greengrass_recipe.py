@@ -62,7 +62,7 @@ SEMVER = re.compile(
 VARIABLE = re.compile(r"\{([A-Za-z]+):([^{}]*)\}")
 # The nucleus' `architecture` platform attribute -> our artifact's architecture.
 ARCHITECTURES = {"amd64": "x86_64", "aarch64": "aarch64", "arm": "armv7l"}
-# The aws.greengrass.SecureTunneling component's keys (its docs/configuration.md).
+# The configuration keys of the aws.greengrass.SecureTunneling component.
 OFFICIAL_KEYS = {"maxConcurrentTunnels", "tunnelTimeoutSeconds"}
 
 

@@ -26,7 +26,7 @@ from agent.proxy.cli import build_parser
 REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "packaging" / "manpages.py"
 EPOCH = 1700000000  # 2023-11-14
-# How lintian runs man (checks/documentation/manual): any stderr is manpage-has-errors-from-man.
+# How lintian runs man: anything on stderr is its manpage-has-errors-from-man tag.
 MAN_ENV = {"LC_ALL": "C.UTF-8", "MANROFFSEQ": "", "MANWIDTH": "80"}
 
 
