@@ -3,7 +3,8 @@
 #
 # The package carries a self-contained virtualenv at /opt/iot-tunnel-agent, made with
 # Debian's own /usr/bin/python3 so its compiled wheels match the device's interpreter,
-# holding the project and its runtime dependencies only (no extras, no agent/emulator).
+# holding the project and its runtime dependencies only (no extras, no agent/emulator),
+# and the man pages packaging/manpages.py writes from that venv's own argparse parsers.
 # Plain dpkg-deb, no debhelper: there is no Debian source package to maintain.
 #
 # Where the venv is built: in a staging root, at $STAGE/opt/iot-tunnel-agent, never at
