@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := mosquitto mosquitto-clients openssh-server openssh-client systemd systemd-container dpkg-dev lintian debootstrap python3-venv procps
 STAMP := $(VENV)/.installed
 
-.PHONY: all test test-fast lint typecheck pytest demo bench deb proto clean deps venv
+.PHONY: all test test-fast lint typecheck pytest demo bench deb proto clean deps venv wheel greengrass
 
 all: test
 
@@ -65,6 +65,29 @@ proto: venv
 
 deb: deps venv
 	bash packaging/debian/build.sh
+
+# dist/iot_tunnel_agent-<version>-py3-none-any.whl and the sdist beside it: what `pip install`
+# takes while the package is not on a public index. Needs python3 with venv (Debian: python3-venv)
+# and PyPI or a mirror once, for the build tools; the development .venv is not used.
+WHEEL_ENV := build/wheel-env
+$(WHEEL_ENV)/.installed:
+	@test -x $(WHEEL_ENV)/bin/python || python3 -m venv $(WHEEL_ENV)
+	$(WHEEL_ENV)/bin/python -m pip install -q build 'setuptools>=69' wheel
+	@touch $@
+
+# The last commit's time in every archive entry: the same tree builds the same bytes.
+wheel greengrass: export SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || date +%s)
+wheel: $(WHEEL_ENV)/.installed
+	rm -f dist/iot_tunnel_agent-*.whl dist/iot_tunnel_agent-*.tar.gz
+	$(WHEEL_ENV)/bin/python -m build -q --no-isolation --outdir dist .
+
+# dist/greengrass/artifacts/<component>/<version>/iot-tunnel-agent-{x86_64,aarch64,armv7l}.zip
+# (the wheel and every runtime dependency's wheel, installed offline on the core) and
+# dist/greengrass/recipes/recipe.yaml rendered with the version, as the GDK lays them out.
+# GREENGRASS_BUCKET=my-bucket writes the S3 bucket into the recipe's artifact URIs.
+greengrass: wheel
+	$(WHEEL_ENV)/bin/python packaging/greengrass/build.py --output dist/greengrass \
+	  $(if $(GREENGRASS_BUCKET),--bucket $(GREENGRASS_BUCKET))
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .mypy_cache .ruff_cache .pytest_cache

@@ -3,7 +3,8 @@
 #
 # The package carries a self-contained virtualenv at /opt/iot-tunnel-agent, made with
 # Debian's own /usr/bin/python3 so its compiled wheels match the device's interpreter,
-# holding the project and its runtime dependencies only (no extras, no agent/emulator).
+# holding the project and its runtime dependencies only (no extras, no agent/emulator),
+# and the man pages packaging/manpages.py writes from that venv's own argparse parsers.
 # Plain dpkg-deb, no debhelper: there is no Debian source package to maintain.
 #
 # Where the venv is built: in a staging root, at $STAGE/opt/iot-tunnel-agent, never at
@@ -99,6 +100,9 @@ BINARY=(--only-binary=:all:)
 if [ "${SOURCE_BUILDS:-0}" = 1 ]; then BINARY=(); fi
 "$VPY" -m pip install -q --no-compile "${BINARY[@]}" \
   --constraint "$HERE/constraints.txt" "$WHEEL"
+# The man pages, from the parsers of the code just installed (packaging/manpages.py).
+step "writing the man pages"
+"$VPY" "$REPO/packaging/manpages.py" "$WORK/man" >/dev/null
 # pip and setuptools are build tools; the device never installs into this venv.
 "$VPY" -m pip uninstall -q -y pip setuptools
 
@@ -150,7 +154,11 @@ PY
 
 # -- 5. the rest of the file system -----------------------------------------------
 install -d "$STAGE/usr/bin" "$STAGE/lib/systemd/system" "$STAGE/etc/$PKG" \
-  "$STAGE/usr/share/doc/$PKG" "$STAGE/usr/share/lintian/overrides" "$STAGE/DEBIAN"
+  "$STAGE/usr/share/doc/$PKG" "$STAGE/usr/share/lintian/overrides" "$STAGE/DEBIAN" \
+  "$STAGE/usr/share/man/man1"
+for page in "$WORK"/man/*.1; do
+  gzip -9nc "$page" >"$STAGE/usr/share/man/man1/$(basename "$page").gz"
+done
 # Across top-level directories Debian policy §10.5 wants absolute links.
 ln -s "$PREFIX/bin/tunnel-agent" "$STAGE/usr/bin/tunnel-agent"
 ln -s "$PREFIX/bin/tunnel-localproxy" "$STAGE/usr/bin/tunnel-localproxy"

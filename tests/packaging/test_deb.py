@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import csv
+import gzip
 import hashlib
 import http.server
 import json
@@ -110,6 +111,7 @@ def inputs_digest() -> str:
     files = [
         *sorted(DEBIAN.iterdir()),
         REPO / "systemd" / f"{PKG}.service",
+        REPO / "packaging" / "manpages.py",
         REPO / "pyproject.toml",
         REPO / "README.md",
         REPO / "LICENSE",
@@ -328,6 +330,17 @@ class TestBuild:
             "/usr/bin/python3.11"
         )
 
+    def test_man_pages(self, unpacked):
+        """Both commands have a gzipped section-1 page, generated from their parsers."""
+        pages = sorted((unpacked / "usr/share/man/man1").iterdir())
+        headers = [gzip.decompress(page.read_bytes()).decode().splitlines()[1] for page in pages]
+
+        assert [page.name for page in pages] == ["tunnel-agent.1.gz", "tunnel-localproxy.1.gz"]
+        assert [header.split()[:3] for header in headers] == [
+            [".TH", "TUNNEL\\-AGENT", "1"],
+            [".TH", "TUNNEL\\-LOCALPROXY", "1"],
+        ]
+
     def test_venv_holds_the_pinned_runtime_closure_only(self, unpacked):
         """The venv has the project and pinned runtime deps: no extras, no emulator, no .pyc."""
         site = next((unpacked / "opt/iot-tunnel-agent/lib").glob("python3.*/site-packages"))
@@ -379,14 +392,28 @@ class TestBuild:
         assert wrong == []
 
 
+@pytest.fixture(scope="module")
+def lintian(deb: Path) -> subprocess.CompletedProcess[str]:
+    """One lintian run over the package, informational tags included."""
+    return run(need("lintian", "lintian"), "--display-info", "--fail-on", "error", deb, check=False)
+
+
 class TestLintian:
-    def test_no_errors(self, deb):
+    def test_no_errors(self, lintian):
         """Lintian reports no error-level tag (overrides are justified in lintian-overrides)."""
-        result = run(need("lintian", "lintian"), "--fail-on", "error", deb, check=False)
-        errors = [line for line in result.stdout.splitlines() if line.startswith("E:")]
+        errors = [line for line in lintian.stdout.splitlines() if line.startswith("E:")]
 
         assert errors == []
-        assert result.returncode == 0, result.stdout + result.stderr
+        assert lintian.returncode == 0, lintian.stdout + lintian.stderr
+
+    def test_every_command_has_a_man_page(self, lintian):
+        """No no-manual-page, and no tag about the pages shipped (they pass man --warnings)."""
+        tags = [line for line in lintian.stdout.splitlines() if "manual-page" in line]
+        pages = [line for line in lintian.stdout.splitlines() if " manpage-" in line]
+
+        assert tags == []
+        assert pages == []
+        assert "no-manual-page" not in (DEBIAN / "lintian-overrides").read_text()
 
     def test_every_override_is_justified(self):
         """Each lintian override line directly follows a comment saying why."""
@@ -432,6 +459,18 @@ class TestInstall:
         assert (certs.st_uid, certs.st_gid, certs.st_mode & 0o7777) == (0, gid, 0o750)
         assert (conf.st_uid, conf.st_gid, conf.st_mode & 0o7777) == (0, gid, 0o640)
 
+    def test_environment_file_is_roots_alone(self, deb, root):
+        """Postinst creates the unit's EnvironmentFile= root:root 0600, only comments in it."""
+        root.install(deb)
+        path = root / "etc/iot-tunnel-agent/environment"
+        info = path.stat()
+        lines = path.read_text().splitlines()
+
+        assert (info.st_uid, info.st_gid, info.st_mode & 0o7777) == (0, 0, 0o600)
+        assert lines
+        assert all(line.startswith("#") for line in lines)
+        assert "# TUNNEL_AGENT_MQTT__HTTP_PROXY=http://user:password@" in path.read_text()
+
     def test_check_config_as_the_service_user(self, deb, root):
         """check-config passes as iot-tunnel-agent with its own 0600 key, fails for others."""
         root.install(deb)
@@ -464,10 +503,14 @@ class TestInstall:
         config = root / "etc/iot-tunnel-agent/config.toml"
         config.write_text(config.read_text().replace('"my-device"', '"pi-42"'))
         edited = config.read_text()
+        environment = root / "etc/iot-tunnel-agent/environment"
+        environment.write_text("TUNNEL_AGENT_MQTT__HTTP_PROXY=http://u:p@proxy:3128\n")
         root.install(deb)
         version = root.run("tunnel-agent", "--version")
 
         assert (root / "etc/iot-tunnel-agent/config.toml").read_text() == edited
+        assert environment.read_text() == "TUNNEL_AGENT_MQTT__HTTP_PROXY=http://u:p@proxy:3128\n"
+        assert environment.stat().st_mode & 0o7777 == 0o600
         assert version.returncode == 0
 
     def test_purge_removes_what_install_added(self, deb, root):
@@ -700,6 +743,19 @@ class TestUnderSystemd:
             assert status["Uid"].split() == [uid] * 4
             assert (status["NoNewPrivs"], status["Seccomp"]) == ("1", "2")
             assert status["CapEff"] == status["CapBnd"] == "0000000000000000"
+
+    def test_environment_file_reaches_the_agent(self, container, world):
+        """A variable in /etc/iot-tunnel-agent/environment is in the running agent's environment."""
+        configure_for_emulator(container.root, world)
+        environment = container.root / "etc/iot-tunnel-agent/environment"
+        environment.write_text(environment.read_text() + "TUNNEL_AGENT_LOGGING__LEVEL=debug\n")
+
+        container.run("systemctl", "start", UNIT)
+        pid = container.show("MainPID")["MainPID"]
+        variables = container.run("cat", f"/proc/{pid}/environ").stdout.split("\0")
+
+        assert "TUNNEL_AGENT_LOGGING__LEVEL=debug" in variables
+        assert container.show("ActiveState")["ActiveState"] == "active"
 
     def test_reload_stop_and_restart_after_a_crash(self, container, world):
         """SIGHUP keeps the process, a SIGKILL is restarted, stop ends it cleanly."""

@@ -203,6 +203,13 @@ class TestDirectives:
 
         assert {key: unit.get(key) for key in expected} == expected
 
+    def test_environment_file_beside_the_configuration(self, unit):
+        """One optional EnvironmentFile= in the configuration directory (secrets, README)."""
+        (entry,) = unit["Service.EnvironmentFile"]
+
+        assert entry.startswith("-")
+        assert Path(entry[1:]) == settings.DEFAULT_CONFIG_PATH.parent / "environment"
+
     def test_sandbox(self, unit):
         """No capabilities, native syscalls from @system-service only, inet+unix sockets."""
         expected = {
