@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Sequence
 
 
-__all__ = ["main"]
+__all__ = ["build_parser", "main"]
 
 
 @dataclass(frozen=True)
@@ -303,7 +303,7 @@ def _cmd_version(_args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="tunnel-agent", description="AWS IoT Secure Tunneling device agent."
     )
@@ -415,7 +415,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     arguments = list(sys.argv[1:] if argv is None else argv)
     if arguments and arguments[0] in _LAZY:
         return _run_lazy(arguments[0], arguments[1:])
-    args = _parser().parse_args(arguments)
+    args = build_parser().parse_args(arguments)
     args.argv = arguments
     try:
         result: int = args.handler(args)

@@ -84,7 +84,7 @@ PAGES = (
     Page(
         name="tunnel-agent",
         # The parser factory of agent/cli.py (the `tunnel-agent` console script).
-        parser="agent.cli:_parser",
+        parser="agent.cli:build_parser",
         summary="AWS IoT Secure Tunneling device agent",
         synopsis="[\\fB\\-\\-version\\fR] \\fICOMMAND\\fR [\\fIOPTIONS\\fR]",
         extra=AGENT_EXTRA,
