@@ -304,6 +304,9 @@ def _cmd_version(_args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """
+    Return the `tunnel-agent` parser with every sub-command (also the man page's source).
+    """
     parser = argparse.ArgumentParser(
         prog="tunnel-agent", description="AWS IoT Secure Tunneling device agent."
     )

@@ -145,16 +145,16 @@ class TestLikeLintian:
 class TestContent:
     def test_every_flag_of_tunnel_agent_is_on_its_page(self, pages):
         """Each sub-command is a heading of its own, and every flag it accepts is listed."""
-        from agent.cli import _parser
+        from agent.cli import build_parser
 
         text = displayed(pages["tunnel-agent"])
         missing = [
             (command, flag)
-            for command, flags in option_strings(_parser()).items()
+            for command, flags in option_strings(build_parser()).items()
             for flag in sorted(flags)
             if flag not in text
         ]
-        commands = option_strings(_parser()).keys() - {""}
+        commands = option_strings(build_parser()).keys() - {""}
 
         assert missing == []
         assert {"run", "check-config", "status", "version"} <= commands
