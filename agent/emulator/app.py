@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Self
 import structlog
 
 from agent.common.files import write_private
+from agent.emulator.admission import HANDSHAKE_TIMEOUT
 from agent.emulator.broker import Broker, BrokerError, register_things
 from agent.emulator.notifier import Notifier
 from agent.emulator.pki import (
@@ -128,6 +129,8 @@ class Emulator:
         broker_run_as: Account mosquitto drops to when root (see :mod:`.broker`).
         retention_seconds: How long CLOSED tunnels stay listed.
         replace_on_rotate: Rotation policy of the relay (docs/protocol.md §7.7).
+        relay_handshake_timeout: Seconds a relay connection has for its TLS handshake and
+            WebSocket upgrade before it is aborted.
     """
 
     def __init__(  # noqa: PLR0913 - every knob is a documented keyword-only setting
@@ -146,6 +149,7 @@ class Emulator:
         broker_run_as: str | None = None,
         retention_seconds: float = 3 * 3600,
         replace_on_rotate: bool = True,
+        relay_handshake_timeout: float = HANDSHAKE_TIMEOUT,
     ) -> None:
         """
         Prepare the directory, PKI and store; no socket is opened before ``__aenter__``.
@@ -158,6 +162,7 @@ class Emulator:
         self.verify_signatures = verify_signatures
         self._ports = {"api": api_port, "relay": relay_port}
         self._relay_enabled = relay
+        self._relay_handshake_timeout = relay_handshake_timeout
         self.ca = CertificateAuthority(self.directory / "pki")
         self.ca.load_or_create()
         self.ca_file = self.ca.cert_file
@@ -329,6 +334,7 @@ class Emulator:
                 host=self.host,
                 port=self._ports["relay"],
                 ssl_context=self._relay_ssl() if self.relay_tls else None,
+                handshake_timeout=self._relay_handshake_timeout,
             )
             await self.relay.start()
             self._ports["relay"] = self.relay.port

@@ -6,6 +6,7 @@
     tunnel-agent emulator [--dir DIR] [--host H] [--api-port N] [--relay-port N]
                           [--mqtt-port N] [--region R] [--no-verify-signatures]
                           [--max-open-tunnels N] [--no-relay] [--relay-plain]
+                          [--relay-handshake-timeout SECONDS]
                           [--thing NAME ...] [--broker-user USER] [--log-level L]
     tunnel-agent emulator add-thing NAME --dir DIR [--service NAME=TARGET ...]
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import math
 import shutil
 import signal
 import sys
@@ -27,6 +29,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from agent.emulator.admission import HANDSHAKE_TIMEOUT
 from agent.exceptions import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, EXIT_USAGE, AgentError, ConfigError
 
 
@@ -43,6 +46,13 @@ def _port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
         raise argparse.ArgumentTypeError("must be 0..65535")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
     return value
 
 
@@ -68,6 +78,14 @@ def _run_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-relay", dest="relay", action="store_false", help="no data plane")
     parser.add_argument(
         "--relay-plain", dest="relay_tls", action="store_false", help="serve ws:// (tests only)"
+    )
+    parser.add_argument(
+        "--relay-handshake-timeout",
+        type=_seconds,
+        default=HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
+        help="abort relay connections without a WebSocket upgrade after this long "
+        f"(default {HANDSHAKE_TIMEOUT:g})",
     )
     parser.add_argument(
         "--thing", action="append", default=[], metavar="NAME", help="create a thing at startup"
@@ -141,6 +159,7 @@ async def _serve(args: argparse.Namespace, directory: Path) -> int:
         max_open_tunnels=args.max_open_tunnels,
         relay=args.relay,
         broker_run_as=args.broker_user,
+        relay_handshake_timeout=args.relay_handshake_timeout,
     )
     for name in args.thing:
         emulator.add_thing(name)

@@ -6,6 +6,8 @@ mode byte for byte (docs/protocol.md §7.3); the relay checks fields with ``Tunn
 the SERVICE role and never rewrites them. Only WebSocket message boundaries may change: DATA
 frames are grouped, every other frame travels alone (docs/protocol.md §5.7). Backpressure
 crosses the relay: when one peer's socket is full, the relay stops reading the other.
+Connections that have not upgraded yet get a deadline and limits
+(:mod:`agent.emulator.admission`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,15 @@ from websockets.protocol import State
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 
+from agent.emulator.admission import (
+    HANDSHAKE_TIMEOUT,
+    MAX_UNAUTHENTICATED,
+    MAX_UNAUTHENTICATED_PER_IP,
+    Admission,
+    Ticket,
+)
 from agent.emulator.store import HandshakeRejected, StoreEvent, TunnelStore
+from agent.emulator.trim import Trimmer
 from agent.protocol import (
     MAX_WS_MESSAGE_SIZE,
     Mode,
@@ -92,7 +102,7 @@ class _Peer(BufferedWebSocket):
 
     ws: ServerProtocol
 
-    def __init__(self, relay: Relay) -> None:
+    def __init__(self, relay: Relay, ticket: Ticket) -> None:
         ws = ServerProtocol(
             subprotocols=[Subprotocol(v.subprotocol) for v in relay.versions],
             select_subprotocol=_select_subprotocol,
@@ -102,6 +112,8 @@ class _Peer(BufferedWebSocket):
         # The tunnel core comes with the handshake.
         super().__init__(ws, None, max_size=MAX_WS_MESSAGE_SIZE, high_water=WRITE_HIGH_WATER)
         self.relay = relay
+        # The connection's place among the unauthenticated ones, until the upgrade is accepted.
+        self.ticket = ticket
         self.id = next(relay.ids)
         self.session: _TunnelPair | None = None
         self.mode: Mode | None = None
@@ -137,6 +149,10 @@ class _Peer(BufferedWebSocket):
             self._forward(messages)
 
     def _disconnected(self, exc: Exception | None) -> None:  # noqa: ARG002
+        self.ticket.release()
+        # A lost TLS transport still holds our bound methods: without this, each connection
+        # would be a reference cycle, its buffers freed only when the garbage collector runs.
+        self.transport = None
         self.relay.peer_gone(self)
         if self._blocked is not None:
             self._blocked.resume_reading()
@@ -215,6 +231,7 @@ class _Peer(BufferedWebSocket):
         response.headers["channel-id"] = secrets.token_hex(8)
         self.ws.send_response(response)
         self._flush_ws()
+        self.ticket.release()
         session = self.relay.session(tunnel.tunnel_id)
         self.session = session
         self.mode = mode
@@ -265,7 +282,7 @@ class Relay:
     The ``wss://HOST:PORT/tunnel`` endpoint of the emulator.
     """
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - keyword-only knobs with defaults
         self,
         store: TunnelStore,
         *,
@@ -273,6 +290,9 @@ class Relay:
         port: int = 0,
         ssl_context: ssl.SSLContext | None = None,
         versions: Sequence[ProtocolVersion] = tuple(ProtocolVersion),
+        handshake_timeout: float = HANDSHAKE_TIMEOUT,
+        max_unauthenticated: int = MAX_UNAUTHENTICATED,
+        max_unauthenticated_per_ip: int = MAX_UNAUTHENTICATED_PER_IP,
     ) -> None:
         """
         Prepare the relay; ``start`` listens.
@@ -283,13 +303,27 @@ class Relay:
             port: Listen port; 0 picks a free one (see ``port`` after ``start``).
             ssl_context: Server TLS context; None serves plain ``ws://`` (tests only).
             versions: Subprotocol versions accepted (all by default).
+            handshake_timeout: Seconds from the TCP accept to an accepted upgrade, TLS
+                handshake included; then the connection is aborted.
+            max_unauthenticated: Connections not yet upgraded, at once; at the limit the
+                oldest is dropped for the new one.
+            max_unauthenticated_per_ip: Connections not yet upgraded from one source address,
+                at once; beyond it new ones are refused.
         """
         self.store = store
         self.versions = tuple(versions)
         self.host = host
         self.port = port
-        self._ssl = ssl_context
-        self._server: asyncio.Server | None = None
+        # Closed connections leave heap holes; the trimmer gives them back to the system.
+        self.trimmer = Trimmer()
+        self.admission = Admission(
+            lambda ticket: _Peer(self, ticket),
+            failed=self.trimmer.closed,
+            ssl_context=ssl_context,
+            timeout=handshake_timeout,
+            max_total=max_unauthenticated,
+            max_per_ip=max_unauthenticated_per_ip,
+        )
         self.sessions: dict[str, _TunnelPair] = {}
         self.peers: set[_Peer] = set()
         self._all_gone = asyncio.Event()
@@ -300,11 +334,7 @@ class Relay:
         """
         Listen for WebSocket clients.
         """
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: _Peer(self), self.host, self.port, ssl=self._ssl, reuse_address=True
-        )
-        self.port = self._server.sockets[0].getsockname()[1]
+        self.port = await self.admission.listen(self.host, self.port)
 
     async def close(self, *, abort: bool = False) -> None:
         """
@@ -314,8 +344,7 @@ class Relay:
             abort: Drop the TCP connections without a close frame instead, as a network loss
                 would (docs/protocol.md §7.7): clients with a client token reconnect.
         """
-        if self._server is not None:
-            self._server.close()
+        await self.admission.close()
         for peer in list(self.peers):
             if abort and peer.transport is not None:
                 peer.transport.abort()
@@ -331,8 +360,7 @@ class Relay:
         for peer in list(self.peers):
             if peer.transport is not None:
                 peer.transport.abort()
-        if self._server is not None:
-            await self._server.wait_closed()
+        self.trimmer.cancel()
         if self._store_changed in self.store.listeners:
             self.store.listeners.remove(self._store_changed)
 
@@ -341,6 +369,7 @@ class Relay:
         Forget a closed connection.
         """
         self.peers.discard(peer)
+        self.trimmer.closed()
         if not self.peers:
             self._all_gone.set()
 

@@ -37,6 +37,9 @@ __all__ = ["FrameReader", "FrameWriter"]
 
 # Largest HTTP head accepted before the handshake is left to websockets entirely (it refuses it).
 MAX_HEAD_SIZE: Final = 16384
+# Receive buffer until the handshake succeeds: room for a head of MAX_HEAD_SIZE and what follows
+# it in the same read. Connections that never upgrade never hold the frame buffer.
+_HEAD_BUFFER_SIZE: Final = MAX_HEAD_SIZE + 4096
 # First header byte of a final binary frame without reserved bits: the fast path's one case.
 _FIN_BINARY: Final = 0x82
 # First header bytes of final close, ping and pong frames: passed whole to websockets.
@@ -64,7 +67,8 @@ class FrameReader:
     bytes are copied once, when the payload is taken out (and unmasked, on the server side).
 
     Before the handshake completes, :meth:`head` cuts the HTTP head off the stream; the caller
-    gives it to websockets, then calls :meth:`open` with the outcome.
+    gives it to websockets, then calls :meth:`open` with the outcome. Until then the buffer is
+    only big enough for the head: the frame buffer comes with a successful handshake.
 
     Args:
         masked: Whether the peer's frames must be masked (True on the server side).
@@ -78,6 +82,7 @@ class FrameReader:
         "_end",
         "_masked",
         "_max_size",
+        "_size",
         "_start",
         "_view",
         "handed_over",
@@ -96,7 +101,8 @@ class FrameReader:
         largest = max_size + _MAX_HEADER_SIZE
         if buffer_size and buffer_size < largest:
             raise ValueError(f"a {buffer_size}-byte buffer cannot hold a {largest}-byte frame")
-        self._buffer = bytearray(buffer_size or 2 * largest)
+        self._size = buffer_size or 2 * largest
+        self._buffer = bytearray(_HEAD_BUFFER_SIZE)
         self._view = memoryview(self._buffer)
         self._start = 0  # first byte not yet parsed
         self._end = 0  # end of the received bytes
@@ -150,6 +156,13 @@ class FrameReader:
         """
         self.head_done = True
         self.handed_over = not fast
+        if fast and len(self._buffer) < self._size:
+            # A new buffer rather than a resize: the transport may still hold a view of the old.
+            start, end = self._start, self._end
+            buffer = bytearray(self._size)
+            buffer[: end - start] = self._view[start:end]
+            self._buffer, self._view = buffer, memoryview(buffer)
+            self._start, self._end = 0, end - start
 
     def hand_over(self) -> None:
         """

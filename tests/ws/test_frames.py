@@ -214,6 +214,28 @@ class TestHead:
 
         assert frames.head() == junk
 
+    def test_frame_buffer_comes_with_a_successful_handshake(self):
+        """Until the handshake succeeds the buffer is head-sized; then large frames fit."""
+        frames = FrameReader(masked=True, max_size=MAX_WS_MESSAGE_SIZE)
+        refused = FrameReader(masked=True, max_size=MAX_WS_MESSAGE_SIZE)
+        head = b"GET /tunnel HTTP/1.1\r\nHost: x\r\n\r\n"
+        payload = os.urandom(MAX_WS_MESSAGE_SIZE)
+        frame = serialize(Frame(Opcode.BINARY, payload), mask=True)
+
+        before = len(frames.get_buffer())
+        receive(frames, head + frame[:100])
+        frames.head()
+        frames.open(fast=True)
+        after = len(frames.get_buffer())
+        receive(refused, head)
+        refused.head()
+        refused.open(fast=False)
+
+        assert MAX_HEAD_SIZE < before < 2 * MAX_HEAD_SIZE
+        assert after >= len(frame)
+        assert len(refused.get_buffer()) == before
+        assert frames.feed(frame[100:]) == [(False, payload)]
+
     def test_failed_handshake_hands_everything_over(self):
         """After a refused upgrade (a 4xx with a body), every byte goes to websockets."""
         frames = FrameReader(masked=False, max_size=MAX_WS_MESSAGE_SIZE)
