@@ -378,6 +378,9 @@ class StuckAgent:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
+            # Records off: the restarted agent must get the tunnel from the broker's
+            # redelivery, not from the record the stuck agent wrote.
+            env={**os.environ, "TUNNEL_AGENT_TUNNELS__PERSIST": "false"},
         )  # fmt: skip
 
     def events(self, name: str) -> list[dict]:
@@ -470,7 +473,9 @@ class TestNothingLost:
             stuck.close()
         proxy = CheapProxy(tmp_path / "proxy")
 
-        agent = world.agent(*proxy.args, ready=False)
+        agent = world.agent(
+            *proxy.args, env={"TUNNEL_AGENT_TUNNELS__PERSIST": "false"}, ready=False
+        )
         (token,) = proxy.wait_tokens(1, timeout=30)
         (connected,) = agent.events("mqtt_connected")
 

@@ -280,14 +280,19 @@ def root(base_root: Path, tmp_path: Path):
 
 def install_device_files(root: Root) -> None:
     """Put the certificate, key and CA where the shipped example expects them, as README says."""
+    from tests.certs import write_credentials
+
     uid, gid = root.ids(USER)
     certs = root / "etc/iot-tunnel-agent/certs"
+    # Real PEM files: check-config parses them (and matches the key to the certificate).
+    write_credentials(
+        certs, thing="my-device", names=("device.pem.crt", "private.pem.key", "AmazonRootCA1.pem")
+    )
     for name, mode in (
         ("device.pem.crt", 0o644),
         ("private.pem.key", 0o600),
         ("AmazonRootCA1.pem", 0o644),
     ):
-        (certs / name).write_text(f"{name} placeholder\n")
         os.chown(certs / name, uid, gid)
         (certs / name).chmod(mode)
 
