@@ -518,6 +518,7 @@ def spawn_config_from(settings: AgentSettings) -> SpawnConfig:
         max_restarts=proxy.max_restarts,
         backoff_initial=proxy.restart_backoff_initial,
         backoff_max=proxy.restart_backoff_max,
+        token_pipe=proxy.binary == "bundled",
     )
 
 

@@ -18,6 +18,7 @@ import types
 
 from agent import __version__
 from agent.common.loop import run
+from agent.common.secretpipe import TokenPipeError, read_tokens
 from agent.exceptions import EXIT_USAGE, AgentError
 from agent.protocol import DESTINATION, SOURCE, Mode, ProtocolVersion
 from agent.protocol.ids import CLIENT_TOKEN, MAX_TOKEN_LENGTH
@@ -25,7 +26,7 @@ from agent.proxy.mapping import MappingError, Target, parse_destination_map, par
 from agent.proxy.options import ProxyOptions, endpoint_for_region, parse_endpoint
 
 
-__all__ = ["build_parser", "main", "options_from_args"]
+__all__ = ["build_parser", "environment_with_tokens", "main", "options_from_args"]
 
 # -v levels of the AWS localproxy: 0 off ... 4 info (default) ... 6 trace.
 _LEVELS = {
@@ -128,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument(
         "--connect-retry-delay", type=float, default=2.5, help="seconds between local attempts"
     )
+    # Hidden: the agent passes the tokens on an inherited pipe (agent/common/secretpipe.py).
+    extra.add_argument("--token-fd", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -313,6 +316,27 @@ def defer_unused_imports() -> None:
         importlib.metadata = stand_in
 
 
+def environment_with_tokens(args: argparse.Namespace) -> dict[str, str]:
+    """
+    Our environment, plus the tokens of ``--token-fd`` when given (read first, fd closed).
+
+    The tokens only go into the returned dictionary, never into the process' environment.
+
+    Raises:
+        UsageError: The descriptor cannot be read or holds no valid document.
+    """
+    env = dict(os.environ)
+    if args.token_fd is not None:
+        try:
+            token, client_token = read_tokens(args.token_fd)
+        except TokenPipeError as exc:
+            raise UsageError(str(exc)) from None
+        env["AWSIOT_TUNNEL_ACCESS_TOKEN"] = token
+        if client_token:
+            env["AWSIOT_TUNNEL_CLIENT_TOKEN"] = client_token
+    return env
+
+
 def main(argv: list[str] | None = None) -> int:
     """
     Run the local proxy; returns the exit status.
@@ -320,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        options = options_from_args(args, dict(os.environ))
+        options = options_from_args(args, environment_with_tokens(args))
     except (UsageError, OSError) as exc:
         print(f"tunnel-localproxy: {exc}", file=sys.stderr)  # noqa: T201 - CLI error output
         return EXIT_USAGE
