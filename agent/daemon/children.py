@@ -21,14 +21,14 @@ import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
 
-__all__ = ["Child", "ChildExit", "is_our_child", "our_children", "spawn"]
+__all__ = ["Child", "ChildExit", "ExitWatch", "is_our_child", "our_children", "spawn"]
 
 # Popen objects of children not reaped yet (see the module docstring).
 _popens: dict[int, subprocess.Popen[bytes]] = {}
@@ -118,6 +118,27 @@ def our_children() -> set[int]:
             with contextlib.suppress(OSError):
                 found.update(int(p) for p in (task / "children").read_text().split())
     return found
+
+
+class ExitWatch(Protocol):
+    """
+    How a supervised process' exit is learnt: :class:`ChildExit` for our own children.
+    """
+
+    status: asyncio.Future[int]
+
+    @property
+    def returncode(self) -> int | None:
+        """
+        The exit status once known, else ``None``.
+        """
+        ...
+
+    def release(self) -> None:
+        """
+        Stop watching: the process is handed to another program image.
+        """
+        ...
 
 
 class ChildExit:

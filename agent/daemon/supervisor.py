@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 from agent.common.process import death_signal_preexec
 from agent.common.secretpipe import token_pipe
-from agent.daemon.children import Child, ChildExit, is_our_child, spawn
+from agent.daemon.children import Child, ChildExit, ExitWatch, is_our_child, spawn
 from agent.daemon.proxyoutput import ConnectionWatch
 from agent.exceptions import ProxyStartError
 
@@ -192,6 +192,7 @@ class ProxySpec:
         connect_timeout: Seconds the proxy may take to say it is connected.
         tokens: Access and client token for the bundled proxy, handed over on a pipe
             (``--token-fd``) instead of the environment; ``None`` for an external binary.
+        pass_fds: Further descriptors the proxy inherits under the same numbers.
     """
 
     argv: tuple[str, ...]
@@ -199,6 +200,7 @@ class ProxySpec:
     stop_grace: float = 2.0
     connect_timeout: float = 30.0
     tokens: tuple[str, str | None] | None = field(default=None, repr=False)
+    pass_fds: tuple[int, ...] = ()
 
 
 def _same(protocol: asyncio.StreamReaderProtocol) -> asyncio.StreamReaderProtocol:
@@ -313,13 +315,14 @@ class ProxyProcess:
         stop_grace: float,
         connect_timeout: float = 30.0,
         on_change: Callable[[], None] | None = None,
+        exit_watch: ExitWatch | None = None,
     ) -> None:
         """
         Watch a child whose pipes are already connected; use :meth:`watch`.
         """
         self._child = child
         self._pipes = list(pipes)
-        self._exit = ChildExit(child.pid)
+        self._exit: ExitWatch = ChildExit(child.pid) if exit_watch is None else exit_watch
         self._log = log.bind(pid=child.pid)
         self._stop_grace = stop_grace
         self._connection = ConnectionWatch(
@@ -329,7 +332,7 @@ class ProxyProcess:
         self._exited = asyncio.ensure_future(self._watch())
 
     @classmethod
-    async def watch(
+    async def watch(  # noqa: PLR0913 - keyword-only watch settings
         cls,
         child: Child,
         *,
@@ -337,6 +340,7 @@ class ProxyProcess:
         stop_grace: float,
         connect_timeout: float = 30.0,
         on_change: Callable[[], None] | None = None,
+        exit_watch: ExitWatch | None = None,
     ) -> ProxyProcess:
         """
         Start watching ``child``: log its output lines, await its exit.
@@ -347,6 +351,7 @@ class ProxyProcess:
             stop_grace: Seconds between SIGTERM and SIGKILL in :meth:`stop`.
             connect_timeout: Seconds it may take to say it is connected before it is reported.
             on_change: Called when :attr:`connected` or :attr:`last_error` changes.
+            exit_watch: How its exit is learnt; by default it is our child, reaped here.
         """
         loop = asyncio.get_running_loop()
         pipes = []
@@ -364,6 +369,7 @@ class ProxyProcess:
             stop_grace=stop_grace,
             connect_timeout=connect_timeout,
             on_change=on_change,
+            exit_watch=exit_watch,
         )
 
     @property
@@ -528,7 +534,7 @@ class SubprocessLauncher:
                 argv,
                 env=spec.env,
                 preexec_fn=death_signal_preexec(os.getpid()),
-                pass_fds=pass_fds,
+                pass_fds=(*pass_fds, *spec.pass_fds),
             )
         except OSError as exc:
             # Name only the binary: the rest of argv is fine but the habit is not.

@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     # Hidden: the agent passes the tokens on an inherited pipe (agent/common/secretpipe.py).
     extra.add_argument("--token-fd", type=int, default=None, help=argparse.SUPPRESS)
+    # Hidden: a pipe whose write end only the agent holds; end of file means the agent is gone.
+    extra.add_argument("--lifeline-fd", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -276,13 +278,32 @@ def _setup_logging(verbosity: int) -> None:
     root.propagate = False
 
 
-async def _run(options: ProxyOptions) -> int:
+def _watch_lifeline(loop: asyncio.AbstractEventLoop, fd: int, stop: asyncio.Event) -> None:
+    def readable() -> None:
+        try:
+            data = os.read(fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            log.info("the agent is gone: stopping")
+            stop.set()
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
+
+
+async def _run(options: ProxyOptions, lifeline: int | None = None) -> int:
     from agent.proxy.runner import run_proxy  # noqa: PLC0415 - keeps --help fast
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if lifeline is not None:
+        _watch_lifeline(loop, lifeline, stop)
     return await run_proxy(options, stop)
 
 
@@ -337,14 +358,23 @@ def environment_with_tokens(args: argparse.Namespace) -> dict[str, str]:
     return env
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, *, tokens: tuple[str, str | None] | None = None) -> int:
     """
     Run the local proxy; returns the exit status.
+
+    Args:
+        argv: The arguments; ``sys.argv[1:]`` by default.
+        tokens: Access and client token handed over in memory (a launcher's fork).
     """
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        options = options_from_args(args, environment_with_tokens(args))
+        env = environment_with_tokens(args)
+        if tokens is not None:
+            env["AWSIOT_TUNNEL_ACCESS_TOKEN"] = tokens[0]
+            if tokens[1]:
+                env["AWSIOT_TUNNEL_CLIENT_TOKEN"] = tokens[1]
+        options = options_from_args(args, env)
     except (UsageError, OSError) as exc:
         print(f"tunnel-localproxy: {exc}", file=sys.stderr)  # noqa: T201 - CLI error output
         return EXIT_USAGE
@@ -352,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("AWSIOT_TUNNEL_ACCESS_TOKEN", "AWSIOT_TUNNEL_CLIENT_TOKEN", "AWSIOT_CLIENT_TOKEN"):
         os.environ.pop(name, None)
     defer_unused_imports()
-    return run(_run(options))
+    return run(_run(options, args.lifeline_fd))
 
 
 if __name__ == "__main__":
