@@ -21,14 +21,14 @@ import subprocess
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping, Sequence
 
 
-__all__ = ["Child", "ChildExit", "is_our_child", "our_children", "spawn"]
+__all__ = ["Child", "ChildExit", "ExitWatch", "is_our_child", "our_children", "spawn"]
 
 # Popen objects of children not reaped yet (see the module docstring).
 _popens: dict[int, subprocess.Popen[bytes]] = {}
@@ -55,9 +55,12 @@ def spawn(
     *,
     env: Mapping[str, str],
     preexec_fn: Callable[[], None] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> Child:
     """
     Start a child in its own process group, stdin from /dev/null, stdout and stderr piped.
+
+    ``pass_fds`` are inherited under the same numbers; every other descriptor is closed.
 
     Raises:
         OSError: The program is missing or cannot be executed.
@@ -73,6 +76,7 @@ def spawn(
             stdout=out_w,
             stderr=err_w,
             close_fds=True,
+            pass_fds=tuple(pass_fds),
             process_group=0,
             preexec_fn=preexec_fn,  # noqa: PLW1509 - one prctl, see supervisor.py
         )
@@ -114,6 +118,27 @@ def our_children() -> set[int]:
             with contextlib.suppress(OSError):
                 found.update(int(p) for p in (task / "children").read_text().split())
     return found
+
+
+class ExitWatch(Protocol):
+    """
+    How a supervised process' exit is learnt: :class:`ChildExit` for our own children.
+    """
+
+    status: asyncio.Future[int]
+
+    @property
+    def returncode(self) -> int | None:
+        """
+        The exit status once known, else ``None``.
+        """
+        ...
+
+    def release(self) -> None:
+        """
+        Stop watching: the process is handed to another program image.
+        """
+        ...
 
 
 class ChildExit:

@@ -38,12 +38,13 @@ from agent import __version__
 from agent.daemon import reexec
 from agent.daemon.capath import hashed_ca_directory, needs_ca_directory
 from agent.daemon.children import ChildExit, our_children
+from agent.daemon.forkserver import ForkLauncher
 from agent.daemon.handoff import close_descriptors, read_handoff, write_handoff
 from agent.daemon.notification import parse_notification
 from agent.daemon.records import RecordStore
 from agent.daemon.sdnotify import SdNotifier, watchdog_interval
 from agent.daemon.status import StatusFile
-from agent.daemon.supervisor import SubprocessLauncher, proxy_command
+from agent.daemon.supervisor import SubprocessLauncher, build_env, proxy_command
 from agent.daemon.tunnels import Limits, Outcome, SpawnConfig, TunnelManager
 from agent.exceptions import EXIT_FAILURE, EXIT_OK, ConfigError, InvalidNotification
 from agent.notify import load_source_class, resolve_kind
@@ -94,6 +95,7 @@ class Daemon:
         records: RecordStore | None = None,
         handoff: Handoff | None = None,
         reexec_plan: ReexecPlan | None = None,
+        warm_up: Callable[[], None] | None = None,
     ) -> None:
         """
         Assemble a daemon from its parts; nothing starts before :meth:`run`.
@@ -110,8 +112,10 @@ class Daemon:
             records: Recorded tunnels to restore at start, or ``None``.
             handoff: What the previous program image handed over (a reload), or ``None``.
             reexec_plan: How SIGHUP re-executes the agent; ``None`` reloads in place.
+            warm_up: Starts the proxy launcher, after stray children are stopped.
         """
         self._source = source
+        self._warm_up = warm_up
         self._manager = manager
         self._status = status
         self._reload = reload
@@ -308,6 +312,11 @@ class Daemon:
                 self._spawn(_stop_stray(pid), f"stray-{pid}")
             self._manager.adopt(handoff)
             log.info("tunnels_adopted", count=len(handoff.tunnels), running=len(adopted))
+        if self._warm_up is not None:
+            try:
+                self._warm_up()
+            except OSError as exc:
+                log.error("proxy_launcher_start_failed", error=exc.strerror)  # noqa: TRY400
         if self._records is not None:
             restored = self._manager.restore(self._records.load())
             if restored:
@@ -518,6 +527,7 @@ def spawn_config_from(settings: AgentSettings) -> SpawnConfig:
         max_restarts=proxy.max_restarts,
         backoff_initial=proxy.restart_backoff_initial,
         backoff_max=proxy.restart_backoff_max,
+        token_pipe=proxy.binary == "bundled",
     )
 
 
@@ -587,6 +597,18 @@ def _record_store(settings: AgentSettings) -> RecordStore | None:
     return None
 
 
+def _default_launcher(settings: AgentSettings, config: SpawnConfig) -> ProxyLauncher:
+    """
+    The launcher (fork server) for the bundled proxy unless turned off, else plain processes.
+    """
+    if settings.proxy.binary != "bundled" or not settings.proxy.launcher:
+        return SubprocessLauncher()
+    env = build_env(
+        token=None, client_token=None, extra_env=config.extra_env, http_proxy=config.http_proxy
+    )
+    return ForkLauncher(env=env)
+
+
 def build_daemon(  # noqa: PLR0913 - keyword-only, each a seam for tests
     settings: AgentSettings,
     *,
@@ -616,12 +638,16 @@ def build_daemon(  # noqa: PLR0913 - keyword-only, each a seam for tests
     status = StatusFile(settings.state_dir, thing_name=settings.thing_name)
     holder: list[Daemon] = []
     records = _record_store(settings)
+    spawn_config = spawn_config_from(settings)
+    if launcher is None:
+        launcher = _default_launcher(settings, spawn_config)
+    warm_up = launcher.warm_up if isinstance(launcher, ForkLauncher) else None
     try:
         manager = TunnelManager(
-            launcher=launcher or SubprocessLauncher(),
+            launcher=launcher,
             services=settings.services,
             limits=limits_from(settings),
-            options=spawn_config_from(settings),
+            options=spawn_config,
             on_change=lambda: holder[0].changed() if holder else None,
             records=records,
         )
@@ -646,6 +672,7 @@ def build_daemon(  # noqa: PLR0913 - keyword-only, each a seam for tests
         records=records,
         handoff=handoff,
         reexec_plan=reexec_plan,
+        warm_up=warm_up,
     )
     holder.append(daemon)
     return daemon

@@ -3,10 +3,12 @@ Spawn, watch and stop one destination local proxy process (docs/architecture.md 
 
 One command line serves the bundled ``tunnel-localproxy`` and the AWS localproxy
 binary: both take ``-d MAP``, ``-r REGION`` or ``-e ENDPOINT``, ``-c`` and ``-k``
-(docs/protocol.md §9). The access token and the client token travel in the child's
-environment only (``AWSIOT_TUNNEL_ACCESS_TOKEN``, ``AWSIOT_TUNNEL_CLIENT_TOKEN``):
-argv is world-readable in ``/proc/*/cmdline`` (docs/architecture.md §7.4). Neither argv nor the
-environment is ever logged.
+(docs/protocol.md §9). The access token and the client token never travel in argv, which is
+world-readable in ``/proc/*/cmdline`` (docs/architecture.md §7.4): the bundled proxy reads
+them from an inherited pipe (``--token-fd``), so they are not in its ``/proc/PID/environ``
+either; an external binary gets them in its environment (``AWSIOT_TUNNEL_ACCESS_TOKEN``,
+``AWSIOT_TUNNEL_CLIENT_TOKEN``, ``AWSIOT_CLIENT_TOKEN``). Neither argv nor the environment
+is ever logged.
 
 Children die with the agent: each child asks the kernel for SIGTERM when its
 parent thread exits (``PR_SET_PDEATHSIG``), so not even ``kill -9`` of the
@@ -31,7 +33,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from agent.common.process import death_signal_preexec
-from agent.daemon.children import Child, ChildExit, is_our_child, spawn
+from agent.common.secretpipe import token_pipe
+from agent.daemon.children import Child, ChildExit, ExitWatch, is_our_child, spawn
 from agent.daemon.proxyoutput import ConnectionWatch
 from agent.exceptions import ProxyStartError
 
@@ -140,8 +143,8 @@ def build_argv(  # noqa: PLR0913 - keyword-only, one per localproxy flag
 
 def build_env(
     *,
-    token: str,
-    client_token: str,
+    token: str | None,
+    client_token: str | None,
     extra_env: Mapping[str, str] | None = None,
     http_proxy: str | None = None,
     base: Mapping[str, str] | None = None,
@@ -150,8 +153,8 @@ def build_env(
     Build a proxy's environment: a short allow-list of ours plus the tunnel's tokens.
 
     Args:
-        token: The destination client access token.
-        client_token: The tunnel's client token.
+        token: The destination client access token; ``None`` when it travels on a pipe.
+        client_token: The tunnel's client token; ``None`` when it travels on a pipe.
         extra_env: Variables from the settings.
         http_proxy: Outbound web proxy, passed as ``HTTPS_PROXY`` (localproxy reads it).
         base: Environment to inherit from; :data:`os.environ` by default.
@@ -168,10 +171,12 @@ def build_env(
     if http_proxy is not None:
         env["HTTPS_PROXY"] = http_proxy
     env.update(extra_env or {})
-    env["AWSIOT_TUNNEL_ACCESS_TOKEN"] = token
-    # The spec names AWSIOT_TUNNEL_CLIENT_TOKEN; the AWS localproxy reads AWSIOT_CLIENT_TOKEN.
-    # Both, so either binary reconnects with the same client token.
-    env["AWSIOT_TUNNEL_CLIENT_TOKEN"] = env["AWSIOT_CLIENT_TOKEN"] = client_token
+    if token is not None:
+        env["AWSIOT_TUNNEL_ACCESS_TOKEN"] = token
+    if client_token is not None:
+        # AWSIOT_TUNNEL_CLIENT_TOKEN is ours; the AWS localproxy reads AWSIOT_CLIENT_TOKEN.
+        # Both, so either binary reconnects with the same client token.
+        env["AWSIOT_TUNNEL_CLIENT_TOKEN"] = env["AWSIOT_CLIENT_TOKEN"] = client_token
     return env
 
 
@@ -182,15 +187,20 @@ class ProxySpec:
 
     Attributes:
         argv: The command line (no secrets).
-        env: The complete environment, tokens included; excluded from repr.
+        env: The complete environment (tokens included for an external binary); not in repr.
         stop_grace: Seconds between SIGTERM and SIGKILL on stop.
         connect_timeout: Seconds the proxy may take to say it is connected.
+        tokens: Access and client token for the bundled proxy, handed over on a pipe
+            (``--token-fd``) instead of the environment; ``None`` for an external binary.
+        pass_fds: Further descriptors the proxy inherits under the same numbers.
     """
 
     argv: tuple[str, ...]
     env: Mapping[str, str] = field(repr=False)
     stop_grace: float = 2.0
     connect_timeout: float = 30.0
+    tokens: tuple[str, str | None] | None = field(default=None, repr=False)
+    pass_fds: tuple[int, ...] = ()
 
 
 def _same(protocol: asyncio.StreamReaderProtocol) -> asyncio.StreamReaderProtocol:
@@ -305,13 +315,14 @@ class ProxyProcess:
         stop_grace: float,
         connect_timeout: float = 30.0,
         on_change: Callable[[], None] | None = None,
+        exit_watch: ExitWatch | None = None,
     ) -> None:
         """
         Watch a child whose pipes are already connected; use :meth:`watch`.
         """
         self._child = child
         self._pipes = list(pipes)
-        self._exit = ChildExit(child.pid)
+        self._exit: ExitWatch = ChildExit(child.pid) if exit_watch is None else exit_watch
         self._log = log.bind(pid=child.pid)
         self._stop_grace = stop_grace
         self._connection = ConnectionWatch(
@@ -321,7 +332,7 @@ class ProxyProcess:
         self._exited = asyncio.ensure_future(self._watch())
 
     @classmethod
-    async def watch(
+    async def watch(  # noqa: PLR0913 - keyword-only watch settings
         cls,
         child: Child,
         *,
@@ -329,6 +340,7 @@ class ProxyProcess:
         stop_grace: float,
         connect_timeout: float = 30.0,
         on_change: Callable[[], None] | None = None,
+        exit_watch: ExitWatch | None = None,
     ) -> ProxyProcess:
         """
         Start watching ``child``: log its output lines, await its exit.
@@ -339,6 +351,7 @@ class ProxyProcess:
             stop_grace: Seconds between SIGTERM and SIGKILL in :meth:`stop`.
             connect_timeout: Seconds it may take to say it is connected before it is reported.
             on_change: Called when :attr:`connected` or :attr:`last_error` changes.
+            exit_watch: How its exit is learnt; by default it is our child, reaped here.
         """
         loop = asyncio.get_running_loop()
         pipes = []
@@ -356,6 +369,7 @@ class ProxyProcess:
             stop_grace=stop_grace,
             connect_timeout=connect_timeout,
             on_change=on_change,
+            exit_watch=exit_watch,
         )
 
     @property
@@ -509,11 +523,25 @@ class SubprocessLauncher:
         Raises:
             ProxyStartError: The binary is missing or cannot be executed.
         """
+        argv, pass_fds = list(spec.argv), tuple[int, ...]()
+        if spec.tokens is not None:
+            # The pipe's number is the same in the child (pass_fds keeps numbers).
+            token_fd = token_pipe(*spec.tokens)
+            argv += ["--token-fd", str(token_fd)]
+            pass_fds = (token_fd,)
         try:
-            child = spawn(spec.argv, env=spec.env, preexec_fn=death_signal_preexec(os.getpid()))
+            child = spawn(
+                argv,
+                env=spec.env,
+                preexec_fn=death_signal_preexec(os.getpid()),
+                pass_fds=(*pass_fds, *spec.pass_fds),
+            )
         except OSError as exc:
             # Name only the binary: the rest of argv is fine but the habit is not.
             raise ProxyStartError(f"cannot start {spec.argv[0]}: {exc.strerror}") from exc
+        finally:
+            for fd in pass_fds:
+                os.close(fd)
         return await ProxyProcess.watch(
             child,
             log=log,

@@ -124,6 +124,8 @@ class SpawnConfig:
         backoff_initial: First restart delay, in seconds.
         backoff_max: Largest restart delay, in seconds.
         restart_reset_after: A run this long (seconds) resets the failure count.
+        token_pipe: Hand the tokens over on a pipe (``--token-fd``, the bundled proxy)
+            instead of the environment (an external binary).
     """
 
     command: tuple[str, ...]
@@ -139,6 +141,7 @@ class SpawnConfig:
     backoff_initial: float = 1.0
     backoff_max: float = 30.0
     restart_reset_after: float = 60.0
+    token_pipe: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -558,9 +561,11 @@ class TunnelManager:
             no_verify=opts.no_verify,
             extra_args=opts.extra_args,
         )
+        token = tunnel.token.get_secret_value()
+        piped = opts.token_pipe
         env = build_env(
-            token=tunnel.token.get_secret_value(),
-            client_token=tunnel.client_token,
+            token=None if piped else token,
+            client_token=None if piped else tunnel.client_token,
             extra_env=opts.extra_env,
             http_proxy=opts.http_proxy,
         )
@@ -569,6 +574,7 @@ class TunnelManager:
             env=env,
             stop_grace=opts.stop_grace,
             connect_timeout=opts.connect_timeout,
+            tokens=(token, tunnel.client_token) if piped else None,
         )
 
     def _delays(self) -> Iterator[float]:

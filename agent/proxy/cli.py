@@ -18,6 +18,7 @@ import types
 
 from agent import __version__
 from agent.common.loop import run
+from agent.common.secretpipe import TokenPipeError, read_tokens
 from agent.exceptions import EXIT_USAGE, AgentError
 from agent.protocol import DESTINATION, SOURCE, Mode, ProtocolVersion
 from agent.protocol.ids import CLIENT_TOKEN, MAX_TOKEN_LENGTH
@@ -25,7 +26,7 @@ from agent.proxy.mapping import MappingError, Target, parse_destination_map, par
 from agent.proxy.options import ProxyOptions, endpoint_for_region, parse_endpoint
 
 
-__all__ = ["build_parser", "main", "options_from_args"]
+__all__ = ["build_parser", "environment_with_tokens", "main", "options_from_args"]
 
 # -v levels of the AWS localproxy: 0 off ... 4 info (default) ... 6 trace.
 _LEVELS = {
@@ -128,6 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument(
         "--connect-retry-delay", type=float, default=2.5, help="seconds between local attempts"
     )
+    # Hidden: the agent passes the tokens on an inherited pipe (agent/common/secretpipe.py).
+    extra.add_argument("--token-fd", type=int, default=None, help=argparse.SUPPRESS)
+    # Hidden: a pipe whose write end only the agent holds; end of file means the agent is gone.
+    extra.add_argument("--lifeline-fd", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -273,13 +278,32 @@ def _setup_logging(verbosity: int) -> None:
     root.propagate = False
 
 
-async def _run(options: ProxyOptions) -> int:
+def _watch_lifeline(loop: asyncio.AbstractEventLoop, fd: int, stop: asyncio.Event) -> None:
+    def readable() -> None:
+        try:
+            data = os.read(fd, 64)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            loop.remove_reader(fd)
+            log.info("the agent is gone: stopping")
+            stop.set()
+
+    os.set_blocking(fd, False)
+    loop.add_reader(fd, readable)
+
+
+async def _run(options: ProxyOptions, lifeline: int | None = None) -> int:
     from agent.proxy.runner import run_proxy  # noqa: PLC0415 - keeps --help fast
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
+    if lifeline is not None:
+        _watch_lifeline(loop, lifeline, stop)
     return await run_proxy(options, stop)
 
 
@@ -313,14 +337,44 @@ def defer_unused_imports() -> None:
         importlib.metadata = stand_in
 
 
-def main(argv: list[str] | None = None) -> int:
+def environment_with_tokens(args: argparse.Namespace) -> dict[str, str]:
+    """
+    Our environment, plus the tokens of ``--token-fd`` when given (read first, fd closed).
+
+    The tokens only go into the returned dictionary, never into the process' environment.
+
+    Raises:
+        UsageError: The descriptor cannot be read or holds no valid document.
+    """
+    env = dict(os.environ)
+    if args.token_fd is not None:
+        try:
+            token, client_token = read_tokens(args.token_fd)
+        except TokenPipeError as exc:
+            raise UsageError(str(exc)) from None
+        env["AWSIOT_TUNNEL_ACCESS_TOKEN"] = token
+        if client_token:
+            env["AWSIOT_TUNNEL_CLIENT_TOKEN"] = client_token
+    return env
+
+
+def main(argv: list[str] | None = None, *, tokens: tuple[str, str | None] | None = None) -> int:
     """
     Run the local proxy; returns the exit status.
+
+    Args:
+        argv: The arguments; ``sys.argv[1:]`` by default.
+        tokens: Access and client token handed over in memory (a launcher's fork).
     """
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     try:
-        options = options_from_args(args, dict(os.environ))
+        env = environment_with_tokens(args)
+        if tokens is not None:
+            env["AWSIOT_TUNNEL_ACCESS_TOKEN"] = tokens[0]
+            if tokens[1]:
+                env["AWSIOT_TUNNEL_CLIENT_TOKEN"] = tokens[1]
+        options = options_from_args(args, env)
     except (UsageError, OSError) as exc:
         print(f"tunnel-localproxy: {exc}", file=sys.stderr)  # noqa: T201 - CLI error output
         return EXIT_USAGE
@@ -328,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("AWSIOT_TUNNEL_ACCESS_TOKEN", "AWSIOT_TUNNEL_CLIENT_TOKEN", "AWSIOT_CLIENT_TOKEN"):
         os.environ.pop(name, None)
     defer_unused_imports()
-    return run(_run(options))
+    return run(_run(options, args.lifeline_fd))
 
 
 if __name__ == "__main__":

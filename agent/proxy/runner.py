@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from agent.proxy.options import ProxyOptions
 
 
-__all__ = ["run_proxy"]
+__all__ = ["run_proxy", "ssl_context_for"]
 
 log = logging.getLogger("agent.proxy")
 # websockets logs request headers (the access token) at DEBUG: keep its logger above that.
@@ -49,6 +49,22 @@ CONNECT_TIMEOUT = 15.0
 STOP_TIMEOUT = 2.0
 # A session that lasted this long (seconds) worked: after it drops, reconnect without delay.
 STABLE_SESSION = 2.0
+
+
+# Built contexts by (CA path, verify): a launcher builds one before forking and every
+# proxy it forks shares it, copy-on-write (agent/proxy/launcher.py).
+_ssl_contexts: dict[tuple[str | None, bool], ssl.SSLContext] = {}
+
+
+def ssl_context_for(options: ProxyOptions) -> ssl.SSLContext:
+    """
+    The TLS context for ``options``, built once per CA path and verify flag.
+    """
+    key = (options.ca_path, options.verify)
+    context = _ssl_contexts.get(key)
+    if context is None:
+        context = _ssl_contexts[key] = _ssl_context(options)
+    return context
 
 
 def _ssl_context(options: ProxyOptions) -> ssl.SSLContext:
@@ -75,7 +91,7 @@ class _Dialer:
     def __init__(self, options: ProxyOptions, bridge: Bridge) -> None:
         self.options = options
         self.bridge = bridge
-        self.ssl_context = _ssl_context(options) if options.tls else None
+        self.ssl_context = ssl_context_for(options) if options.tls else None
         self.proxy = proxy_from_environment(options.host)
         scheme = "wss" if options.tls else "ws"
         host = f"[{options.host}]" if ":" in options.host else options.host

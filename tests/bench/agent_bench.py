@@ -9,7 +9,16 @@ spawn, WebSocket handshake), then CloseTunnel and wait for the proxy to end. The
 sits idle with no tunnel for ``--idle`` seconds (default 60): its VmRSS and the CPU time it
 used (should be ~0: nothing polls).
 
-    python tests/bench/agent_bench.py [--tunnels 50] [--idle 60] [--localproxy PATH] [--json]
+Footprint: ``--idle-tunnels`` tunnels (default 10) are then opened and left idle; the figures
+are the total and per-tunnel PSS and USS (``/proc/PID/smaps_rollup``) of every proxy
+process, the launcher included (``proxy.launcher``), the OpenTunnel -> destination CONNECTED
+p50/p99 and the proxy start -> connected p50/p99 (the agent's ``proxy_connected`` events).
+A proxy forked by the launcher owns only what it dirtied after the fork: its USS.
+``--proxy-binary PATH`` runs the same with an external binary (the AWS localproxy);
+``--no-launcher`` with a plain process per bundled proxy.
+
+    python tests/bench/agent_bench.py [--tunnels 50] [--idle 60] [--idle-tunnels 10]
+        [--proxy-binary PATH | --no-launcher] [--json]
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -50,18 +60,82 @@ def status_kb(pid: int, field: str) -> int:
     return -1
 
 
+def smaps_kb(pid: int) -> dict[str, int]:
+    """``/proc/PID/smaps_rollup`` in KiB: Pss, Rss, Private_Clean, Private_Dirty, ..."""
+    found = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        found[name] = int(rest.split()[0])
+    return found
+
+
+def children_of(pid: int) -> list[int]:
+    """Direct children of ``pid``."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(p) for p in (task / "children").read_text().split()]
+    return found
+
+
+def footprint(world: World, agent: Any, count: int) -> dict[str, float]:
+    """Open ``count`` tunnels, leave them idle, measure their proxies' memory."""
+    opened = []
+    latencies = []
+    for _ in range(count):
+        started = time.perf_counter()
+        tunnel = world.open(["SSH"])
+        world.wait_connected(tunnel["tunnelId"], timeout=30)
+        latencies.append((time.perf_counter() - started) * 1000)
+        opened.append(tunnel)
+    time.sleep(3)  # idle: pings only
+    proxies = [t["pid"] for t in agent.status()["tunnels"] if t["pid"]]
+    assert len(proxies) == count, proxies
+    launchers = [p for p in children_of(agent.pid) if p not in proxies]
+    per = {pid: smaps_kb(pid) for pid in proxies + launchers}
+    uss = {pid: m["Private_Clean"] + m["Private_Dirty"] for pid, m in per.items()}
+    started_connected = [e["after"] * 1000 for e in agent.events("proxy_connected")][-count:]
+    for tunnel in opened:
+        world.client.close_tunnel(tunnelId=tunnel["tunnelId"])
+    mib = 1024
+    return {
+        "idle_tunnels": count,
+        "proxy_processes": len(per),
+        "pss_total_mib": sum(m["Pss"] for m in per.values()) / mib,
+        "pss_per_tunnel_mib": statistics.fmean(per[p]["Pss"] for p in proxies) / mib,
+        "uss_total_mib": sum(uss.values()) / mib,
+        "uss_per_tunnel_mib": statistics.fmean(uss[p] for p in proxies) / mib,
+        "rss_per_tunnel_mib": statistics.fmean(per[p]["Rss"] for p in proxies) / mib,
+        "dirty_anon_per_tunnel_mib": statistics.fmean(per[p]["Anonymous"] for p in proxies) / mib,
+        "launcher_pss_mib": sum(per[p]["Pss"] for p in launchers) / mib,
+        "launcher_uss_mib": sum(uss[p] for p in launchers) / mib,
+        "open_connected_p50_ms": percentile(latencies, 50),
+        "open_connected_p99_ms": percentile(latencies, 99),
+        "proxy_start_connected_p50_ms": percentile(started_connected, 50),
+        "proxy_start_connected_p99_ms": percentile(started_connected, 99),
+    }
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile."""
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered) + 0.5) - 1))]
 
 
-def run(tunnels: int, idle: float, localproxy: str | None = None) -> dict[str, float]:
+def run(
+    tunnels: int,
+    idle: float,
+    localproxy: str | None = None,
+    idle_tunnels: int = 10,
+    flags: tuple[str, ...] = (),
+) -> dict[str, float]:
     """Run the benchmark in a temporary directory and return the figures."""
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as temp:
         world = World(Path(temp), {"SSH": "22"})
         try:
-            agent = world.agent(*(["--proxy-binary", localproxy] if localproxy else []))
+            agent = world.agent(*(["--proxy-binary", localproxy] if localproxy else []), *flags)
+            time.sleep(1)  # the launcher's imports
+            resident = footprint(world, agent, idle_tunnels) if idle_tunnels else {}
+            agent.wait_event("tunnel_ended", idle_tunnels, timeout=30)
             latencies = []
             for index in range(tunnels):
                 started = time.perf_counter()
@@ -69,7 +143,7 @@ def run(tunnels: int, idle: float, localproxy: str | None = None) -> dict[str, f
                 world.wait_connected(tunnel["tunnelId"], timeout=30)
                 latencies.append(time.perf_counter() - started)
                 world.client.close_tunnel(tunnelId=tunnel["tunnelId"])
-                agent.wait_event("tunnel_ended", index + 1, timeout=30)
+                agent.wait_event("tunnel_ended", idle_tunnels + index + 1, timeout=30)
             # Idle: no tunnel, no child; let the last exit settle first.
             wait_until(lambda: agent.status()["tunnels"] == [], 10, "no tunnel")
             time.sleep(2)
@@ -83,8 +157,9 @@ def run(tunnels: int, idle: float, localproxy: str | None = None) -> dict[str, f
             stop_seconds = time.perf_counter() - sigterm_started
         finally:
             world.close()
-    ms = [v * 1000 for v in latencies]
+    ms = [v * 1000 for v in latencies] or [0.0]
     return {
+        **resident,
         "tunnels": tunnels,
         "connect_p50_ms": percentile(ms, 50),
         "connect_p99_ms": percentile(ms, 99),
@@ -104,10 +179,16 @@ def main() -> int:
     """Parse the flags, run, print the figures."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tunnels", type=int, default=50)
+    parser.add_argument("--idle-tunnels", type=int, default=10, help="idle tunnels measured")
+    parser.add_argument(
+        "--no-launcher", action="store_true", help="a plain process per bundled proxy"
+    )
     parser.add_argument("--idle", type=float, default=60.0, help="idle measurement, seconds")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.add_argument(
+        "--proxy-binary",
         "--localproxy",
+        dest="localproxy",
         metavar="PATH",
         help="destination proxy binary the agent spawns (default: the bundled one)",
     )
@@ -115,7 +196,8 @@ def main() -> int:
     # The emulator shares this process: keep its logs out of the figures.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     logging.basicConfig(level=logging.WARNING)
-    result = run(args.tunnels, args.idle, args.localproxy)
+    flags = ("--no-proxy-launcher",) if args.no_launcher else ()
+    result = run(args.tunnels, args.idle, args.localproxy, args.idle_tunnels, flags)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

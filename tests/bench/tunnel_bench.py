@@ -51,6 +51,16 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS
 
 
+def pss_uss_mb(pid: int) -> tuple[float, float]:
+    """PSS and USS (private clean + dirty) from ``/proc/PID/smaps_rollup``, in MB."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()[1:]:
+        name, _, rest = line.partition(":")
+        fields[name] = int(rest.split()[0])
+    uss = fields["Private_Clean"] + fields["Private_Dirty"]
+    return fields["Pss"] * 1024 / 1e6, uss * 1024 / 1e6
+
+
 def vm_hwm_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -348,6 +358,9 @@ def one_run(args: argparse.Namespace, relay: Relay, workdir: Path, run: int) -> 
             figures["echo_p99_us"] = percentile(lat, 0.99)
             for name, pid in pids.items():
                 figures[f"vmhwm_MB_{name}"] = vm_hwm_mb(pid)
+                pss, uss = pss_uss_mb(pid)
+                figures[f"pss_MB_{name}"] = pss
+                figures[f"uss_MB_{name}"] = uss
         finally:
             src.stop()
     finally:

@@ -47,6 +47,16 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def all_proc_files(name: str) -> list[bytes]:
+    """``/proc/*/NAME`` of every process we may read."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                found.append((entry / name).read_bytes())
+    return found
+
+
 def children(pid: int) -> list[int]:
     """Direct children of ``pid``."""
     found = []
@@ -263,6 +273,25 @@ class TestEndToEnd:
         assert tunnel["destinationAccessToken"].encode() not in cmdlines
         assert tunnel["sourceAccessToken"].encode() not in cmdlines
         assert tunnel["destinationAccessToken"] not in agent.text
+
+    def test_tokens_in_no_proc_environ_or_cmdline(self, world):
+        """While tunnels run, no /proc/*/environ or /proc/*/cmdline holds a destination token."""
+        agent = world.agent()
+        tunnels = [world.open(["SSH"]), world.open(["HTTP"])]
+        for tunnel in tunnels:
+            world.wait_connected(tunnel["tunnelId"])
+        store = world.emulator.store
+        secrets = [t["destinationAccessToken"].encode() for t in tunnels]
+        secrets += [store.get(t["tunnelId"]).destination.client_token.encode() for t in tunnels]
+        dumps = all_proc_files("environ") + all_proc_files("cmdline")
+        proxies = agent.proxy_pids()
+
+        assert len(proxies) == 2
+        assert all(len(secret) >= 32 for secret in secrets)  # both bound: the scan means something
+        # The scan can see the proxies' environments (same user): it would find a token there.
+        assert all(Path(f"/proc/{pid}/environ").read_bytes() for pid in proxies)
+        for secret in secrets:
+            assert not any(secret in dump for dump in dumps)
 
     def test_external_binary_path(self, world, sshd, tmp_path):
         """proxy.binary = a path: the agent runs it, with the CA file made a hashed directory."""

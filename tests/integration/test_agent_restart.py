@@ -323,13 +323,18 @@ class TestReload:
         (proxy,) = agent.proxy_pids()
         os.kill(agent.pid, signal.SIGHUP)
         agent.wait_event("agent_started", 2)
-        adopted = children(agent.pid)
+        wait_until(lambda: agent.status()["state"] == "running", 5, "running again")
+        adopted = agent.proxy_pids()
+        # The proxy itself, or the launcher that forked it (proxy.launcher, the default).
+        ours = children(agent.pid)
 
         agent.process.kill()
         agent.process.wait()
         wait_until(lambda: not alive(proxy), 5, "the adopted proxy gone")
+        wait_until(lambda: not any(alive(pid) for pid in ours), 5, "the agent's children gone")
 
         assert adopted == [proxy]
+        assert ours
         assert not alive(proxy)
 
     def test_failed_preflight_keeps_the_old_code_running(self, world, echo_service):
