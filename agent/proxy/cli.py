@@ -128,6 +128,8 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument(
         "--connect-retry-delay", type=float, default=2.5, help="seconds between local attempts"
     )
+    # Hidden: the descriptor of a pipe from whoever started us (agent/protocol/report.py).
+    extra.add_argument("--report-fd", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -259,6 +261,7 @@ def options_from_args(args: argparse.Namespace, env: dict[str, str]) -> ProxyOpt
         ping_interval=args.ping_interval,
         tcp_connect_retries=args.connect_retries,
         tcp_connect_delay=args.connect_retry_delay,
+        report_fd=args.report_fd,
     )
 
 
