@@ -55,9 +55,12 @@ def spawn(
     *,
     env: Mapping[str, str],
     preexec_fn: Callable[[], None] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> Child:
     """
     Start a child in its own process group, stdin from /dev/null, stdout and stderr piped.
+
+    ``pass_fds`` are further descriptors the child inherits (the report channel).
 
     Raises:
         OSError: The program is missing or cannot be executed.
@@ -73,6 +76,7 @@ def spawn(
             stdout=out_w,
             stderr=err_w,
             close_fds=True,
+            pass_fds=tuple(pass_fds),
             process_group=0,
             preexec_fn=preexec_fn,  # noqa: PLW1509 - one prctl, see supervisor.py
         )

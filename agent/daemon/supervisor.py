@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 from agent.common.process import death_signal_preexec
 from agent.daemon.children import Child, ChildExit, is_our_child, spawn
 from agent.daemon.proxyoutput import ConnectionWatch
+from agent.daemon.proxyreport import ProxyFigures, is_bundled
 from agent.exceptions import ProxyStartError
 
 
@@ -305,10 +306,13 @@ class ProxyProcess:
         stop_grace: float,
         connect_timeout: float = 30.0,
         on_change: Callable[[], None] | None = None,
+        figures: ProxyFigures | None = None,
     ) -> None:
         """
         Watch a child whose pipes are already connected; use :meth:`watch`.
         """
+        #: Connections and bytes from the bundled proxy's report channel, else ``None``.
+        self.figures = figures
         self._child = child
         self._pipes = list(pipes)
         self._exit = ChildExit(child.pid)
@@ -321,7 +325,7 @@ class ProxyProcess:
         self._exited = asyncio.ensure_future(self._watch())
 
     @classmethod
-    async def watch(
+    async def watch(  # noqa: PLR0913 - keyword-only watch settings
         cls,
         child: Child,
         *,
@@ -329,6 +333,7 @@ class ProxyProcess:
         stop_grace: float,
         connect_timeout: float = 30.0,
         on_change: Callable[[], None] | None = None,
+        report_fd: int | None = None,
     ) -> ProxyProcess:
         """
         Start watching ``child``: log its output lines, await its exit.
@@ -339,8 +344,13 @@ class ProxyProcess:
             stop_grace: Seconds between SIGTERM and SIGKILL in :meth:`stop`.
             connect_timeout: Seconds it may take to say it is connected before it is reported.
             on_change: Called when :attr:`connected` or :attr:`last_error` changes.
+            report_fd: The read end of the bundled proxy's report channel (now owned here).
         """
         loop = asyncio.get_running_loop()
+        figures = None
+        if report_fd is not None:
+            figures = ProxyFigures(log=log.bind(pid=child.pid), on_change=on_change)
+            await figures.watch(report_fd)
         pipes = []
         for fd in (child.stdout, child.stderr):
             reader = asyncio.StreamReader(limit=_PIPE_LIMIT, loop=loop)
@@ -356,6 +366,7 @@ class ProxyProcess:
             stop_grace=stop_grace,
             connect_timeout=connect_timeout,
             on_change=on_change,
+            figures=figures,
         )
 
     @property
@@ -419,6 +430,8 @@ class ProxyProcess:
                 pump.cancel()
             for transport, _ in self._pipes:
                 transport.close()
+            if self.figures is not None:
+                await self.figures.close()
         for pump in pending:
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
@@ -477,6 +490,9 @@ class ProxyProcess:
             os.set_inheritable(fd, True)  # noqa: FBT003 - os API
         self._exit.release()
         self._connection.close()
+        if self.figures is not None:
+            # Not handed on: the next image starts without figures (the proxy's writes fail).
+            await self.figures.close()
         self._exited.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._exited
@@ -509,17 +525,33 @@ class SubprocessLauncher:
         Raises:
             ProxyStartError: The binary is missing or cannot be executed.
         """
+        argv, report = list(spec.argv), None
+        if is_bundled(argv):
+            # The bundled proxy's private channel for its figures (agent/protocol/report.py).
+            report = os.pipe()
+            argv += ["--report-fd", str(report[1])]
         try:
-            child = spawn(spec.argv, env=spec.env, preexec_fn=death_signal_preexec(os.getpid()))
+            child = spawn(
+                argv,
+                env=spec.env,
+                preexec_fn=death_signal_preexec(os.getpid()),
+                pass_fds=() if report is None else (report[1],),
+            )
         except OSError as exc:
+            if report is not None:
+                os.close(report[0])
             # Name only the binary: the rest of argv is fine but the habit is not.
             raise ProxyStartError(f"cannot start {spec.argv[0]}: {exc.strerror}") from exc
+        finally:
+            if report is not None:
+                os.close(report[1])
         return await ProxyProcess.watch(
             child,
             log=log,
             stop_grace=spec.stop_grace,
             connect_timeout=spec.connect_timeout,
             on_change=on_change,
+            report_fd=None if report is None else report[0],
         )
 
     async def adopt(
