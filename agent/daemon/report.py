@@ -81,12 +81,13 @@ class Rejection:
         """
         As JSON, for the status file and the shadow.
         """
-        document: dict[str, Any] = {"at": round(self.at, 3), "reason": self.reason[:_MAX_REASON]}
-        if self.services is not None:
-            document["services"] = list(self.services)
-        elif self.service_count is not None:
-            document["service_count"] = self.service_count
-        return document
+        # Both keys always: in a shadow, null removes what an earlier rejection left there.
+        return {
+            "at": round(self.at, 3),
+            "reason": self.reason[:_MAX_REASON],
+            "services": None if self.services is None else list(self.services),
+            "service_count": self.service_count,
+        }
 
 
 @dataclass(slots=True)
@@ -134,7 +135,8 @@ def health_document(health: Health) -> dict[str, Any]:
 
 
 def _tunnel(info: TunnelInfo) -> dict[str, Any]:
-    return {
+    # No nulls: a shadow refuses null inside an array; a missing key means unknown.
+    row = {
         "key": info.key,
         "services": list(info.services),
         "since": round(info.started_at, 3),
@@ -145,6 +147,7 @@ def _tunnel(info: TunnelInfo) -> dict[str, Any]:
         "restarts": info.restarts,
         "last_error": None if info.last_error is None else info.last_error[:_MAX_ERROR],
     }
+    return {key: value for key, value in row.items() if value is not None}
 
 
 def reported_document(  # noqa: PLR0913 - keyword-only, one per reported field
