@@ -165,8 +165,8 @@ class TestFormat:
             "agent pid 7 thing dev-1 state running up 1h18m45s",
             "1 active tunnel(s)",
             (
-                "KEY        SERVICES                 STATE           PID     UPTIME RESTARTS CONNECTED"
-                " CONNS BYTES_IN BYTES_OUT"
+                "KEY        SERVICES                 STATE           PID     UPTIME RESTARTS"
+                " CONNECTED CONNS BYTES_IN BYTES_OUT"
             ),
             (
                 "ab12cd34   SSH,HTTP (rotated)       running        4242   1h02m05s 2        ..."

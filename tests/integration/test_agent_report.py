@@ -7,6 +7,8 @@ run` as a child process, the bundled proxies, a TCP echo service, boto3's iot-da
 from __future__ import annotations
 
 import json
+import os
+import re
 import socket
 import subprocess
 import sys
@@ -185,3 +187,56 @@ class TestFiguresWhileBytesFlow:
             lambda: status_json(agent)["tunnels"][0]["connections"] == 0, 2, "connection closed"
         )
         assert closed
+
+
+def connect_env(world: World) -> dict[str, str]:
+    """The operator's environment: operator.env only (control plane, iot-data, relay, CA)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS", "TUNNEL"))}
+    for line in world.emulator.operator_env.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.split("=", 1)
+            env[name] = value
+    return env
+
+
+def connect(world: World, *args: str, timeout: float = 30) -> tuple[int, str, float]:
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "agent", "connect", world.thing, *args],
+        env=connect_env(world), capture_output=True, text=True, timeout=timeout * SCALE,
+        check=False, cwd=ROOT,
+    )  # fmt: skip
+    return result.returncode, result.stdout + result.stderr, time.monotonic() - started
+
+
+class TestConnectExplains:
+    def test_refused_service_exits_3_with_the_reason(self, world):
+        """VNC is not in the device's map: connect says so within 5 s and closes the tunnel."""
+        world.agent()
+        code, out, took = connect(world, "-s", "VNC", "--wait", "20")
+
+        assert code == 3, out
+        assert f"error: {world.thing} refused the tunnel: " in out
+        assert "not in the services map" in out
+        assert took < 5 * SCALE
+        assert re.search(r"tunnel \S+ closed", out)
+
+    def test_no_agent_exits_3_after_wait(self, world):
+        """Nobody answers: after --wait 3 connect says so, and that the agent never reported."""
+        code, out, took = connect(world, "-s", "ECHO", "--wait", "3")
+
+        assert code == 3, out
+        assert f"error: no tunnel agent answered on {world.thing} within 3 s" in out
+        assert "never reported" in out
+        assert 3 <= took < 15 * SCALE
+
+    def test_offline_agent_is_named(self, world):
+        """An agent that stopped cleanly: connect says since when it is offline."""
+        agent = world.agent()
+        wait_until(lambda: reported(world), 10, "a shadow report", lambda: agent.text)
+        assert agent.terminate() == 0
+        wait_until(lambda: (s := reported(world)) and s["state"] == "offline", 5, "offline")
+        code, out, _ = connect(world, "-s", "ECHO", "--wait", "2")
+
+        assert code == 3, out
+        assert "its agent is offline since " in out
