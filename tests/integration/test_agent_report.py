@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -240,3 +241,43 @@ class TestConnectExplains:
 
         assert code == 3, out
         assert "its agent is offline since " in out
+
+
+class TestConnectPerConnection:
+    def test_closed_service_port_is_named_per_connection(self, tmp_path):
+        """The device's SSH port is closed: connect prints the refusal for that connection."""
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            closed = probe.getsockname()[1]  # nothing listens here once closed
+        world = World(tmp_path, {"SSH": str(closed)})
+        try:
+            world.agent()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "agent", "connect", world.thing, "-s", "SSH"],
+                env=connect_env(world), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True, cwd=ROOT,
+            )  # fmt: skip
+            lines: list[str] = []
+            assert proc.stdout is not None
+            port = None
+            for line in proc.stdout:
+                lines.append(line)
+                if match := re.search(r"ssh -p (\d+)", line):
+                    port = int(match.group(1))
+                if "destination CONNECTED" in line:
+                    break
+            assert port, "".join(lines)
+            with socket.create_connection(("127.0.0.1", port), timeout=5):
+                for line in proc.stdout:
+                    lines.append(line)
+                    if "refused" in line or "closed," in line:
+                        break
+            proc.send_signal(signal.SIGINT)
+            proc.wait(15 * SCALE)
+            proc.stdout.close()
+        finally:
+            world.close()
+        out = "".join(lines)
+
+        assert "SSH #1: opened" in out
+        assert "SSH #1: the device's SSH service refused the connection" in out
