@@ -38,7 +38,12 @@ import structlog
 from agent.common import launchwire
 from agent.common.process import death_signal_preexec
 from agent.daemon.children import Child, ChildExit, is_our_child, spawn
-from agent.daemon.supervisor import ProxyProcess, SubprocessLauncher, proxy_command
+from agent.daemon.supervisor import (
+    ProxyProcess,
+    SubprocessLauncher,
+    proxy_command,
+    with_report_channel,
+)
 from agent.exceptions import ProxyStartError
 
 
@@ -371,7 +376,8 @@ class ForkLauncher:
         Raises:
             ProxyStartError: The launcher could not start it.
         """
-        if tuple(spec.argv[: len(self._prefix)]) != self._prefix or spec.tokens is None:
+        tokens = spec.tokens
+        if tuple(spec.argv[: len(self._prefix)]) != self._prefix or tokens is None:
             return await self._plain.launch(spec, log=log, on_change=on_change)
         if self._channel is None:
             try:
@@ -380,6 +386,7 @@ class ForkLauncher:
                 raise ProxyStartError(f"cannot start the proxy launcher: {exc.strerror}") from exc
         channel = self._channel
         assert channel is not None  # noqa: S101 - just started
+        spec, report = with_report_channel(spec)
         loop = asyncio.get_running_loop()
         ident = next(self._ids)
         future: asyncio.Future[tuple[int, int]] = loop.create_future()
@@ -390,7 +397,7 @@ class ForkLauncher:
             "op": "start",
             "id": ident,
             "argv": list(spec.argv[len(self._prefix) :]),
-            "tokens": list(spec.tokens),
+            "tokens": list(tokens),
             "fds": list(spec.pass_fds),
         }
         try:
@@ -399,7 +406,7 @@ class ForkLauncher:
                 pid, pidfd = await future
         except BaseException as exc:
             self._pending.pop(ident, None)
-            for fd in (out_r, err_r):
+            for fd in (out_r, err_r) if report is None else (out_r, err_r, report[0]):
                 os.close(fd)
             if isinstance(exc, OSError | TimeoutError):
                 raise ProxyStartError(f"the proxy launcher did not answer: {exc}") from exc
@@ -407,6 +414,8 @@ class ForkLauncher:
         finally:
             os.close(out_w)
             os.close(err_w)
+            if report is not None:
+                os.close(report[1])
         return await ProxyProcess.watch(
             Child(pid, out_r, err_r),
             log=log,
@@ -414,6 +423,7 @@ class ForkLauncher:
             connect_timeout=spec.connect_timeout,
             on_change=on_change,
             exit_watch=ForeignExit(pid, pidfd, self._report),
+            report_fd=None if report is None else report[0],
         )
 
     async def adopt(

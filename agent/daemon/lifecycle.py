@@ -40,14 +40,24 @@ from agent.daemon.capath import hashed_ca_directory, needs_ca_directory
 from agent.daemon.children import ChildExit, our_children
 from agent.daemon.forkserver import ForkLauncher
 from agent.daemon.handoff import close_descriptors, read_handoff, write_handoff
-from agent.daemon.notification import parse_notification
+from agent.daemon.notification import parse_notification, requested_services
 from agent.daemon.records import RecordStore
+from agent.daemon.report import (
+    Health,
+    Rejection,
+    ShadowReporter,
+    health_document,
+    offline_document,
+    reported_document,
+    shadow_update_topic,
+)
 from agent.daemon.sdnotify import SdNotifier, watchdog_interval
 from agent.daemon.status import StatusFile
 from agent.daemon.supervisor import SubprocessLauncher, build_env, proxy_command
 from agent.daemon.tunnels import Limits, Outcome, SpawnConfig, TunnelManager
 from agent.exceptions import EXIT_FAILURE, EXIT_OK, ConfigError, InvalidNotification
 from agent.notify import load_source_class, resolve_kind
+from agent.notify.base import Publisher
 
 
 if TYPE_CHECKING:
@@ -64,6 +74,7 @@ if TYPE_CHECKING:
 __all__ = [
     "Daemon",
     "build_daemon",
+    "build_reporter",
     "build_source",
     "limits_from",
     "proxy_ca",
@@ -74,6 +85,13 @@ log = structlog.get_logger("agent.daemon")
 
 # A stray child (from a hand-off that could not be read) gets this long after SIGTERM.
 _STRAY_GRACE = 2.0
+# The offline mark may take this long at shutdown (it runs alongside stopping the proxies).
+_OFFLINE_TIMEOUT = 2.0
+# Why the manager refused a request, in words for the shadow and the status file.
+_REFUSALS = {
+    Outcome.REFUSED_SERVICE: "a requested service is not in the services map",
+    Outcome.REFUSED_LIMIT: "the device already runs its maximum number of tunnels",
+}
 
 
 class Daemon:
@@ -96,6 +114,7 @@ class Daemon:
         handoff: Handoff | None = None,
         reexec_plan: ReexecPlan | None = None,
         warm_up: Callable[[], None] | None = None,
+        reporter: ShadowReporter | None = None,
     ) -> None:
         """
         Assemble a daemon from its parts; nothing starts before :meth:`run`.
@@ -113,6 +132,7 @@ class Daemon:
             handoff: What the previous program image handed over (a reload), or ``None``.
             reexec_plan: How SIGHUP re-executes the agent; ``None`` reloads in place.
             warm_up: Starts the proxy launcher, after stray children are stopped.
+            reporter: Publishes the agent's report to its shadow, or ``None`` for none.
         """
         self._source = source
         self._warm_up = warm_up
@@ -130,6 +150,12 @@ class Daemon:
         self._reload_requested = asyncio.Event()
         self._state = "starting"
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._reporter = reporter
+        self._started_at = time.time()
+        #: MQTT link and last notification, for the status file and the shadow.
+        self.health = Health()
+        if hasattr(source, "on_link_change"):
+            source.on_link_change = self._link_changed
 
     def request_stop(self) -> None:
         """
@@ -167,18 +193,43 @@ class Daemon:
         self._manager.reconfigure(services=services, limits=limits)
         self.changed()
 
+    def _link_changed(self) -> None:
+        connected = getattr(self._source, "connected", None)
+        since = getattr(self._source, "connected_since", None)
+        if self.health.link(connected=connected, since=since):
+            self.changed()
+
     def changed(self) -> None:
         """
-        Publish the tunnels' state: status file and systemd ``STATUS=``.
+        Publish the agent's state: status file, shadow report and systemd ``STATUS=``.
         """
         tunnels = self._manager.tunnels()
         if self._status is not None:
             try:
-                self._status.write(tunnels, state=self._state)
+                self._status.write(tunnels, state=self._state, health=health_document(self.health))
             except OSError as exc:
                 log.warning("status_write_failed", path=str(self._status.path), error=exc.strerror)
+        if self._reporter is not None and self._state == "running":
+            self._reporter.update(
+                reported_document(
+                    version=__version__,
+                    state=self._state,
+                    started_at=self._started_at,
+                    health=self.health,
+                    services=list(self._manager.services),
+                    limits=self._manager.limits,
+                    tunnels=tunnels,
+                )
+            )
         if self._notifier is not None:
             self._notifier.notify(f"STATUS={self._state}: {len(tunnels)} active tunnel(s)")
+
+    def _noted(self, outcome: str, rejection: Rejection | None = None) -> None:
+        self.health.notification_at = time.time()
+        self.health.notification_outcome = outcome
+        if rejection is not None:
+            self.health.rejection = rejection
+        self.changed()
 
     def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)
@@ -197,9 +248,19 @@ class Daemon:
             request = parse_notification(raw.payload, allowed_services=self._manager.services)
         except InvalidNotification as exc:
             log.warning("notification_rejected", reason=str(exc))
+            services, count = requested_services(raw.payload)
+            self._noted(
+                "rejected",
+                Rejection(time.time(), str(exc), services=services, service_count=count),
+            )
             return True
         outcome = await self._manager.open(request)
         log.info("notification_handled", outcome=str(outcome), services=list(request.services))
+        refusal = _REFUSALS.get(outcome)
+        self._noted(
+            str(outcome),
+            None if refusal is None else Rejection(time.time(), refusal, services=request.services),
+        )
         # A stopping agent's refusal is the one outcome a redelivery would change.
         return outcome is not Outcome.CLOSING
 
@@ -419,6 +480,18 @@ class Daemon:
         # The exec did not happen: take the proxies back, inherited pipes and all.
         self._manager.adopt(handoff)
 
+    async def _report_offline_and_close(self) -> None:
+        """
+        Mark the agent offline in its shadow (bounded), then disconnect the source.
+        """
+        if self._reporter is not None:
+            try:
+                async with asyncio.timeout(min(_OFFLINE_TIMEOUT, self._shutdown_timeout / 2)):
+                    await self._reporter.close(offline_document())
+            except TimeoutError:
+                log.info("shadow_offline_report_timeout")
+        await self._close_source()
+
     async def _close_source(self) -> None:
         try:
             await self._source.__aexit__(None, None, None)
@@ -436,7 +509,9 @@ class Daemon:
         grace = max(0.5, self._shutdown_timeout - 1.0)
         steps = [self._manager.close(grace=grace)]
         if entered:
-            steps.append(self._close_source())
+            steps.append(self._report_offline_and_close())
+        elif self._reporter is not None:
+            await self._reporter.close()
         try:
             async with asyncio.timeout(self._shutdown_timeout):
                 await asyncio.gather(*steps)
@@ -661,8 +736,9 @@ def build_daemon(  # noqa: PLR0913 - keyword-only, each a seam for tests
         fresh = reload()
         return fresh.services, limits_from(fresh)
 
+    source = source if source is not None else build_source(settings)
     daemon = Daemon(
-        source=source if source is not None else build_source(settings),
+        source=source,
         manager=manager,
         status=status,
         reload=reload_limits if reload is not None else None,
@@ -673,6 +749,27 @@ def build_daemon(  # noqa: PLR0913 - keyword-only, each a seam for tests
         handoff=handoff,
         reexec_plan=reexec_plan,
         warm_up=warm_up,
+        reporter=build_reporter(settings, source),
     )
     holder.append(daemon)
     return daemon
+
+
+def build_reporter(settings: AgentSettings, source: NotificationSource) -> ShadowReporter | None:
+    """
+    The shadow reporter, when ``[report] shadow`` is set and the source can publish.
+
+    Args:
+        settings: Validated settings.
+        source: The notification source whose connection carries the report.
+
+    Returns:
+        A reporter, or ``None`` (turned off, or a source that cannot publish: Greengrass).
+    """
+    name = settings.report.shadow
+    if not name:
+        return None
+    if not isinstance(source, Publisher):
+        log.info("shadow_report_unavailable", reason="the notification source cannot publish")
+        return None
+    return ShadowReporter(source.publish, topic=shadow_update_topic(settings.thing_name, name))

@@ -42,6 +42,7 @@ __all__ = [
     "MAX_SERVICES",
     "TunnelRequest",
     "parse_notification",
+    "requested_services",
 ]
 
 # A real notification is ~1 KiB (a <1 KB token plus three ids); 16 KiB leaves room and
@@ -197,3 +198,31 @@ def parse_notification(
     services = _check_services(document.get("services"), allowed_services)
     token = _check_token(document.get("clientAccessToken"))
     return TunnelRequest(token=token, region=region, services=services)
+
+
+def requested_services(
+    payload: bytes, *, max_size: int = MAX_PAYLOAD_SIZE
+) -> tuple[tuple[str, ...] | None, int | None]:
+    """
+    What a (possibly rejected) notification asked for, safe to report.
+
+    Args:
+        payload: The raw MQTT payload.
+        max_size: Largest payload looked at, in bytes.
+
+    Returns:
+        ``(services, None)`` when ``services`` is a list of well-formed service ids;
+        ``(None, count)`` when it is a list of anything else (no value is repeated);
+        ``(None, None)`` when there is no list to look at.
+    """
+    try:
+        value = _decode(payload, max_size).get("services")
+    except InvalidNotification:
+        return None, None
+    if not isinstance(value, list):
+        return None, None
+    if len(value) <= MAX_SERVICES and all(
+        isinstance(item, str) and SERVICE_ID.fullmatch(item) for item in value
+    ):
+        return tuple(value), None
+    return None, len(value)

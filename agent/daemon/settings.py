@@ -63,6 +63,7 @@ __all__ = [
     "LoggingSettings",
     "MqttSettings",
     "ProxySettings",
+    "ReportSettings",
     "TunnelsSettings",
     "check_dates",
     "check_files",
@@ -416,6 +417,25 @@ class LimitsSettings(_Section):
         return value
 
 
+class ReportSettings(_Section):
+    """
+    The agent's report to a named shadow of its thing (README, "Operate").
+    """
+
+    shadow: str = Field(
+        default="tunnel-agent",
+        description='named shadow the agent reports its health to; "" turns the report off',
+    )
+
+    @field_validator("shadow")
+    @classmethod
+    def _check_shadow(cls, value: str) -> str:
+        # AWS IoT's shadow names: [a-zA-Z0-9:_-]{1,64}; the name goes into a topic.
+        if value and not re.fullmatch(r"[a-zA-Z0-9:_-]{1,64}", value):
+            raise ValueError('must match [a-zA-Z0-9:_-]{1,64}, or be "" to turn the report off')
+        return value
+
+
 class TunnelsSettings(_Section):
     """
     Whether live tunnels outlive the agent's process (restart, crash, reboot), and where.
@@ -476,6 +496,7 @@ class AgentSettings(BaseSettings):
     logging: LoggingSettings = LoggingSettings()
     limits: LimitsSettings = LimitsSettings()
     tunnels: TunnelsSettings = TunnelsSettings()
+    report: ReportSettings = ReportSettings()
 
     @field_validator("thing_name")
     @classmethod

@@ -55,13 +55,21 @@ class StatusFile:
         self._thing_name = thing_name
         self._started_at = time.time()
 
-    def write(self, tunnels: Sequence[TunnelInfo], *, state: str = "running") -> None:
+    def write(
+        self,
+        tunnels: Sequence[TunnelInfo],
+        *,
+        state: str = "running",
+        health: Mapping[str, Any] | None = None,
+    ) -> None:
         """
         Replace the file with the current tunnels.
 
         Args:
             tunnels: The manager's snapshot.
             state: The daemon's state (``starting``, ``running``, ``stopping``).
+            health: ``mqtt``, ``last_notification`` and ``last_rejection``
+                (:func:`agent.daemon.report.health_document`).
 
         Raises:
             OSError: The directory or file cannot be written.
@@ -86,9 +94,13 @@ class StatusFile:
                     "superseded": t.superseded,
                     "connected": t.connected,
                     "last_error": t.last_error,
+                    "connections": t.connections,
+                    "bytes_in": t.bytes_in,
+                    "bytes_out": t.bytes_out,
                 }
                 for t in tunnels
             ],
+            **(health or {}),
         }
         self._directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_private(self.path, json.dumps(document, indent=1).encode())
@@ -192,6 +204,12 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
 
 
+def _figure(tunnel: Mapping[str, Any], key: str) -> str:
+    # None: the proxy does not report it (an external binary).
+    value = tunnel.get(key)
+    return "-" if value is None else str(value)
+
+
 def format_status(document: Mapping[str, Any], *, now: float | None = None) -> str:
     """
     Render a status document as a human-readable table.
@@ -207,14 +225,28 @@ def format_status(document: Mapping[str, Any], *, now: float | None = None) -> s
     tunnels = document.get("tunnels", [])
     uptime = _duration(now - document.get("started_at", now))
     thing, state = document.get("thing_name", "?"), document.get("state", "?")
-    lines = [
-        f"agent pid {document['pid']} thing {thing} state {state} up {uptime}",
-        f"{len(tunnels)} active tunnel(s)",
-    ]
+    lines = [f"agent pid {document['pid']} thing {thing} state {state} up {uptime}"]
+    mqtt = document.get("mqtt") or {}
+    if mqtt:
+        since = mqtt.get("since")
+        age = "" if since is None else f" for {_duration(now - since)}"
+        lines.append(f"mqtt {mqtt.get('state', '?')}{age}")
+    last = document.get("last_notification")
+    if last:
+        lines.append(
+            f"last notification {_duration(now - last.get('at', now))} ago: {last.get('outcome')}"
+        )
+    rejection = document.get("last_rejection")
+    if rejection:
+        lines.append(
+            f"last rejection {_duration(now - rejection.get('at', now))} ago: "
+            f"{rejection.get('reason')}"
+        )
+    lines.append(f"{len(tunnels)} active tunnel(s)")
     if tunnels:
         lines.append(
             f"{'KEY':<10} {'SERVICES':<24} {'STATE':<11} {'PID':>7} {'UPTIME':>10} RESTARTS"
-            " CONNECTED"
+            " CONNECTED CONNS BYTES_IN BYTES_OUT"
         )
         for t in tunnels:
             services = ",".join(t.get("services", []))
@@ -225,7 +257,8 @@ def format_status(document: Mapping[str, Any], *, now: float | None = None) -> s
             lines.append(
                 f"{t.get('key', '?'):<10} {services:<24} {t.get('state', '?'):<11} "
                 f"{pid:>7} {uptime:>10} {t.get('restarts', 0):<8} "
-                f"{_CONNECTED.get(t.get('connected'), '-')}"
+                f"{_CONNECTED.get(t.get('connected'), '-'):<9} {_figure(t, 'connections'):>5} "
+                f"{_figure(t, 'bytes_in'):>8} {_figure(t, 'bytes_out'):>9}"
             )
             if t.get("last_error") and t.get("connected") is not True:
                 lines.append(f"{'':<10} last error: {t['last_error']}")

@@ -29,13 +29,14 @@ import secrets
 import signal
 import string
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal, Protocol
 
 from agent.common.process import death_signal_preexec
 from agent.common.secretpipe import token_pipe
 from agent.daemon.children import Child, ChildExit, ExitWatch, is_our_child, spawn
 from agent.daemon.proxyoutput import ConnectionWatch
+from agent.daemon.proxyreport import ProxyFigures, is_bundled
 from agent.exceptions import ProxyStartError
 
 
@@ -56,6 +57,7 @@ __all__ = [
     "build_env",
     "new_client_token",
     "proxy_command",
+    "with_report_channel",
 ]
 
 _CLIENT_TOKEN_ALPHABET = string.ascii_letters + string.digits + "-"
@@ -316,10 +318,13 @@ class ProxyProcess:
         connect_timeout: float = 30.0,
         on_change: Callable[[], None] | None = None,
         exit_watch: ExitWatch | None = None,
+        figures: ProxyFigures | None = None,
     ) -> None:
         """
         Watch a child whose pipes are already connected; use :meth:`watch`.
         """
+        #: Connections and bytes from the bundled proxy's report channel, else ``None``.
+        self.figures = figures
         self._child = child
         self._pipes = list(pipes)
         self._exit: ExitWatch = ChildExit(child.pid) if exit_watch is None else exit_watch
@@ -341,6 +346,7 @@ class ProxyProcess:
         connect_timeout: float = 30.0,
         on_change: Callable[[], None] | None = None,
         exit_watch: ExitWatch | None = None,
+        report_fd: int | None = None,
     ) -> ProxyProcess:
         """
         Start watching ``child``: log its output lines, await its exit.
@@ -352,8 +358,13 @@ class ProxyProcess:
             connect_timeout: Seconds it may take to say it is connected before it is reported.
             on_change: Called when :attr:`connected` or :attr:`last_error` changes.
             exit_watch: How its exit is learnt; by default it is our child, reaped here.
+            report_fd: The read end of the bundled proxy's report channel (now owned here).
         """
         loop = asyncio.get_running_loop()
+        figures = None
+        if report_fd is not None:
+            figures = ProxyFigures(log=log.bind(pid=child.pid), on_change=on_change)
+            await figures.watch(report_fd)
         pipes = []
         for fd in (child.stdout, child.stderr):
             reader = asyncio.StreamReader(limit=_PIPE_LIMIT, loop=loop)
@@ -370,6 +381,7 @@ class ProxyProcess:
             connect_timeout=connect_timeout,
             on_change=on_change,
             exit_watch=exit_watch,
+            figures=figures,
         )
 
     @property
@@ -433,6 +445,8 @@ class ProxyProcess:
                 pump.cancel()
             for transport, _ in self._pipes:
                 transport.close()
+            if self.figures is not None:
+                await self.figures.close()
         for pump in pending:
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
@@ -491,10 +505,33 @@ class ProxyProcess:
             os.set_inheritable(fd, True)  # noqa: FBT003 - os API
         self._exit.release()
         self._connection.close()
+        if self.figures is not None:
+            # Not handed on: the next image starts without figures (the proxy's writes fail).
+            await self.figures.close()
         self._exited.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._exited
         return Child(self._child.pid, out, err)
+
+
+def with_report_channel(spec: ProxySpec) -> tuple[ProxySpec, tuple[int, int] | None]:
+    """
+    Give the bundled proxy its report channel: a pipe whose write end it inherits.
+
+    Args:
+        spec: The proxy to start.
+
+    Returns:
+        The spec with ``--report-fd`` and the descriptor to pass, and the pipe
+        (read end, write end); the caller closes the write end once the proxy has it.
+        An external binary's spec comes back as it is, with ``None``.
+    """
+    if not is_bundled(spec.argv):
+        return spec, None
+    # The bundled proxy's private channel for its figures (agent/protocol/report.py).
+    report = os.pipe()
+    argv = (*spec.argv, "--report-fd", str(report[1]))
+    return replace(spec, argv=argv, pass_fds=(*spec.pass_fds, report[1])), report
 
 
 class SubprocessLauncher:
@@ -523,6 +560,7 @@ class SubprocessLauncher:
         Raises:
             ProxyStartError: The binary is missing or cannot be executed.
         """
+        spec, report = with_report_channel(spec)
         argv, pass_fds = list(spec.argv), tuple[int, ...]()
         if spec.tokens is not None:
             # The pipe's number is the same in the child (pass_fds keeps numbers).
@@ -537,17 +575,22 @@ class SubprocessLauncher:
                 pass_fds=(*pass_fds, *spec.pass_fds),
             )
         except OSError as exc:
+            if report is not None:
+                os.close(report[0])
             # Name only the binary: the rest of argv is fine but the habit is not.
             raise ProxyStartError(f"cannot start {spec.argv[0]}: {exc.strerror}") from exc
         finally:
             for fd in pass_fds:
                 os.close(fd)
+            if report is not None:
+                os.close(report[1])
         return await ProxyProcess.watch(
             child,
             log=log,
             stop_grace=spec.stop_grace,
             connect_timeout=spec.connect_timeout,
             on_change=on_change,
+            report_fd=None if report is None else report[0],
         )
 
     async def adopt(

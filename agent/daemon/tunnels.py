@@ -161,6 +161,9 @@ class TunnelInfo:
         connected: The proxy said it is connected (``True``), is still within its
             connect timeout (``None``), or is overdue (``False``).
         last_error: The proxy's latest warning or error line while not connected.
+        connections: Local connections open now (``None``: the proxy does not report them).
+        bytes_in: Bytes from the tunnel to the local services (``None``: not reported).
+        bytes_out: Bytes from the local services into the tunnel (``None``: not reported).
     """
 
     key: str
@@ -173,6 +176,9 @@ class TunnelInfo:
     superseded: bool
     connected: bool | None = None
     last_error: str | None = None
+    connections: int | None = None
+    bytes_in: int | None = None
+    bytes_out: int | None = None
 
 
 @dataclass(eq=False, slots=True)
@@ -242,6 +248,8 @@ class _Tunnel:
         last_error = None
         if connected is not True:
             last_error = (self.handle and self.handle.last_error) or self.last_error
+        # Only the bundled proxy reports figures (agent/daemon/proxyreport.py).
+        figures = getattr(self.handle, "figures", None)
         return TunnelInfo(
             key=self.key,
             services=self.services,
@@ -253,6 +261,9 @@ class _Tunnel:
             superseded=self.superseded,
             connected=connected,
             last_error=last_error,
+            connections=None if figures is None else figures.connections,
+            bytes_in=None if figures is None else figures.bytes_in,
+            bytes_out=None if figures is None else figures.bytes_out,
         )
 
     def request_stop(self, reason: str) -> None:

@@ -32,7 +32,14 @@ if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
 
-__all__ = ["Acknowledgement", "NotificationQueue", "NotificationSource", "RawNotification"]
+__all__ = [
+    "Acknowledgement",
+    "NotificationQueue",
+    "NotificationSource",
+    "PublishResult",
+    "Publisher",
+    "RawNotification",
+]
 
 _log = structlog.get_logger(__name__)
 
@@ -124,6 +131,38 @@ class NotificationSource(Protocol):
     def __aiter__(self) -> AsyncIterator[RawNotification]:
         """
         Return an iterator over received notifications.
+        """
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    """
+    What became of a QoS 1 publish.
+
+    Attributes:
+        ok: The broker accepted it (PUBACK success).
+        reason: The PUBACK reason or the client error, by name, when not ok.
+        refused: The broker refused it (a PUBACK failure code: typically the IoT policy).
+    """
+
+    ok: bool
+    reason: str | None = None
+    refused: bool = False
+
+
+@runtime_checkable
+class Publisher(Protocol):
+    """
+    The optional half of a source: publishing on the same connection (the shadow report).
+
+    A source that can publish implements this as well; the MQTT source does, the
+    Greengrass source does not.
+    """
+
+    async def publish(self, topic: str, payload: bytes) -> PublishResult:
+        """
+        Publish at QoS 1 and wait for the outcome (queued while offline).
         """
         ...
 

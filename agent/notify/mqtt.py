@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import time
 from typing import TYPE_CHECKING, Self
 
 import structlog
@@ -38,7 +39,7 @@ from awscrt import mqtt5
 
 from agent.common.loop import call_in_loop
 from agent.exceptions import ConfigError, NotificationError
-from agent.notify.base import Acknowledgement, NotificationQueue, RawNotification
+from agent.notify.base import Acknowledgement, NotificationQueue, PublishResult, RawNotification
 from agent.notify.mqtt_client import build_client, proxy_options
 from agent.protocol.ids import THING_NAME
 
@@ -46,7 +47,7 @@ from agent.protocol.ids import THING_NAME
 if TYPE_CHECKING:
     import concurrent.futures
     import enum
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
     from pathlib import Path
 
 
@@ -165,6 +166,10 @@ class MqttNotificationSource:
         self._closing = False
         self._subscribing = False
         self.connected = False
+        #: When the current connection (MQTT session) started, or the last one ended.
+        self.connected_since: float | None = None
+        #: Called in the loop when :attr:`connected` changes.
+        self.on_link_change: Callable[[], None] | None = None
         self.subscribed = False
         self.connections = 0
         self.subscriptions = 0
@@ -260,6 +265,36 @@ class MqttNotificationSource:
         if self._ready is not None:
             await asyncio.shield(self._ready)
 
+    async def publish(self, topic: str, payload: bytes) -> PublishResult:
+        """
+        Publish at QoS 1 on this source's connection (:class:`~agent.notify.base.Publisher`).
+
+        awscrt keeps a QoS 1 publish made while offline until the next connection.
+
+        Returns:
+            The outcome; a PUBACK failure (135: not authorized) is ``refused``.
+        """
+        client = self._client
+        if client is None:
+            return PublishResult(ok=False, reason="not connected")
+        packet = mqtt5.PublishPacket(topic=topic, payload=payload, qos=mqtt5.QoS.AT_LEAST_ONCE)
+        try:
+            data = await asyncio.wrap_future(client.publish(packet))
+        except Exception as exc:  # an SDK error is an outcome, not a crash
+            return PublishResult(ok=False, reason=_error_name(exc))
+        puback = getattr(data, "puback", None)
+        code = getattr(puback, "reason_code", None)
+        if code is not None and int(code) >= 0x80:
+            name = _code_name(mqtt5.PubackReasonCode, int(code))
+            return PublishResult(ok=False, reason=name, refused=True)
+        return PublishResult(ok=True)
+
+    def _link_changed(self, *, connected: bool) -> None:
+        self.connected = connected
+        self.connected_since = time.time()
+        if self.on_link_change is not None:
+            self.on_link_change()
+
     # -- internals (event loop) -----------------------------------------------------------------
 
     async def _stop_client(self) -> None:
@@ -271,7 +306,7 @@ class MqttNotificationSource:
             async with asyncio.timeout(_STOP_TIMEOUT):
                 await self._stopped.wait()
         if self.connected:
-            self.connected = False
+            self._link_changed(connected=False)
             _log.info("mqtt_disconnected", client_id=self.client_id, reason="stopped")
         if self._ready is not None and not self._ready.done():
             self._ready.cancel()
@@ -318,8 +353,8 @@ class MqttNotificationSource:
             return
         connack = data.connack_packet
         session_present = bool(connack is not None and connack.session_present)
-        self.connected = True
         self.connections += 1
+        self._link_changed(connected=True)
         # PUBACKs owed on the previous connection were cancelled by awscrt.
         self.unacknowledged = 0
         self._over_maximum = False
@@ -354,7 +389,7 @@ class MqttNotificationSource:
     def _disconnected(self, data: mqtt5.LifecycleDisconnectData) -> None:
         if self._closing:
             return
-        self.connected = False
+        self._link_changed(connected=False)
         packet = data.disconnect_packet
         _log.info(
             "mqtt_disconnected",

@@ -133,6 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
     extra.add_argument("--token-fd", type=int, default=None, help=argparse.SUPPRESS)
     # Hidden: a pipe whose write end only the agent holds; end of file means the agent is gone.
     extra.add_argument("--lifeline-fd", type=int, default=None, help=argparse.SUPPRESS)
+    # Hidden: the descriptor of a pipe from whoever started us (agent/protocol/report.py).
+    extra.add_argument("--report-fd", type=int, default=None, help=argparse.SUPPRESS)
     return parser
 
 
@@ -264,6 +266,7 @@ def options_from_args(args: argparse.Namespace, env: dict[str, str]) -> ProxyOpt
         ping_interval=args.ping_interval,
         tcp_connect_retries=args.connect_retries,
         tcp_connect_delay=args.connect_retry_delay,
+        report_fd=args.report_fd,
     )
 
 

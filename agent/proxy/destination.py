@@ -107,6 +107,12 @@ class DestinationBridge(Bridge):
         if not local.closed:
             self._refuse(local, stream_start=stream_start)
 
+    def refused(self, local: LocalConnection) -> bool:
+        """
+        Whether a closed connection was refused: the local service never accepted it.
+        """
+        return local.transport is None
+
     def _refuse(self, local: LocalConnection, *, stream_start: bool) -> None:
         """
         Tell the source the local service is unreachable (docs/protocol.md §6.3).

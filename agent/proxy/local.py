@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from agent.proxy.options import ProxyOptions
+    from agent.proxy.report import ConnectionReporter
     from agent.proxy.websocket import TunnelWebSocket
 
 
@@ -89,6 +90,10 @@ class LocalConnection(asyncio.BufferedProtocol):
         self._reset_when_connected = False
         self._pending: list[bytes] = []
         self._pending_size = 0
+        # For the report channel: bytes from the tunnel, bytes into it.
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.reported = False
 
     @property
     def key(self) -> tuple[str, int]:
@@ -143,6 +148,9 @@ class LocalConnection(asyncio.BufferedProtocol):
         if bridge.locals_paused and self.transport is not None:
             # uvloop starts reading after connection_made returns, undoing a pause made there.
             self.transport.pause_reading()
+        self.bytes_out += nbytes
+        if bridge.reporter is not None:
+            bridge.reporter.flowed(out=nbytes)
         bridge.local_data(self, bridge.read_view[:nbytes])
 
     def eof_received(self) -> bool:
@@ -174,6 +182,9 @@ class LocalConnection(asyncio.BufferedProtocol):
         """
         Send tunnel bytes to the local application (buffered while still connecting).
         """
+        self.bytes_in += len(data)
+        if self.bridge.reporter is not None:
+            self.bridge.reporter.flowed(into=len(data))
         if self.transport is not None:
             self.transport.write(data)
             return
@@ -250,6 +261,8 @@ class Bridge:
         self.read_view = memoryview(bytearray(READ_SIZE))
         self.fatal: str | None = None
         self.fatal_event = asyncio.Event()
+        #: Where per-connection figures go (``--report-fd``), or ``None``.
+        self.reporter: ConnectionReporter | None = None
         self._congested: set[tuple[str, int]] = set()
         self._handlers: dict[type, Callable[[Event], None]] = {
             DataReceived: self._on_data,  # type: ignore[dict-item]
@@ -326,6 +339,9 @@ class Bridge:
         key = local.key
         if self.locals.get(key) is local:
             del self.locals[key]
+        if self.reporter is not None and not local.reported:
+            local.reported = True
+            self.reporter.closed(local, refused=self.refused(local))
         if key in self._congested:
             self.local_congested(local, congested=False)
         conn = self.conn
@@ -367,6 +383,14 @@ class Bridge:
         if old is not None:
             old.close_by_peer()
         self.locals[local.key] = local
+        if self.reporter is not None:
+            self.reporter.opened(local)
+
+    def refused(self, local: LocalConnection) -> bool:
+        """
+        Whether a closed connection was refused: the far side ended it before sending a byte.
+        """
+        return local.closed_by_peer and local.bytes_in == 0
 
     async def close(self) -> None:
         """

@@ -74,3 +74,4 @@ class ProxyOptions:
     tcp_connect_retries: int = 5
     tcp_connect_delay: float = 2.5
     max_connections: int = 128
+    report_fd: int | None = None

@@ -227,6 +227,17 @@ async def _run_session(conn: TunnelWebSocket, bridge: Bridge, stop: asyncio.Even
     return None
 
 
+def _attach_reporter(options: ProxyOptions, bridge: Bridge) -> None:
+    if options.report_fd is None:
+        return
+    from agent.proxy.report import ConnectionReporter  # noqa: PLC0415 - only when asked
+
+    try:
+        bridge.reporter = ConnectionReporter(options.report_fd)
+    except OSError:
+        log.warning("report channel fd %d is not usable", options.report_fd)
+
+
 async def run_proxy(options: ProxyOptions, stop: asyncio.Event) -> int:
     """
     Run the proxy until the tunnel ends or ``stop`` is set.
@@ -238,6 +249,7 @@ async def run_proxy(options: ProxyOptions, stop: asyncio.Event) -> int:
     bridge: SourceBridge | DestinationBridge = (
         SourceBridge(options) if options.mode is SOURCE else DestinationBridge(options)
     )
+    _attach_reporter(options, bridge)
     session = _Dialer(options, bridge)
     loop = asyncio.get_running_loop()
     delays = backoff(initial=0.05, maximum=options.reconnect_delay, jitter=0.5)
@@ -271,3 +283,5 @@ async def run_proxy(options: ProxyOptions, stop: asyncio.Event) -> int:
         return 0
     finally:
         await bridge.close()
+        if bridge.reporter is not None:
+            bridge.reporter.close()

@@ -131,7 +131,7 @@ class TestDefaults:
     def test_example_documents_every_field(self):
         """Every setting appears in config/config.example.toml (set or commented out)."""
         example = (Path(__file__).parents[2] / "config" / "config.example.toml").read_text()
-        sections = {"mqtt", "proxy", "logging", "limits", "tunnels"}
+        sections = {"mqtt", "proxy", "logging", "limits", "tunnels", "report"}
         missing = []
         for name, info in AgentSettings.model_fields.items():
             fields = info.annotation.model_fields if name in sections else {name: None}

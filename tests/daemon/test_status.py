@@ -61,6 +61,9 @@ class TestStatusFile:
                 "superseded": False,
                 "connected": None,
                 "last_error": None,
+                "connections": None,
+                "bytes_in": None,
+                "bytes_out": None,
             }
         ]
         assert (directory / "status.dev-1.json").stat().st_mode & 0o777 == 0o600
@@ -161,9 +164,35 @@ class TestFormat:
         assert text.splitlines() == [
             "agent pid 7 thing dev-1 state running up 1h18m45s",
             "1 active tunnel(s)",
-            "KEY        SERVICES                 STATE           PID     UPTIME RESTARTS CONNECTED",
-            "ab12cd34   SSH,HTTP (rotated)       running        4242   1h02m05s 2        ...",
+            (
+                "KEY        SERVICES                 STATE           PID     UPTIME RESTARTS"
+                " CONNECTED CONNS BYTES_IN BYTES_OUT"
+            ),
+            (
+                "ab12cd34   SSH,HTTP (rotated)       running        4242   1h02m05s 2        ..."
+                "           -        -         -"
+            ),
         ]
+
+    def test_health_and_figures(self):
+        """MQTT state and age, the last notification and rejection, connections and bytes."""
+        tunnel = {"key": "k1", "services": ["SSH"], "state": "running", "pid": 5,
+                  "started_at": 0.0, "connected": True, "connections": 2,
+                  "bytes_in": 1234, "bytes_out": 56789}  # fmt: skip
+        document = {
+            "pid": 7, "thing_name": "dev-1", "state": "running", "started_at": 0.0,
+            "mqtt": {"state": "connected", "since": 30.0},
+            "last_notification": {"at": 50.0, "outcome": "rejected"},
+            "last_rejection": {"at": 50.0, "reason": "services[0] is not in the services map"},
+            "tunnels": [tunnel],
+        }  # fmt: skip
+
+        lines = format_status(document, now=60.0).splitlines()
+
+        assert lines[1] == "mqtt connected for 0m30s"
+        assert lines[2] == "last notification 0m10s ago: rejected"
+        assert lines[3] == "last rejection 0m10s ago: services[0] is not in the services map"
+        assert lines[-1].split()[-4:] == ["yes", "2", "1234", "56789"]
 
     def test_not_connected_shows_why(self):
         """An overdue proxy reads NO, with its last error line under it; a connected one yes."""
@@ -174,10 +203,10 @@ class TestFormat:
 
         lines = format_status(document, now=60.0).splitlines()
 
-        assert lines[3].endswith(" 0        NO")
+        assert lines[3].split()[-4:] == ["NO", "-", "-", "-"]
         assert lines[4] == "           last error: cert verify failed"
         assert lines[5].startswith("bb ")
-        assert lines[5].endswith(" 0        yes")
+        assert lines[5].split()[-4:] == ["yes", "-", "-", "-"]
         assert len(lines) == 6
 
     def test_write_records_connection(self, tmp_path):
