@@ -44,15 +44,21 @@ def launcher_pid(agent) -> int:
 
 
 def ours() -> list[int]:
-    """Every live launcher or forked proxy on the machine that belongs to this test run."""
+    """Every live launcher or forked proxy on the machine that belongs to this test run.
+
+    Other checkouts' test runs on the same machine have launchers too: only those started
+    in this run's working directory count.
+    """
+    here = Path.cwd()
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmdline = (entry / "cmdline").read_bytes()
+                cwd = (entry / "cwd").readlink()
             except OSError:
                 continue
-            if b"agent.proxy.launcher" in cmdline and alive(int(entry.name)):
+            if b"agent.proxy.launcher" in cmdline and cwd == here and alive(int(entry.name)):
                 found.append(int(entry.name))
     return found
 
@@ -145,10 +151,10 @@ def test_agent_kill_9_leaves_no_process(world, victim):
     agent.process.kill()
     agent.process.wait()
     wait_until(lambda: not any(alive(pid) for pid in proxies), 5, "the proxies gone")
+    wait_until(lambda: not alive(launcher), 5, "the launcher gone")
     wait_until(lambda: not ours(), 5, "no launcher or proxy left")
 
     assert len(proxies) == 2
-    assert not alive(launcher)
 
 
 def test_fifty_tunnels_opened_and_closed_keep_the_launcher_flat(world):

@@ -95,12 +95,19 @@ def displayed(page: Path) -> str:
 
 
 def option_strings(parser: argparse.ArgumentParser) -> dict[str, set[str]]:
-    """Every flag of PARSER and of each sub-command, by command name ('' for the top)."""
-    found = {"": {o for a in parser._actions for o in a.option_strings}}
+    """Every documented flag of PARSER and of each sub-command, by command name ('' for the top).
+
+    Hidden flags (help=SUPPRESS: the agent's private channels to the proxy) are not documented.
+    """
+
+    def flags(p: argparse.ArgumentParser) -> set[str]:
+        return {o for a in p._actions if a.help != argparse.SUPPRESS for o in a.option_strings}
+
+    found = {"": flags(parser)}
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                found[name] = {o for a in sub._actions for o in a.option_strings}
+                found[name] = flags(sub)
     return found
 
 
