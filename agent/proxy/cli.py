@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import types
+from typing import TextIO
 
 from agent import __version__
 from agent.common.loop import run
@@ -26,7 +27,14 @@ from agent.proxy.mapping import MappingError, Target, parse_destination_map, par
 from agent.proxy.options import ProxyOptions, endpoint_for_region, parse_endpoint
 
 
-__all__ = ["build_parser", "environment_with_tokens", "main", "options_from_args"]
+__all__ = [
+    "build_parser",
+    "environment_with_tokens",
+    "main",
+    "options_from_args",
+    "run_options",
+    "setup_logging",
+]
 
 # -v levels of the AWS localproxy: 0 off ... 4 info (default) ... 6 trace.
 _LEVELS = {
@@ -270,8 +278,11 @@ def options_from_args(args: argparse.Namespace, env: dict[str, str]) -> ProxyOpt
     )
 
 
-def _setup_logging(verbosity: int) -> None:
-    handler = logging.StreamHandler(sys.stderr)
+def setup_logging(verbosity: int, stream: TextIO | None = None) -> logging.StreamHandler[TextIO]:
+    """
+    Send the proxy's log to ``stream`` (stderr by default) at the ``-v`` level; returns the handler.
+    """
+    handler: logging.StreamHandler[TextIO] = logging.StreamHandler(stream or sys.stderr)
     handler.setFormatter(
         logging.Formatter("%(asctime)s.%(msecs)03d %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S")
     )
@@ -279,6 +290,7 @@ def _setup_logging(verbosity: int) -> None:
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[verbosity])
     root.propagate = False
+    return handler
 
 
 def _watch_lifeline(loop: asyncio.AbstractEventLoop, fd: int, stop: asyncio.Event) -> None:
@@ -370,7 +382,7 @@ def main(argv: list[str] | None = None, *, tokens: tuple[str, str | None] | None
         tokens: Access and client token handed over in memory (a launcher's fork).
     """
     args = build_parser().parse_args(argv)
-    _setup_logging(args.verbose)
+    setup_logging(args.verbose)
     try:
         env = environment_with_tokens(args)
         if tokens is not None:
@@ -384,8 +396,15 @@ def main(argv: list[str] | None = None, *, tokens: tuple[str, str | None] | None
     # Children we might start must not inherit the token.
     for name in ("AWSIOT_TUNNEL_ACCESS_TOKEN", "AWSIOT_TUNNEL_CLIENT_TOKEN", "AWSIOT_CLIENT_TOKEN"):
         os.environ.pop(name, None)
+    return run_options(options, args.lifeline_fd)
+
+
+def run_options(options: ProxyOptions, lifeline: int | None = None) -> int:
+    """
+    Run the proxy for ``options`` already parsed (by ``main``, or by a launcher before its fork).
+    """
     defer_unused_imports()
-    return run(_run(options, args.lifeline_fd))
+    return run(_run(options, lifeline))
 
 
 if __name__ == "__main__":

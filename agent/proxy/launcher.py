@@ -31,14 +31,17 @@ import signal
 import socket
 import sys
 import traceback
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn, TextIO
 
 from agent.common import launchwire
 from agent.proxy import cli
 
 
 if TYPE_CHECKING:
+    import logging
     from types import FrameType
+
+    from agent.proxy.options import ProxyOptions
 
 
 __all__ = ["main"]
@@ -60,6 +63,8 @@ def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
 def _preload() -> None:
     """
     Import what every proxy imports, before the first fork.
+
+    A module a child imports, or a cache it fills, costs it private memory.
     """
     cli.defer_unused_imports()
     import agent.proxy.runner  # noqa: F401, PLC0415 - preloaded for the children
@@ -67,19 +72,47 @@ def _preload() -> None:
     with contextlib.suppress(ImportError):
         import uvloop  # noqa: F401, PLC0415 - optional
 
+    # ssl encodes the server name with the idna codec (stringprep, unicodedata): look it up once.
+    "localhost".encode("idna")
 
-def _prebuild(argv: list[str], tokens: tuple[str, str | None]) -> None:
+
+class _Prepared(NamedTuple):
+    options: ProxyOptions
+    log_handler: logging.StreamHandler[TextIO]
+    early_log: io.StringIO
+
+
+def _prepare(argv: list[str], tokens: tuple[str, str | None]) -> _Prepared | None:
     """
-    Build the request's TLS context in the launcher: the children share it, copy-on-write.
+    Do in the launcher what every child would do first: parse, set up logging, build TLS.
+
+    The child starts from the result: argparse, the options and the TLS context are shared,
+    copy-on-write, instead of being built again in each child's private memory. What the
+    proxy logs meanwhile waits in ``early_log`` for the child's stderr.
+
+    Returns:
+        None when the request is not as the agent sends it (a bad command line, a token
+        descriptor): the child then runs ``cli.main`` and reports on its own stderr.
     """
     from agent.proxy.runner import ssl_context_for  # noqa: PLC0415 - preloaded
 
-    env = {"AWSIOT_TUNNEL_ACCESS_TOKEN": tokens[0]}
-    # A bad command line is the child's to report, on its own stderr.
-    with contextlib.suppress(Exception, SystemExit), contextlib.redirect_stderr(io.StringIO()):
-        options = cli.options_from_args(cli.build_parser().parse_args(argv), env)
+    env = dict(os.environ)
+    env["AWSIOT_TUNNEL_ACCESS_TOKEN"] = tokens[0]
+    if tokens[1]:
+        env["AWSIOT_TUNNEL_CLIENT_TOKEN"] = tokens[1]
+    early_log = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = cli.build_parser().parse_args(argv)
+        if args.token_fd is not None:
+            return None
+        handler = cli.setup_logging(args.verbose, early_log)
+        options = cli.options_from_args(args, env)
         if options.tls:
             ssl_context_for(options)
+    except (Exception, SystemExit):  # the child reports it
+        return None
+    return _Prepared(options, handler, early_log)
 
 
 class _Launcher:
@@ -164,13 +197,13 @@ class _Launcher:
             raise ValueError("bad descriptors")
         args = [str(a) for a in argv]
         client = tokens[1] if isinstance(tokens[1], str) else None
-        _prebuild(args, (tokens[0], client))
+        prepared = _prepare(args, (tokens[0], client))
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         gc.freeze()  # what the request allocated, too: collections in the child skip it
         pid = os.fork()
         if pid == 0:
-            self._child(args, (tokens[0], client), fds, targets)
+            self._child(args, (tokens[0], client), prepared, fds, targets)
         with contextlib.suppress(OSError):
             os.setpgid(pid, pid)  # also done by the child: whichever runs first
         pidfd = os.pidfd_open(pid)
@@ -179,7 +212,12 @@ class _Launcher:
         return pid, pidfd
 
     def _child(
-        self, argv: list[str], tokens: tuple[str, str | None], fds: list[int], targets: list[int]
+        self,
+        argv: list[str],
+        tokens: tuple[str, str | None],
+        prepared: _Prepared | None,
+        fds: list[int],
+        targets: list[int],
     ) -> NoReturn:
         code = 1
         try:
@@ -206,7 +244,7 @@ class _Launcher:
                 if int(name) not in keep:
                     with contextlib.suppress(OSError):
                         os.close(int(name))
-            code = cli.main([*argv, "--lifeline-fd", str(lifeline)], tokens=tokens)
+            code = _run_child(argv, tokens, prepared, lifeline)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 2
         except BaseException:  # the child must end here, whatever happened
@@ -216,6 +254,16 @@ class _Launcher:
                 with contextlib.suppress(Exception):
                     stream.flush()
             os._exit(code)
+
+
+def _run_child(
+    argv: list[str], tokens: tuple[str, str | None], prepared: _Prepared | None, lifeline: int
+) -> int:
+    if prepared is None:
+        return cli.main([*argv, "--lifeline-fd", str(lifeline)], tokens=tokens)
+    sys.stderr.write(prepared.early_log.getvalue())
+    prepared.log_handler.setStream(sys.stderr)
+    return cli.run_options(prepared.options, lifeline)
 
 
 def main(argv: list[str] | None = None) -> int:

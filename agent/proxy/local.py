@@ -22,6 +22,7 @@ import socket
 import struct
 from typing import TYPE_CHECKING, cast
 
+from agent.common.buffers import lazy_buffer
 from agent.protocol import (
     MAX_PAYLOAD_SIZE,
     ConnectionReset,
@@ -258,7 +259,8 @@ class Bridge:
         self.conn: TunnelWebSocket | None = None
         self.locals: dict[tuple[str, int], LocalConnection] = {}
         self.locals_paused = False
-        self.read_view = memoryview(bytearray(READ_SIZE))
+        # Lazy: a tunnel without local traffic never touches it.
+        self.read_view = memoryview(lazy_buffer(READ_SIZE))
         self.fatal: str | None = None
         self.fatal_event = asyncio.Event()
         #: Where per-connection figures go (``--report-fd``), or ``None``.

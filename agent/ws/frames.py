@@ -24,10 +24,12 @@ try:  # websockets' C extension; its pure-Python fallback when not built for thi
 except ImportError:  # pragma: no cover - wheels ship the extension on our platforms
     from websockets.utils import apply_mask
 
+from agent.common.buffers import lazy_buffer
 from agent.protocol.framing import LoneFrame
 
 
 if TYPE_CHECKING:
+    import mmap
     from collections.abc import Callable, Sequence
 
     from agent.protocol.messages import Buffer
@@ -102,7 +104,7 @@ class FrameReader:
         if buffer_size and buffer_size < largest:
             raise ValueError(f"a {buffer_size}-byte buffer cannot hold a {largest}-byte frame")
         self._size = buffer_size or 2 * largest
-        self._buffer = bytearray(_HEAD_BUFFER_SIZE)
+        self._buffer: bytearray | mmap.mmap = bytearray(_HEAD_BUFFER_SIZE)
         self._view = memoryview(self._buffer)
         self._start = 0  # first byte not yet parsed
         self._end = 0  # end of the received bytes
@@ -158,8 +160,9 @@ class FrameReader:
         self.handed_over = not fast
         if fast and len(self._buffer) < self._size:
             # A new buffer rather than a resize: the transport may still hold a view of the old.
+            # Lazy: an idle connection's pings only ever touch its first page.
             start, end = self._start, self._end
-            buffer = bytearray(self._size)
+            buffer = lazy_buffer(self._size)
             buffer[: end - start] = self._view[start:end]
             self._buffer, self._view = buffer, memoryview(buffer)
             self._start, self._end = 0, end - start
