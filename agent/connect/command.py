@@ -22,7 +22,6 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from agent.exceptions import AgentError
 from agent.protocol.ids import SERVICE_ID
 from agent.protocol.report import parse_report
 
@@ -131,8 +130,10 @@ def _say(text: str) -> None:
     sys.stdout.flush()
 
 
-class _Interrupted(AgentError):
-    pass
+class _Interrupted(KeyboardInterrupt):
+    """
+    SIGTERM or SIGINT: like Ctrl-C, no ``except Exception`` on the way may swallow it.
+    """
 
 
 def _on_signal(_signum: int, _frame: FrameType | None) -> None:

@@ -146,3 +146,16 @@ class TestConnect:
         assert len(result.stdout.strip().splitlines()) == 1
         assert result.stdout.startswith("error: EndpointConnectionError")
         assert "Traceback" not in result.stdout + result.stderr
+
+
+class TestInterruption:
+    def test_a_stop_signal_is_never_swallowed_while_reading_the_shadow(self):
+        """SIGINT/SIGTERM arriving inside the shadow read still stops connect (not 'no shadow')."""
+        from agent.connect import command
+
+        class Shadows:
+            def get_thing_shadow(self, **_kwargs):
+                command._on_signal(signal.SIGINT, None)
+
+        with pytest.raises(KeyboardInterrupt):
+            command._reported(Shadows(), "thing1")
