@@ -407,3 +407,13 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["agent-stuck"]:
         raise SystemExit(_stuck_agent_main(sys.argv[2:]))
     raise SystemExit(f"usage: {sys.argv[0]} agent CONFIG SOCKET | agent-stuck CONFIG MARKER")
+
+
+class FakeClock:
+    """A settable epoch-seconds clock; by default it starts at the real time (SigV4 dates)."""
+
+    def __init__(self, now: float | None = None) -> None:
+        self.now = time.time() if now is None else now
+
+    def __call__(self) -> float:
+        return self.now

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import threading
-import time
 from typing import TYPE_CHECKING, Any
 
 import boto3
@@ -19,6 +18,7 @@ from botocore.config import Config
 from agent.emulator.api import ControlPlaneApi
 from agent.emulator.store import TunnelStore
 from tests.emulator import fixtures
+from tests.fakes import FakeClock
 
 
 if TYPE_CHECKING:
@@ -36,16 +36,6 @@ broker = fixtures.broker
 emulator = fixtures.emulator
 emulator_thread = fixtures.emulator_thread
 mqtt_pki = fixtures.mqtt_pki
-
-
-class FakeClock:
-    """A settable epoch-seconds clock, starting at the real time so SigV4 dates stay valid."""
-
-    def __init__(self, now: float | None = None) -> None:
-        self.now = time.time() if now is None else now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class ServerThread:

@@ -22,24 +22,15 @@ from agent.emulator.shadows import (
 )
 from agent.emulator.store import StoreError
 from agent.exceptions import ConfigError
+from tests.fakes import FakeClock
 
 
 T0 = 1_700_000_000
 
 
-class FakeClock:
-    """A settable epoch-seconds clock."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock():
-    return FakeClock()
+    return FakeClock(T0)
 
 
 @pytest.fixture
@@ -649,7 +640,7 @@ class TestProperties:
     @given(st.lists(st.tuples(st.sampled_from(["desired", "reported"]), patches), max_size=6))
     def test_store_versions_and_delta(self, requests):
         """The store counts one version per accepted update, and its delta is compute_delta's."""
-        store = ShadowStore(clock=FakeClock())
+        store = ShadowStore(clock=FakeClock(T0))
         accepted = 0
         for section, patch in requests:
             try:

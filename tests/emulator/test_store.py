@@ -24,6 +24,7 @@ from agent.emulator.store import (
     ValidationFailed,
 )
 from agent.exceptions import AgentError, ConfigError
+from tests.fakes import FakeClock
 
 
 T0 = 1_700_000_000.0
@@ -31,19 +32,9 @@ CLIENT_A = "a" * 32
 CLIENT_B = "b-" * 20
 
 
-class FakeClock:
-    """A settable epoch-seconds clock."""
-
-    def __init__(self, now: float = T0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock():
-    return FakeClock()
+    return FakeClock(T0)
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ if TYPE_CHECKING:
     from collections.abc import Iterator
     from pathlib import Path
 
+    from tests.integration.test_agent_e2e import World
+
 PAGE = b"<html><body>" + hashlib.sha256(b"page").hexdigest().encode() * 2000 + b"</body></html>"
 
 
@@ -73,3 +75,18 @@ def sshd(tmp_path: Path) -> Iterator[Sshd]:
     server = Sshd(tmp_path / "sshd")
     yield server
     server.stop()
+
+
+@pytest.fixture
+def world(tmp_path: Path, echo_server: ThreadedServer) -> Iterator[World]:
+    """An emulator and a device agent's world whose ECHO service is a real echo server.
+
+    Modules that need other services define their own ``world``, which overrides this one.
+    """
+    from tests.integration.test_agent_e2e import World
+
+    made = World(tmp_path, {"ECHO": str(echo_server.port)})
+    try:
+        yield made
+    finally:
+        made.close()

@@ -28,15 +28,6 @@ SHADOW = "tunnel-agent"
 AWS = Path(sys.executable).with_name("aws")
 
 
-@pytest.fixture
-def world(tmp_path, echo_server):
-    made = World(tmp_path, {"ECHO": str(echo_server.port)})
-    try:
-        yield made
-    finally:
-        made.close()
-
-
 def reported(world: World) -> dict[str, Any] | None:
     """The agent's shadow through the HTTP data-plane API (boto3 iot-data)."""
     client = world.emulator.data_client()

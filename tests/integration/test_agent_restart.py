@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from agent.daemon.handoff import HANDOFF_ENV
-from tests.integration.dataplane import ThreadedServer, connect, echo, pattern_bytes, recv_exactly
+from tests.integration.dataplane import connect, pattern_bytes, recv_exactly
 from tests.integration.test_agent_e2e import (
     ROOT,
     SCALE,
@@ -46,22 +46,6 @@ pytestmark = pytest.mark.integration
 
 # Within this long of the new agent's start, the destination must be CONNECTED again.
 RECONNECT_BUDGET = 5.0
-
-
-@pytest.fixture
-def echo_service():
-    server = ThreadedServer(echo)
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def world(tmp_path, echo_service):
-    made = World(tmp_path, {"ECHO": str(echo_service.port)})
-    try:
-        yield made
-    finally:
-        made.close()
 
 
 def state_dir(world: World) -> Path:
@@ -206,11 +190,11 @@ class TestRestart:
         assert record_files(world) == []
         assert second.status()["tunnels"] == []
 
-    def test_ten_tunnels_reconnect(self, tmp_path, echo_service, capsys):
+    def test_ten_tunnels_reconnect(self, tmp_path, echo_server, capsys):
         """Ten tunnels: every destination is CONNECTED again within budget; p50 reported."""
         # Ten service sets: a second tunnel for the same services would be a rotation.
         names = [f"ECHO{i}" for i in range(10)]
-        world = World(tmp_path / "ten", dict.fromkeys(names, str(echo_service.port)))
+        world = World(tmp_path / "ten", dict.fromkeys(names, str(echo_server.port)))
         try:
             self._ten_tunnels(world, names, capsys)
         finally:
@@ -256,7 +240,7 @@ def rewrite_services(world: World, services: dict[str, str]) -> None:
 
 class TestReload:
     def test_sighup_keeps_the_session_and_runs_the_new_configuration(
-        self, world, echo_service, tmp_path
+        self, world, echo_server, tmp_path
     ):
         """SIGHUP: same pid, same proxy, the open TCP session carries data before and after."""
         # A stand-in for systemd's notify socket, read as it comes (a full queue blocks).
@@ -273,7 +257,7 @@ class TestReload:
         (proxy,) = agent.proxy_pids()
         session = connect(port)
         before = exchange(session, 128 * 1024, seed=3)
-        rewrite_services(world, {"ECHO": str(echo_service.port), "EXTRA": "127.0.0.1:9"})
+        rewrite_services(world, {"ECHO": str(echo_server.port), "EXTRA": "127.0.0.1:9"})
 
         os.kill(agent.pid, signal.SIGHUP)
         started = agent.wait_event("agent_started", 2)[-1]
@@ -339,7 +323,7 @@ class TestReload:
         assert ours
         assert not alive(proxy)
 
-    def test_failed_preflight_keeps_the_old_code_running(self, world, echo_service):
+    def test_failed_preflight_keeps_the_old_code_running(self, world, echo_server):
         """A configuration the new image would refuse: the old one carries on, tunnel intact."""
         agent = world.agent()
         tunnel = world.open(["ECHO"])

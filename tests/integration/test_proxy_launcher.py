@@ -12,28 +12,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.dataplane import ThreadedServer, connect, echo
-from tests.integration.test_agent_e2e import World, alive, children, wait_until
+from tests.integration.dataplane import connect
+from tests.integration.test_agent_e2e import alive, children, wait_until
 from tests.integration.test_agent_restart import exchange, roundtrip
 
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def echo_service():
-    server = ThreadedServer(echo)
-    yield server
-    server.close()
-
-
-@pytest.fixture
-def world(tmp_path, echo_service):
-    made = World(tmp_path, {"ECHO": str(echo_service.port)})
-    try:
-        yield made
-    finally:
-        made.close()
 
 
 def launcher_pid(agent) -> int:
