@@ -18,11 +18,9 @@ from agent.protocol import (
     STREAM_RESET,
     STREAM_START,
     Message,
-    decode_message,
-    encode_frame,
-    encode_message,
 )
 from tests.integration.dataplane import RelayThread, TunnelTokens
+from tests.protocol.helpers import decode_frames, encode_frames
 
 
 if TYPE_CHECKING:
@@ -62,19 +60,6 @@ def open_ws(
     )
 
 
-def frame(message: Message) -> bytes:
-    return encode_frame(encode_message(message))
-
-
-def messages(data: bytes) -> list[Message]:
-    out = []
-    while data:
-        size = int.from_bytes(data[:2], "big")
-        out.append(decode_message(data[2 : 2 + size]))
-        data = data[2 + size :]
-    return out
-
-
 def refusal(relay, mode, token, **kwargs) -> tuple[int, str]:
     with pytest.raises(InvalidStatus) as info:
         open_ws(relay, mode, token, **kwargs)
@@ -91,7 +76,7 @@ class TestHandshake:
             first = ws.recv(timeout=5)
             connected = plain_relay.tunnel(tokens.tunnel_id).destination.connected
 
-        assert messages(first) == [Message(SERVICE_IDS, available_service_ids=("SSH", "HTTP"))]
+        assert decode_frames(first) == [Message(SERVICE_IDS, available_service_ids=("SSH", "HTTP"))]
         assert ws.response.headers["sec-websocket-protocol"] == V3
         assert ws.response.headers["channel-id"]
         assert connected is True
@@ -133,7 +118,7 @@ class TestHandshake:
             plain_relay, "source", tokens.source, client_token=secrets.token_hex(20)
         )
 
-        assert messages(reconnected)[0].type is SERVICE_IDS
+        assert decode_frames(reconnected)[0].type is SERVICE_IDS
         assert status == 400
         assert "does not match" in reason
 
@@ -161,8 +146,10 @@ class TestHandshake:
 
 def start_and_data(payload: bytes) -> tuple[bytes, bytes]:
     """A STREAM_START frame and a DATA frame on stream 1 of SSH."""
-    start = frame(Message(STREAM_START, stream_id=1, service_id="SSH", connection_id=1))
-    data = frame(Message(DATA, stream_id=1, service_id="SSH", connection_id=1, payload=payload))
+    start = encode_frames(Message(STREAM_START, stream_id=1, service_id="SSH", connection_id=1))
+    data = encode_frames(
+        Message(DATA, stream_id=1, service_id="SSH", connection_id=1, payload=payload)
+    )
     return start, data
 
 
@@ -196,7 +183,7 @@ class TestForwarding:
         with attached_pair(plain_relay) as (dst, src):
             src.send(start + data)
             got = recv_bytes(dst, len(start + data))
-            dst.send(frame(Message(STREAM_START, stream_id=2, service_id="SSH")))
+            dst.send(encode_frames(Message(STREAM_START, stream_id=2, service_id="SSH")))
             with pytest.raises(ConnectionClosed):
                 dst.recv(timeout=5)
 
@@ -252,7 +239,7 @@ class TestForwarding:
             with open_ws(plain_relay, "source", tokens.source, client_token=token) as old:
                 old.recv(timeout=5)
                 start = Message(STREAM_START, stream_id=5, service_id="SSH", connection_id=1)
-                old.send(frame(start))
+                old.send(encode_frames(start))
                 dst.recv(timeout=5)
                 with open_ws(plain_relay, "source", tokens.source, client_token=token) as new:
                     new.recv(timeout=5)
@@ -260,7 +247,7 @@ class TestForwarding:
                     with pytest.raises(ConnectionClosed):
                         old.recv(timeout=5)
 
-        assert messages(reset) == [Message(STREAM_RESET, stream_id=5, service_id="SSH")]
+        assert decode_frames(reset) == [Message(STREAM_RESET, stream_id=5, service_id="SSH")]
         assert old.close_code == 1000
 
     def test_close_tunnel_sends_1000_to_both(self, plain_relay):

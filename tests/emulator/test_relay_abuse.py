@@ -37,11 +37,9 @@ from agent.protocol import (
     STREAM_START,
     Message,
     MessageType,
-    decode_message,
-    encode_frame,
-    encode_message,
 )
 from tests.integration.dataplane import SCALE, RelayThread
+from tests.protocol.helpers import decode_frames, encode_frames
 
 
 if TYPE_CHECKING:
@@ -52,19 +50,6 @@ V3 = "aws.iot.securetunneling-3.0"
 RELAY_SERVER = Path(__file__).parent.parent / "bench" / "relay_server.py"
 # A request that never ends: the slowloris kind.
 HALF_REQUEST = b"GET /tunnel?local-proxy-mode=source HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-
-
-def frame(message: Message) -> bytes:
-    return encode_frame(encode_message(message))
-
-
-def tunnel_messages(data: bytes) -> list[Message]:
-    out = []
-    while data:
-        size = int.from_bytes(data[:2], "big")
-        out.append(decode_message(data[2 : 2 + size]))
-        data = data[2 + size :]
-    return out
 
 
 def open_ws(
@@ -92,7 +77,7 @@ def open_ws(
 def data_frames(payload: bytes, chunk: int = 16384) -> list[bytes]:
     """DATA frames on stream 1 of SSH carrying ``payload``, one WebSocket message each."""
     return [
-        frame(
+        encode_frames(
             Message(
                 DATA,
                 stream_id=1,
@@ -109,7 +94,7 @@ def received_data(ws: ClientConnection, size: int) -> bytes:
     """DATA payloads received until ``size`` bytes, joined (other tunnel messages skipped)."""
     got = bytearray()
     while len(got) < size:
-        for message in tunnel_messages(ws.recv(timeout=5 * SCALE)):  # type: ignore[arg-type]
+        for message in decode_frames(ws.recv(timeout=5 * SCALE)):  # type: ignore[arg-type]
             if message.type is DATA:
                 got += message.payload
     return bytes(got)
@@ -139,8 +124,10 @@ def tunnel_pair(
             connected.append(time.monotonic() - started)
             dst.recv(timeout=5 * SCALE)
             src.recv(timeout=5 * SCALE)
-            src.send(frame(Message(STREAM_START, stream_id=1, service_id="SSH", connection_id=1)))
-            first = tunnel_messages(dst.recv(timeout=5 * SCALE))  # type: ignore[arg-type]
+            src.send(
+                encode_frames(Message(STREAM_START, stream_id=1, service_id="SSH", connection_id=1))
+            )
+            first = decode_frames(dst.recv(timeout=5 * SCALE))  # type: ignore[arg-type]
             assert [m.type for m in first] == [MessageType.STREAM_START]
             yield dst, src, connected
 

@@ -34,8 +34,6 @@ from agent.protocol import (
     STREAM_START,
     Message,
     decode_message,
-    encode_frame,
-    encode_message,
 )
 from tests.integration.dataplane import (
     PROXY,
@@ -45,6 +43,7 @@ from tests.integration.dataplane import (
     ThreadedServer,
     echo,
 )
+from tests.protocol.helpers import encode_frames
 
 
 if TYPE_CHECKING:
@@ -66,18 +65,14 @@ def fuzz(seed: int) -> random.Random:
     return random.Random(seed)  # noqa: S311 - traffic to replay, not secrets
 
 
-def frame(message: Message) -> bytes:
-    return encode_frame(encode_message(message))
-
-
 def data(stream: int, service: str, connection: int, payload: bytes) -> bytes:
-    return frame(
+    return encode_frames(
         Message(DATA, stream, service_id=service, connection_id=connection, payload=payload)
     )
 
 
 def control(mtype: int, stream: int, service: str, connection: int = 0) -> bytes:
-    return frame(Message(mtype, stream, service_id=service, connection_id=connection))
+    return encode_frames(Message(mtype, stream, service_id=service, connection_id=connection))
 
 
 def split_frames(message: bytes) -> list[bytes]:
@@ -448,7 +443,7 @@ def test_source_proxy_sends_control_frames_alone(tmp_path: Path, seed: int, vers
 
     def play(ws: ServerConnection, recording: Recording) -> None:
         answers = fuzz(seed + 1000)
-        ws.send(frame(Message(SERVICE_IDS, available_service_ids=("A", "B"))))
+        ws.send(encode_frames(Message(SERVICE_IDS, available_service_ids=("A", "B"))))
 
         def answer(message: bytes) -> None:
             for whole in split_frames(message):
@@ -526,7 +521,7 @@ def test_destination_proxy_sends_control_frames_alone(tmp_path: Path, seed: int)
 
     def play(ws: ServerConnection, recording: Recording) -> None:
         rng = fuzz(seed)
-        ws.send(frame(Message(SERVICE_IDS, available_service_ids=("A", "B", "C"))))
+        ws.send(encode_frames(Message(SERVICE_IDS, available_service_ids=("A", "B", "C"))))
         thread = recorder(ws, recording)
         script = SourceScript(rng, ("A", "B", "C"), duplicates=True).frames(400)
         send_grouped(ws, rng, script)

@@ -28,9 +28,6 @@ from agent.protocol import (
     Message,
     Mode,
     ProtocolVersion,
-    decode_message,
-    encode_frame,
-    encode_message,
 )
 from tests.integration.conftest import PAGE
 from tests.integration.dataplane import (
@@ -45,6 +42,7 @@ from tests.integration.dataplane import (
     proxy_args,
     recv_exactly,
 )
+from tests.protocol.helpers import decode_frames, encode_frames
 
 
 if TYPE_CHECKING:
@@ -862,10 +860,6 @@ class ScriptedService:
             self.reader.feed_data(data)
 
 
-def tunnel_frames(*messages: Message) -> bytes:
-    return b"".join(encode_frame(encode_message(message)) for message in messages)
-
-
 class TestUnusualFrames:
     def test_fragments_pings_and_text_from_the_service(self, echo_server, tmp_path):
         """
@@ -888,13 +882,13 @@ class TestUnusualFrames:
             outcome["request"] = ws.accept_upgrade()
             ws.send(Frame(Opcode.PING, b"1700000000000"))
             outcome["pong"] = ws.receive()
-            ids = tunnel_frames(Message(SERVICE_IDS, available_service_ids=("ECHO",)))
+            ids = encode_frames(Message(SERVICE_IDS, available_service_ids=("ECHO",)))
             ws.send(
                 Frame(Opcode.BINARY, ids[:3], fin=False),
                 Frame(Opcode.CONT, ids[3:]),
                 Frame(
                     Opcode.BINARY,
-                    tunnel_frames(
+                    encode_frames(
                         Message(STREAM_START, stream_id=1, service_id="ECHO", connection_id=1),
                         Message(
                             DATA, stream_id=1, service_id="ECHO", connection_id=1, payload=b"hi!"
@@ -906,7 +900,7 @@ class TestUnusualFrames:
             while echoed != b"hi!":
                 frame = ws.receive()
                 assert frame.opcode is Opcode.BINARY
-                for message in decode_tunnel_frames(frame.data):
+                for message in decode_frames(frame.data):
                     if message.type == DATA:
                         echoed += message.payload
             outcome["echoed"] = echoed
@@ -934,13 +928,3 @@ class TestUnusualFrames:
         assert "connection lost (text frame received), reconnecting" in proxy.log
         assert server.accepted == 2
         assert code == 0
-
-
-def decode_tunnel_frames(data: bytes) -> list[Message]:
-    messages = []
-    pos = 0
-    while pos < len(data):
-        size = data[pos] << 8 | data[pos + 1]
-        messages.append(decode_message(data[pos + 2 : pos + 2 + size]))
-        pos += 2 + size
-    return messages

@@ -41,6 +41,11 @@ __all__ = [
 VECTORS = Path(__file__).parent / "vectors" / "frames.json"
 
 
+def encode_frames(*messages: Message) -> bytes:
+    """The tunnel frames (2-byte length, message) of MESSAGES, back to back."""
+    return b"".join(encode_frame(encode_message(message)) for message in messages)
+
+
 def load_vectors() -> list[dict[str, Any]]:
     """Return the frame vectors of tests/protocol/vectors/frames.json."""
     return json.loads(VECTORS.read_text())["vectors"]
