@@ -189,6 +189,21 @@ class EmulatorThread:
         self.loop.close()
 
 
+def device_client(emu: Emulator, name: str, *, client_id: str | None = None) -> AsyncMqttClient:
+    """An MQTT client with thing NAME's certificate from the running emulator's bundle."""
+    bundle = emu.bundle(name)
+    host, port = emu.mqtt_endpoint
+    return AsyncMqttClient(
+        endpoint=host,
+        port=port,
+        cert=bundle.cert,
+        key=bundle.key,
+        ca=bundle.ca,
+        client_id=client_id or name,
+        connect_timeout=5 * SCALE,
+    )
+
+
 @pytest.fixture
 def emulator_thread(tmp_path: Path) -> Iterator[EmulatorThread]:
     """Run an emulator on a background loop, with things ``thing1`` and ``thing2``."""

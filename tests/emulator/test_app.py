@@ -16,9 +16,9 @@ import pytest
 from agent.daemon.settings import check_files, load_settings
 from agent.emulator.app import Emulator
 from agent.emulator.broker import notify_topic
-from agent.emulator.mqtt_client import AsyncMqttClient, MqttConnectError
+from agent.emulator.mqtt_client import MqttConnectError
 from tests.emulator import fixtures
-from tests.emulator.fixtures import SCALE, alive, refused
+from tests.emulator.fixtures import SCALE, alive, device_client, refused
 
 
 if TYPE_CHECKING:
@@ -26,20 +26,6 @@ if TYPE_CHECKING:
 
 emulator = fixtures.emulator
 emulator_thread = fixtures.emulator_thread
-
-
-def _device(emu: Emulator, name: str, *, client_id: str | None = None) -> AsyncMqttClient:
-    bundle = emu.bundle(name)
-    host, port = emu.mqtt_endpoint
-    return AsyncMqttClient(
-        endpoint=host,
-        port=port,
-        cert=bundle.cert,
-        key=bundle.key,
-        ca=bundle.ca,
-        client_id=client_id or name,
-        connect_timeout=5 * SCALE,
-    )
 
 
 def _mode(path: Path) -> int:
@@ -146,7 +132,7 @@ class TestThings:
     async def test_added_while_running_can_subscribe_at_once(self, emulator):
         """A thing added to a running emulator is authorized before add_thing returns."""
         emulator.add_thing("late", services={"HTTP": "127.0.0.1:8080"})
-        async with _device(emulator, "late") as device:
+        async with device_client(emulator, "late") as device:
             codes = await device.subscribe(notify_topic("late"))
         settings = load_settings(emulator.bundle("late").config)
 
@@ -156,7 +142,7 @@ class TestThings:
     async def test_added_async(self, emulator):
         """add_thing_async registers the thing without blocking the loop."""
         await emulator.add_thing_async("thing3")
-        async with _device(emulator, "thing3") as device:
+        async with device_client(emulator, "thing3") as device:
             codes = await device.subscribe(notify_topic("thing3"))
 
         assert codes == [1]
@@ -165,7 +151,7 @@ class TestThings:
         """An Emulator object that is not running registers with the running one's broker."""
         other = Emulator(emulator.directory)  # what `emulator add-thing` does
         other.add_thing("thing4")
-        async with _device(emulator, "thing4") as device:
+        async with device_client(emulator, "thing4") as device:
             codes = await device.subscribe(notify_topic("thing4"))
 
         assert codes == [1]
@@ -192,7 +178,7 @@ class TestThings:
 class TestNotification:
     async def test_open_tunnel_over_api_reaches_device(self, emulator):
         """boto3 OpenTunnel with thingName -> the thing receives the destination token."""
-        async with _device(emulator, "thing1") as device:
+        async with device_client(emulator, "thing1") as device:
             codes = await device.subscribe(notify_topic("thing1"))
             response = await asyncio.to_thread(
                 emulator.api_client().open_tunnel,
@@ -213,9 +199,9 @@ class TestNotification:
         """dev2's certificate with client id dev1 is refused; dev1 keeps getting its tokens."""
         await emulator.add_thing_async("dev1")
         await emulator.add_thing_async("dev2")
-        impostor = _device(emulator, "dev2", client_id="dev1")
+        impostor = device_client(emulator, "dev2", client_id="dev1")
         api = emulator.api_client()
-        async with _device(emulator, "dev1") as dev1:
+        async with device_client(emulator, "dev1") as dev1:
             await dev1.subscribe(notify_topic("dev1"))
             with pytest.raises(MqttConnectError, match="CONNACK NOT_AUTHORIZED"):
                 await impostor.connect()
@@ -273,7 +259,7 @@ class TestState:
                 second.api_client().describe_tunnel, tunnelId=tunnel.tunnel_id
             )
             after = (second.access_key, second.secret_key, second.ca_file.read_bytes())
-            async with _device(second, "thing1") as device:
+            async with device_client(second, "thing1") as device:
                 codes = await device.subscribe(notify_topic("thing1"))
 
         assert described["tunnel"]["status"] == "OPEN"

@@ -11,7 +11,7 @@ import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import boto3
 import pytest
@@ -21,9 +21,12 @@ from botocore.config import Config
 from botocore.credentials import Credentials
 
 from agent.emulator.app import Emulator
-from agent.emulator.mqtt_client import AsyncMqttClient
 from tests.emulator import fixtures
-from tests.emulator.fixtures import SCALE
+from tests.emulator.fixtures import SCALE, device_client
+
+
+if TYPE_CHECKING:
+    from agent.emulator.mqtt_client import AsyncMqttClient
 
 
 emulator = fixtures.emulator
@@ -32,20 +35,6 @@ emulator_thread = fixtures.emulator_thread
 AWS = Path(sys.executable).with_name("aws")
 SHADOW = "tunnel-agent"
 PREFIX = f"$aws/things/thing1/shadow/name/{SHADOW}"
-
-
-def _device(emu: Emulator, name: str) -> AsyncMqttClient:
-    bundle = emu.bundle(name)
-    host, port = emu.mqtt_endpoint
-    return AsyncMqttClient(
-        endpoint=host,
-        port=port,
-        cert=bundle.cert,
-        key=bundle.key,
-        ca=bundle.ca,
-        client_id=name,
-        connect_timeout=5 * SCALE,
-    )
 
 
 async def _call(client: Any, operation: str, **kwargs: Any) -> dict[str, Any]:
@@ -265,7 +254,7 @@ class TestList:
 class TestMqttInterplay:
     async def test_mqtt_update_visible_over_http(self, emulator):
         """A device's report over MQTT is what GetThingShadow returns, version included."""
-        async with _device(emulator, "thing1") as device:
+        async with device_client(emulator, "thing1") as device:
             await device.subscribe(f"{PREFIX}/update/accepted")
             for value in (1, 2):
                 await device.publish(
@@ -282,7 +271,7 @@ class TestMqttInterplay:
     async def test_http_update_published_on_mqtt(self, emulator):
         """UpdateThingShadow publishes accepted, documents and delta to the device."""
         client = emulator.data_client()
-        async with _device(emulator, "thing1") as device:
+        async with device_client(emulator, "thing1") as device:
             for suffix in ("update/accepted", "update/documents", "update/delta"):
                 await device.subscribe(f"{PREFIX}/{suffix}")
             response = await _call(
@@ -313,7 +302,7 @@ class TestMqttInterplay:
             shadowName=SHADOW,
             payload=b'{"state": {}}',
         )
-        async with _device(emulator, "thing1") as device:
+        async with device_client(emulator, "thing1") as device:
             await device.subscribe(f"{PREFIX}/delete/accepted")
             await _call(client, "delete_thing_shadow", thingName="thing1", shadowName=SHADOW)
             topic, document = await _next(device)
@@ -456,7 +445,7 @@ class TestPersistence:
                 shadowName="old",
                 payload=b'{"state": {}}',
             )
-            async with _device(second, "thing1") as device:
+            async with device_client(second, "thing1") as device:
                 await device.subscribe(f"{PREFIX}/get/accepted")
                 await device.publish(f"{PREFIX}/get", b"")
                 _, over_mqtt = await _next(device)
