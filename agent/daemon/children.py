@@ -49,6 +49,14 @@ class Child:
     stdout: int
     stderr: int
 
+    def close_pipes(self) -> None:
+        """
+        Close both pipe descriptors (a child that will not be watched).
+        """
+        for fd in (self.stdout, self.stderr):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
 
 def spawn(
     argv: Sequence[str],

@@ -451,12 +451,8 @@ class ForkLauncher:
             with contextlib.suppress(OSError):
                 pidfd = os.pidfd_open(child.pid)
         if pidfd is None:
-            for fd in (child.stdout, child.stderr):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            child.close_pipes()
             return None
-        for fd in (child.stdout, child.stderr):
-            os.set_inheritable(fd, False)  # noqa: FBT003 - os API
         return await ProxyProcess.watch(
             child,
             log=log,

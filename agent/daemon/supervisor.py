@@ -367,6 +367,8 @@ class ProxyProcess:
             await figures.watch(report_fd)
         pipes = []
         for fd in (child.stdout, child.stderr):
+            # Inherited across a re-exec they were inheritable: ours alone from now on.
+            os.set_inheritable(fd, False)  # noqa: FBT003 - os API
             reader = asyncio.StreamReader(limit=_PIPE_LIMIT, loop=loop)
             protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
             # A pipe: no disk I/O. The transport owns (and closes) the descriptor.
@@ -616,12 +618,8 @@ class SubprocessLauncher:
             The process, or ``None`` when ``child.pid`` is not our child (its pipes are closed).
         """
         if not is_our_child(child.pid):
-            for fd in (child.stdout, child.stderr):
-                with contextlib.suppress(OSError):
-                    os.close(fd)
+            child.close_pipes()
             return None
-        for fd in (child.stdout, child.stderr):
-            os.set_inheritable(fd, False)  # noqa: FBT003 - os API
         return await ProxyProcess.watch(
             child,
             log=log,

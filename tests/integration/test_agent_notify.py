@@ -51,20 +51,25 @@ def publish(world: World, payloads: list[bytes]) -> None:
         subprocess.run([*base, "-s"], input=payload, check=True, timeout=30)
 
 
-def publish_burst(world: World, payloads: list[bytes]) -> None:
-    """Publish every payload at once (QoS 1) and wait for the broker's PUBACKs."""
+def publisher(world: World, client_id: str) -> AsyncMqttClient:
+    """An MQTT client with the emulator's own identity, which may publish on any notify topic."""
     emulator = world.emulator
     host, port = emulator.mqtt_endpoint
+    return AsyncMqttClient(
+        endpoint=host,
+        port=port,
+        cert=emulator.privileged.cert,
+        key=emulator.privileged.key,
+        ca=emulator.ca_file,
+        client_id=client_id,
+    )
+
+
+def publish_burst(world: World, payloads: list[bytes]) -> None:
+    """Publish every payload at once (QoS 1) and wait for the broker's PUBACKs."""
 
     async def run() -> None:
-        client = AsyncMqttClient(
-            endpoint=host,
-            port=port,
-            cert=emulator.privileged.cert,
-            key=emulator.privileged.key,
-            ca=emulator.ca_file,
-            client_id="burst-publisher",
-        )
+        client = publisher(world, "burst-publisher")
         topic = f"$aws/things/{world.thing}/tunnels/notify"
         async with client:
             futures = [client.publish_nowait(topic, payload) for payload in payloads]
@@ -75,18 +80,9 @@ def publish_burst(world: World, payloads: list[bytes]) -> None:
 
 def publish_many(world: World, payloads: list[bytes], pause_every: int = 20) -> None:
     """Publish many payloads, each acknowledged (PUBACK) before the next, gently paced."""
-    emulator = world.emulator
-    host, port = emulator.mqtt_endpoint
 
     async def run() -> None:
-        client = AsyncMqttClient(
-            endpoint=host,
-            port=port,
-            cert=emulator.privileged.cert,
-            key=emulator.privileged.key,
-            ca=emulator.ca_file,
-            client_id="hostile-publisher",
-        )
+        client = publisher(world, "hostile-publisher")
         async with client:
             for index, payload in enumerate(payloads):
                 await client.publish(f"$aws/things/{world.thing}/tunnels/notify", payload)
