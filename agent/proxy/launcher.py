@@ -50,6 +50,11 @@ __all__ = ["main"]
 # child places stdout, stderr and the extra descriptors at their numbers.
 _HIGH_FD = 1000
 _CHANNEL, _LIFELINE = "channel", "lifeline"
+# Built once before the first fork and reused: building it per request writes pages that the
+# proxies forked earlier still share, which then become theirs (0.3 MB each).
+_PARSER: list[argparse.ArgumentParser] = []
+# The proxy's log at INFO during the rehearsal, as the agent runs proxies.
+_REHEARSAL_VERBOSITY = 4
 
 
 class _Stop(Exception):
@@ -67,13 +72,23 @@ def _preload() -> None:
     A module a child imports, or a cache it fills, costs it private memory.
     """
     cli.defer_unused_imports()
+    import agent.proxy.report  # noqa: F401, PLC0415 - preloaded for the children
     import agent.proxy.runner  # noqa: F401, PLC0415 - preloaded for the children
+    from agent.proxy import warmup  # noqa: PLC0415 - the launcher's only
 
     with contextlib.suppress(ImportError):
         import uvloop  # noqa: F401, PLC0415 - optional
 
     # ssl encodes the server name with the idna codec (stringprep, unicodedata): look it up once.
     "localhost".encode("idna")
+    _PARSER.append(cli.build_parser())
+    try:
+        rehearsed = warmup.rehearse(lambda stream: cli.setup_logging(_REHEARSAL_VERBOSITY, stream))
+    except Exception as exc:  # noqa: BLE001 - best effort: costs memory, never a tunnel
+        rehearsed = False
+        print(f"tunnel-proxy-launcher: rehearsal failed: {exc!r}", file=sys.stderr)
+    if not rehearsed:
+        print("tunnel-proxy-launcher: rehearsal incomplete, proxies start cold", file=sys.stderr)
 
 
 class _Prepared(NamedTuple):
@@ -103,7 +118,7 @@ def _prepare(argv: list[str], tokens: tuple[str, str | None]) -> _Prepared | Non
     early_log = io.StringIO()
     try:
         with contextlib.redirect_stderr(io.StringIO()):
-            args = cli.build_parser().parse_args(argv)
+            args = _PARSER[0].parse_args(argv)
         if args.token_fd is not None:
             return None
         handler = cli.setup_logging(args.verbose, early_log)
