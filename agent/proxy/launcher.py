@@ -3,8 +3,9 @@
 
 Starting a Python proxy costs an interpreter, imports (asyncio, uvloop, ssl, websockets, the
 proxy's modules) and a TLS context: about 130 ms and 15 MB of private memory per tunnel. The
-launcher pays that once: it imports everything, freezes the garbage collector (so collections
-in the children do not write to the shared objects' pages) and then forks one proxy per
+launcher pays that once: it imports everything, rehearses one session on loopback
+(``warmup.py``), freezes the garbage collector (so collections in the children do not write to
+the shared objects' pages) and then forks one proxy per
 request from the agent (``agent/common/launchwire.py``). Each child is a complete
 ``tunnel-localproxy`` with its own pid and process group, supervised by the agent through a
 pidfd; its exit status comes back over the channel.
@@ -67,12 +68,13 @@ def _on_sigterm(_signum: int, _frame: FrameType | None) -> None:
 
 def _preload() -> None:
     """
-    Import what every proxy imports, before the first fork.
+    Import what every proxy imports and rehearse a session, before the first fork.
 
-    A module a child imports, or a cache it fills, costs it private memory.
+    A module a child imports, or a cache it fills, costs it private memory; so does first-use
+    work the rehearsal does here once (agent/proxy/warmup.py).
     """
     cli.defer_unused_imports()
-    import agent.proxy.report  # noqa: F401, PLC0415 - preloaded for the children
+    import agent.proxy.report  # noqa: PLC0415 - preloaded for the children
     import agent.proxy.runner  # noqa: F401, PLC0415 - preloaded for the children
     from agent.proxy import warmup  # noqa: PLC0415 - the launcher's only
 
@@ -84,11 +86,11 @@ def _preload() -> None:
     _PARSER.append(cli.build_parser())
     try:
         rehearsed = warmup.rehearse(lambda stream: cli.setup_logging(_REHEARSAL_VERBOSITY, stream))
-    except Exception as exc:  # noqa: BLE001 - best effort: costs memory, never a tunnel
+    except Exception as exc:  # best effort: a failure costs memory, never a tunnel
         rehearsed = False
-        print(f"tunnel-proxy-launcher: rehearsal failed: {exc!r}", file=sys.stderr)
+        sys.stderr.write(f"tunnel-proxy-launcher: rehearsal failed: {exc!r}\n")
     if not rehearsed:
-        print("tunnel-proxy-launcher: rehearsal incomplete, proxies start cold", file=sys.stderr)
+        sys.stderr.write("tunnel-proxy-launcher: rehearsal incomplete, proxies start cold\n")
 
 
 class _Prepared(NamedTuple):

@@ -12,7 +12,8 @@ used (should be ~0: nothing polls).
 Footprint: ``--idle-tunnels`` tunnels (default 10) are then opened and left idle; the figures
 are the total and per-tunnel PSS and USS (``/proc/PID/smaps_rollup``) of every proxy
 process, the launcher included (``proxy.launcher``), the OpenTunnel -> destination CONNECTED
-p50/p99 and the proxy start -> connected p50/p99 (the agent's ``proxy_connected`` events).
+p50/p99, notification -> connected p50/p99 (from the agent's ``notification_received`` to its
+``proxy_connected`` event) and the proxy start -> connected p50/p99 (that event's figure).
 A proxy forked by the launcher owns only what it dirtied after the fork: its USS.
 ``--proxy-binary PATH`` runs the same with an external binary (the AWS localproxy);
 ``--no-launcher`` with a plain process per bundled proxy.
@@ -24,6 +25,7 @@ A proxy forked by the launcher owns only what it dirtied after the fork: its USS
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
 import os
@@ -81,6 +83,8 @@ def footprint(world: World, agent: Any, count: int) -> dict[str, float]:
     """Open ``count`` tunnels, leave them idle, measure their proxies' memory."""
     opened = []
     latencies = []
+    notified_before = len(agent.events("notification_received"))
+    connected_before = len(agent.events("proxy_connected"))
     for _ in range(count):
         started = time.perf_counter()
         tunnel = world.open(["SSH"])
@@ -94,6 +98,15 @@ def footprint(world: World, agent: Any, count: int) -> dict[str, float]:
     per = {pid: smaps_kb(pid) for pid in proxies + launchers}
     uss = {pid: m["Private_Clean"] + m["Private_Dirty"] for pid, m in per.items()}
     started_connected = [e["after"] * 1000 for e in agent.events("proxy_connected")][-count:]
+    # One tunnel at a time: the i-th notification is the i-th proxy's.
+    notified_connected = [
+        (stamp(connected) - stamp(notified)) * 1000
+        for notified, connected in zip(
+            agent.events("notification_received")[notified_before:],
+            agent.events("proxy_connected")[connected_before:],
+            strict=True,
+        )
+    ]
     for tunnel in opened:
         world.client.close_tunnel(tunnelId=tunnel["tunnelId"])
     mib = 1024
@@ -110,9 +123,16 @@ def footprint(world: World, agent: Any, count: int) -> dict[str, float]:
         "launcher_uss_mib": sum(uss[p] for p in launchers) / mib,
         "open_connected_p50_ms": percentile(latencies, 50),
         "open_connected_p99_ms": percentile(latencies, 99),
+        "notification_connected_p50_ms": percentile(notified_connected, 50),
+        "notification_connected_p99_ms": percentile(notified_connected, 99),
         "proxy_start_connected_p50_ms": percentile(started_connected, 50),
         "proxy_start_connected_p99_ms": percentile(started_connected, 99),
     }
+
+
+def stamp(event: dict[str, Any]) -> float:
+    """An agent log event's time, in seconds since the epoch."""
+    return dt.datetime.fromisoformat(event["timestamp"]).timestamp()
 
 
 def percentile(values: list[float], q: float) -> float:
