@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from websockets.client import ClientProtocol
 from websockets.typing import Subprotocol
-from websockets.uri import parse_uri
+from websockets.uri import WebSocketURI
 
 from agent import __version__
 from agent.common.retry import backoff
@@ -93,10 +93,14 @@ class _Dialer:
         self.bridge = bridge
         self.ssl_context = ssl_context_for(options) if options.tls else None
         self.proxy = proxy_from_environment(options.host)
-        scheme = "wss" if options.tls else "ws"
-        host = f"[{options.host}]" if ":" in options.host else options.host
-        self.uri = parse_uri(
-            f"{scheme}://{host}:{options.port}/tunnel?local-proxy-mode={options.mode.query}"
+        # Built from its parts, not parsed from a string: the host and port are validated
+        # already, and urllib's parser is code each forked proxy would run once more.
+        self.uri = WebSocketURI(
+            secure=options.tls,
+            host=options.host.lower(),
+            port=options.port,
+            path="/tunnel",
+            query=f"local-proxy-mode={options.mode.query}",
         )
 
     def _connection(self) -> TunnelWebSocket:
