@@ -52,6 +52,10 @@ JOURNAL_TEST = (
 DATAPLANE_TEST = (
     "tests/integration/test_dataplane.py::TestServices::test_http_echo_and_ssh_share_one_tunnel"
 )
+KSM_TEST = (
+    "tests/integration/test_proxy_launcher.py::"
+    "test_with_ksmd_proxies_share_identical_pages_and_carry_every_byte"
+)
 CONNECT_TEST = (
     "tests/connect/test_command.py::TestConnect::test_opens_listens_reports_and_closes_on_ctrl_c"
 )
@@ -145,6 +149,14 @@ NOT_RUN: dict[str, tuple[str, tuple[str, ...]]] = {
             f"{DEB_TESTS}::TestUnderSystemd::test_serves_a_tunnel_inside_the_sandbox",
             "tests/daemon/test_status.py",
         ),
+    ),
+    "echo 1 | sudo tee /sys/kernel/mm/ksm/run": (
+        "starts ksmd for the whole machine; the test starts it (root) and puts it back after",
+        (KSM_TEST,),
+    ),
+    "echo 'w /sys/kernel/mm/ksm/run - - - - 1' | sudo tee /etc/tmpfiles.d/ksm.conf": (
+        "writes this machine's /etc for its next boots, where it sets run = 1 as the test does",
+        (KSM_TEST,),
     ),
     "tunnel-agent connect my-device --service SSH=2222 --service HTTP": (
         "needs AWS credentials and a real device; the emulator section runs connect here",

@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import structlog
 
 from agent.common import launchwire
-from agent.common.process import death_signal_preexec
+from agent.common.process import death_signal_preexec, ksm_state
 from agent.daemon.children import Child, ChildExit, is_our_child, spawn
 from agent.daemon.supervisor import (
     ProxyProcess,
@@ -180,7 +180,11 @@ class ForkLauncher:
     """
 
     def __init__(
-        self, *, env: Mapping[str, str], command: tuple[str, ...] = LAUNCHER_COMMAND
+        self,
+        *,
+        env: Mapping[str, str],
+        command: tuple[str, ...] = LAUNCHER_COMMAND,
+        merge_pages: bool = False,
     ) -> None:
         """
         Prepare; the launcher starts on :meth:`warm_up` or the first launch.
@@ -188,9 +192,12 @@ class ForkLauncher:
         Args:
             env: The launcher's environment, which its proxies share (no tokens in it).
             command: How the launcher is run.
+            merge_pages: Offer the launcher's and its proxies' memory to the kernel's
+                same-page merging (``proxy.merge_pages``).
         """
         self._env = dict(env)
-        self._command = command
+        self._command = (*command, "--merge-pages") if merge_pages else command
+        self._merge_pages = merge_pages
         self._prefix = tuple(proxy_command("bundled"))
         self._lifeline = Lifeline.inherit_or_create()
         self._plain = SubprocessLauncher()
@@ -249,7 +256,10 @@ class ForkLauncher:
         self._started_at = loop.time()
         loop.add_reader(ours.fileno(), self._readable)
         self._launcher_task = asyncio.ensure_future(self._watch_launcher(child))
-        log.info("proxy_launcher_started", pid=child.pid)
+        if self._merge_pages:
+            log.info("proxy_launcher_started", pid=child.pid, ksm=ksm_state())
+        else:
+            log.info("proxy_launcher_started", pid=child.pid)
 
     async def _watch_launcher(self, child: Child) -> None:
         exit_watch = ChildExit(child.pid)

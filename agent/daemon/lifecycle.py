@@ -681,7 +681,7 @@ def _default_launcher(settings: AgentSettings, config: SpawnConfig) -> ProxyLaun
     env = build_env(
         token=None, client_token=None, extra_env=config.extra_env, http_proxy=config.http_proxy
     )
-    return ForkLauncher(env=env)
+    return ForkLauncher(env=env, merge_pages=settings.proxy.merge_pages)
 
 
 def build_daemon(  # noqa: PLR0913 - keyword-only, each a seam for tests

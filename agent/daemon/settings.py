@@ -270,6 +270,12 @@ class ProxySettings(_Section):
         description="start bundled proxies by forking one pre-initialised launcher process "
         "(a few MB and milliseconds per tunnel) instead of a new interpreter each",
     )
+    merge_pages: bool = Field(
+        default=True,
+        description="offer the launcher's and its proxies' memory to the kernel's same-page "
+        "merging (KSM), which shares their identical pages once ksmd runs "
+        "(/sys/kernel/mm/ksm/run = 1): about 5 MB less per idle tunnel",
+    )
     ca: Path | None = Field(
         default=None,
         description="CA file or directory for the data-plane TLS, localproxy -c; "

@@ -290,10 +290,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tunnel-proxy-launcher")
     parser.add_argument("--channel-fd", type=int, required=True)
     parser.add_argument("--lifeline-fd", type=int, required=True)
+    parser.add_argument(
+        "--merge-pages",
+        action="store_true",
+        help="offer the launcher's and its proxies' memory to the kernel's same-page merging",
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a terminal's Ctrl-C is the agent's
     _preload()
+    if args.merge_pages:
+        from agent.common.process import share_identical_pages  # noqa: PLC0415 - when asked
+
+        if share_identical_pages() == "unavailable":
+            sys.stderr.write("tunnel-proxy-launcher: no same-page merging in this kernel\n")
     channel = socket.socket(fileno=args.channel_fd)
     gc.freeze()
     return _Launcher(channel, args.lifeline_fd).serve()

@@ -18,13 +18,21 @@ A proxy forked by the launcher owns only what it dirtied after the fork: its USS
 ``--proxy-binary PATH`` runs the same with an external binary (the AWS localproxy);
 ``--no-launcher`` with a plain process per bundled proxy.
 
+Same-page merging: the launcher offers its proxies' memory to KSM (``proxy.merge_pages``),
+which only acts while ksmd runs. ``--ksm`` starts ksmd for the run (root; the previous state is
+restored), waits until merging has settled and adds ``ksm_settle_seconds`` (from the last
+tunnel connected), the CPU seconds ksmd spent meanwhile and its CPU share over the next
+``--ksm-idle`` seconds, at the kernel's scan settings as they are. ``ksm`` in the output says
+whether ksmd ran.
+
     python tests/bench/agent_bench.py [--tunnels 50] [--idle 60] [--idle-tunnels 10]
-        [--proxy-binary PATH | --no-launcher] [--json]
+        [--proxy-binary PATH | --no-launcher] [--ksm [--ksm-idle 20]] [--json]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -46,6 +54,8 @@ from tests.integration.test_agent_e2e import World, wait_until  # noqa: E402
 
 
 TICKS = os.sysconf("SC_CLK_TCK")
+KSM = Path("/sys/kernel/mm/ksm")
+KSM_SETTLE_LIMIT = 180.0
 
 
 def cpu_seconds(pid: int) -> float:
@@ -79,7 +89,69 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
-def footprint(world: World, agent: Any, count: int) -> dict[str, float]:
+@contextlib.contextmanager
+def ksmd(start: bool) -> Any:
+    """Run ksmd for the block when ``start``, then put back the state it had."""
+    run_file = KSM / "run"
+    before = run_file.read_text().strip() if run_file.exists() else None
+    if start:
+        run_file.write_text("1")
+    try:
+        yield
+    finally:
+        if start and before is not None:
+            run_file.write_text(before)
+
+
+def ksm_running() -> bool:
+    """Whether ksmd runs."""
+    run_file = KSM / "run"
+    return run_file.exists() and run_file.read_text().strip() == "1"
+
+
+def ksmd_pid() -> int:
+    """The kernel thread ksmd."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (entry / "comm").read_text().strip() == "ksmd":
+                    return int(entry.name)
+    raise RuntimeError("no ksmd thread")
+
+
+def merging_pages(pids: list[int]) -> int:
+    """Pages of ``pids`` that KSM maps from a shared copy (``/proc/PID/ksm_stat``)."""
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/ksm_stat").read_text().splitlines():
+            if line.startswith("ksm_merging_pages"):
+                total += int(line.split()[1])
+    return total
+
+
+def ksm_settle(pids: list[int], connected_at: float, idle: float) -> dict[str, float]:
+    """Wait until merging stops growing; ksmd's time to get there and its CPU afterwards."""
+    daemon = ksmd_pid()
+    cpu_start = cpu_seconds(daemon)
+    last, steady = -1, 0
+    while steady < 6 and time.monotonic() - connected_at < KSM_SETTLE_LIMIT:
+        now = merging_pages(pids)
+        steady = steady + 1 if now == last else 0
+        last = now
+        time.sleep(0.5)
+    settled = time.monotonic() - connected_at - 3.0  # the six polls that saw no change
+    cpu_settle = cpu_seconds(daemon) - cpu_start
+    before = cpu_seconds(daemon)
+    time.sleep(idle)
+    return {
+        "ksm_settle_seconds": settled,
+        "ksm_merging_pages": last,
+        "ksmd_cpu_seconds_to_settle": cpu_settle,
+        "ksmd_cpu_percent_after": 100 * (cpu_seconds(daemon) - before) / idle,
+    }
+
+
+def footprint(world: World, agent: Any, count: int, ksm_idle: float = 0.0) -> dict[str, float]:
     """Open ``count`` tunnels, leave them idle, measure their proxies' memory."""
     opened = []
     latencies = []
@@ -91,10 +163,12 @@ def footprint(world: World, agent: Any, count: int) -> dict[str, float]:
         world.wait_connected(tunnel["tunnelId"], timeout=30)
         latencies.append((time.perf_counter() - started) * 1000)
         opened.append(tunnel)
+    connected_at = time.monotonic()
     time.sleep(3)  # idle: pings only
     proxies = [t["pid"] for t in agent.status()["tunnels"] if t["pid"]]
     assert len(proxies) == count, proxies
     launchers = [p for p in children_of(agent.pid) if p not in proxies]
+    merged = ksm_settle(proxies + launchers, connected_at, ksm_idle) if ksm_running() else {}
     per = {pid: smaps_kb(pid) for pid in proxies + launchers}
     uss = {pid: m["Private_Clean"] + m["Private_Dirty"] for pid, m in per.items()}
     started_connected = [e["after"] * 1000 for e in agent.events("proxy_connected")][-count:]
@@ -127,6 +201,8 @@ def footprint(world: World, agent: Any, count: int) -> dict[str, float]:
         "notification_connected_p99_ms": percentile(notified_connected, 99),
         "proxy_start_connected_p50_ms": percentile(started_connected, 50),
         "proxy_start_connected_p99_ms": percentile(started_connected, 99),
+        "ksm": "running" if ksm_running() else "stopped",
+        **merged,
     }
 
 
@@ -147,6 +223,7 @@ def run(
     localproxy: str | None = None,
     idle_tunnels: int = 10,
     flags: tuple[str, ...] = (),
+    ksm_idle: float = 0.0,
 ) -> dict[str, float]:
     """Run the benchmark in a temporary directory and return the figures."""
     with tempfile.TemporaryDirectory(prefix="agent-bench-") as temp:
@@ -154,7 +231,7 @@ def run(
         try:
             agent = world.agent(*(["--proxy-binary", localproxy] if localproxy else []), *flags)
             time.sleep(1)  # the launcher's imports
-            resident = footprint(world, agent, idle_tunnels) if idle_tunnels else {}
+            resident = footprint(world, agent, idle_tunnels, ksm_idle) if idle_tunnels else {}
             agent.wait_event("tunnel_ended", idle_tunnels, timeout=30)
             latencies = []
             for index in range(tunnels):
@@ -212,17 +289,27 @@ def main() -> int:
         metavar="PATH",
         help="destination proxy binary the agent spawns (default: the bundled one)",
     )
+    parser.add_argument(
+        "--ksm", action="store_true", help="run ksmd for the measurement (root), then restore it"
+    )
+    parser.add_argument(
+        "--ksm-idle", type=float, default=20.0, help="ksmd CPU measured after merging, seconds"
+    )
     args = parser.parse_args()
     # The emulator shares this process: keep its logs out of the figures.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     logging.basicConfig(level=logging.WARNING)
     flags = ("--no-proxy-launcher",) if args.no_launcher else ()
-    result = run(args.tunnels, args.idle, args.localproxy, args.idle_tunnels, flags)
+    with ksmd(args.ksm):
+        result = run(
+            args.tunnels, args.idle, args.localproxy, args.idle_tunnels, flags, args.ksm_idle
+        )
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         for key, value in result.items():
-            print(f"{key:24} {value:12.3f}" if isinstance(value, float) else f"{key:24} {value:12}")
+            shown = f"{value:12.3f}" if isinstance(value, float) else f"{value:>12}"
+            print(f"{key:28} {shown}")
     return 0
 
 

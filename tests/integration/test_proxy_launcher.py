@@ -173,3 +173,78 @@ def test_launcher_off_spawns_plain_processes(world):
     assert b"agent.proxy" in Path(f"/proc/{proxy}/cmdline").read_bytes()
     assert b"agent.proxy.launcher" not in Path(f"/proc/{proxy}/cmdline").read_bytes()
     assert b"--token-fd" in Path(f"/proc/{proxy}/cmdline").read_bytes()
+
+
+KSM = Path("/sys/kernel/mm/ksm")
+
+
+def ksm_stat(pid: int) -> dict[str, str]:
+    """``/proc/PID/ksm_stat`` as name -> value."""
+    lines = Path(f"/proc/{pid}/ksm_stat").read_text().splitlines()
+    return {name.rstrip(":"): value for name, value in (line.split() for line in lines)}
+
+
+@pytest.fixture
+def ksmd_running():
+    """ksmd on and scanning fast for one test; its settings as they were afterwards."""
+    names = ("run", "pages_to_scan", "sleep_millisecs")
+    assert KSM.is_dir(), "this kernel has no KSM (CONFIG_KSM): the merging test needs it"
+    before = {name: (KSM / name).read_text().strip() for name in names}
+    (KSM / "pages_to_scan").write_text("5000")
+    (KSM / "sleep_millisecs").write_text("10")
+    (KSM / "run").write_text("1")
+    yield
+    for name in names:
+        (KSM / name).write_text(before[name])
+
+
+def test_launcher_and_its_proxies_offer_their_pages_to_ksm(world):
+    """proxy.merge_pages (default): the launcher opts in and its forked proxies inherit it."""
+    agent = world.agent()
+    launcher = launcher_pid(agent)
+    tunnel = world.open(["ECHO"])
+    world.wait_connected(tunnel["tunnelId"])
+    (proxy,) = agent.proxy_pids()
+
+    assert ksm_stat(launcher)["ksm_merge_any"] == "yes"
+    assert ksm_stat(proxy)["ksm_merge_any"] == "yes"
+    (started,) = agent.events("proxy_launcher_started")
+    assert started["ksm"] == ("running" if (KSM / "run").read_text().strip() == "1" else "stopped")
+
+
+def test_merge_pages_off_offers_nothing(world):
+    agent = world.agent("--no-proxy-merge-pages")
+    launcher = launcher_pid(agent)
+    tunnel = world.open(["ECHO"])
+    world.wait_connected(tunnel["tunnelId"])
+    (proxy,) = agent.proxy_pids()
+
+    assert ksm_stat(launcher)["ksm_merge_any"] == "no"
+    assert ksm_stat(proxy)["ksm_merge_any"] == "no"
+    assert "ksm" not in agent.events("proxy_launcher_started")[0]
+
+
+def test_with_ksmd_proxies_share_identical_pages_and_carry_every_byte(world, ksmd_running):
+    """Merged pages are copy-on-write again: a proxy that writes to one gets its own copy."""
+    agent = world.agent()
+    tunnels = [world.open(["ECHO"]) for _ in range(4)]
+    for tunnel in tunnels:
+        world.wait_connected(tunnel["tunnelId"])
+    proxies = agent.proxy_pids()
+    assert len(proxies) == 4
+
+    # At least 1 MiB of each proxy is mapped from a shared copy (the bench: about 4 MiB).
+    wait_until(
+        lambda: all(int(ksm_stat(pid)["ksm_merging_pages"]) >= 256 for pid in proxies),
+        60,
+        "pages merged in every proxy",
+        lambda: {pid: ksm_stat(pid) for pid in proxies},
+    )
+    digests = [
+        roundtrip(world.source(t["sourceAccessToken"], ["ECHO"]).port("ECHO"), 1 << 20, seed=i)
+        for i, t in enumerate(tunnels)
+    ]
+
+    assert all(sent == received for sent, received in digests)
+    assert agent.proxy_pids() == proxies
+    assert all(alive(pid) for pid in proxies)
