@@ -190,8 +190,8 @@ def ksmd_running():
     names = ("run", "pages_to_scan", "sleep_millisecs")
     assert KSM.is_dir(), "this kernel has no KSM (CONFIG_KSM): the merging test needs it"
     before = {name: (KSM / name).read_text().strip() for name in names}
-    (KSM / "pages_to_scan").write_text("5000")
-    (KSM / "sleep_millisecs").write_text("10")
+    (KSM / "pages_to_scan").write_text("2000")
+    (KSM / "sleep_millisecs").write_text("20")
     (KSM / "run").write_text("1")
     yield
     for name in names:
