@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -186,7 +187,7 @@ def ksm_stat(pid: int) -> dict[str, str]:
 
 @pytest.fixture
 def ksmd_running():
-    """ksmd on and scanning fast for one test; its settings as they were afterwards."""
+    """The kernel's ksmd on and scanning fast for one test; its settings restored after."""
     names = ("run", "pages_to_scan", "sleep_millisecs")
     assert KSM.is_dir(), "this kernel has no KSM (CONFIG_KSM): the merging test needs it"
     before = {name: (KSM / name).read_text().strip() for name in names}
@@ -198,13 +199,19 @@ def ksmd_running():
         (KSM / name).write_text(before[name])
 
 
-def test_launcher_and_its_proxies_offer_their_pages_to_ksm(world):
-    """proxy.merge_pages (default): the launcher opts in and its forked proxies inherit it."""
-    agent = world.agent()
+def one_tunnel(world, *flags: str) -> tuple[Any, int, int]:
+    """An agent with one connected ECHO tunnel: the agent, its launcher's pid, the proxy's."""
+    agent = world.agent(*flags)
     launcher = launcher_pid(agent)
     tunnel = world.open(["ECHO"])
     world.wait_connected(tunnel["tunnelId"])
     (proxy,) = agent.proxy_pids()
+    return agent, launcher, proxy
+
+
+def test_launcher_and_its_proxies_offer_their_pages_to_ksm(world):
+    """proxy.merge_pages (default): the launcher opts in and its forked proxies inherit it."""
+    agent, launcher, proxy = one_tunnel(world)
 
     assert ksm_stat(launcher)["ksm_merge_any"] == "yes"
     assert ksm_stat(proxy)["ksm_merge_any"] == "yes"
@@ -213,18 +220,15 @@ def test_launcher_and_its_proxies_offer_their_pages_to_ksm(world):
 
 
 def test_merge_pages_off_offers_nothing(world):
-    agent = world.agent("--no-proxy-merge-pages")
-    launcher = launcher_pid(agent)
-    tunnel = world.open(["ECHO"])
-    world.wait_connected(tunnel["tunnelId"])
-    (proxy,) = agent.proxy_pids()
+    agent, launcher, proxy = one_tunnel(world, "--no-proxy-merge-pages")
 
     assert ksm_stat(launcher)["ksm_merge_any"] == "no"
     assert ksm_stat(proxy)["ksm_merge_any"] == "no"
     assert "ksm" not in agent.events("proxy_launcher_started")[0]
 
 
-def test_with_ksmd_proxies_share_identical_pages_and_carry_every_byte(world, ksmd_running):
+@pytest.mark.usefixtures("ksmd_running")
+def test_with_ksmd_proxies_share_identical_pages_and_carry_every_byte(world):
     """Merged pages are copy-on-write again: a proxy that writes to one gets its own copy."""
     agent = world.agent()
     tunnels = [world.open(["ECHO"]) for _ in range(4)]

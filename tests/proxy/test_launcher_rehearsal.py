@@ -69,7 +69,8 @@ print(json.dumps({"ok": ok, "took": took, "threads": len(os.listdir("/proc/self/
 """
 
 
-def run_script(script: str, *args: str) -> tuple[dict[str, object], str]:
+def run_python(script: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run ``script`` in a fresh interpreter from the repository; it must exit 0."""
     done = subprocess.run(
         [sys.executable, "-c", script, *args],
         cwd=ROOT,
@@ -79,6 +80,12 @@ def run_script(script: str, *args: str) -> tuple[dict[str, object], str]:
         check=False,
     )
     assert done.returncode == 0, done.stderr
+    return done
+
+
+def run_script(script: str, *args: str) -> tuple[dict[str, object], str]:
+    """Run ``script``; its last stdout line (JSON) and its stderr."""
+    done = run_python(script, *args)
     return json.loads(done.stdout.splitlines()[-1]), done.stderr
 
 
@@ -141,15 +148,7 @@ def test_launcher_survives_a_rehearsal_that_raises():
         "launcher._preload()\n"
         "print(launcher._PARSER[0].prog)\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", script],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr
+    done = run_python(script)
     assert done.stdout.strip() == "tunnel-localproxy"
     assert "rehearsal failed: OSError('no loopback')" in done.stderr
     assert "proxies start cold" in done.stderr
