@@ -256,10 +256,8 @@ class ForkLauncher:
         self._started_at = loop.time()
         loop.add_reader(ours.fileno(), self._readable)
         self._launcher_task = asyncio.ensure_future(self._watch_launcher(child))
-        if self._merge_pages:
-            log.info("proxy_launcher_started", pid=child.pid, ksm=ksm_state())
-        else:
-            log.info("proxy_launcher_started", pid=child.pid)
+        merging = {"ksm": ksm_state()} if self._merge_pages else {}
+        log.info("proxy_launcher_started", pid=child.pid, **merging)
 
     async def _watch_launcher(self, child: Child) -> None:
         exit_watch = ChildExit(child.pid)

@@ -99,6 +99,7 @@ def _listener() -> socket.socket:
 
 def _session(relay_port: int, target_port: int) -> None:
     read_end, write_end = os.pipe()  # the report channel, as the agent gives one
+    pipe = os.fstat(write_end)
     try:
         options = ProxyOptions(
             mode=DESTINATION,
@@ -118,8 +119,9 @@ def _session(relay_port: int, target_port: int) -> None:
         run(bounded())
     finally:
         os.close(read_end)
-        with contextlib.suppress(OSError):
-            os.close(write_end)
+        with contextlib.suppress(OSError):  # closed by the reporter, unless it never started
+            if os.path.samestat(os.fstat(write_end), pipe):
+                os.close(write_end)
 
 
 def _stand_in(relay: socket.socket, target: socket.socket) -> bool:
