@@ -14,6 +14,7 @@ import pytest
 
 from agent import __version__
 from agent.cli import main
+from agent.common import process
 from agent.daemon.status import StatusFile
 from agent.daemon.tunnels import TunnelInfo
 from agent.exceptions import EXIT_CONFIG
@@ -85,6 +86,29 @@ class TestCheckConfig:
         assert out.startswith(f"configuration ok ({config})\n")
         assert "  services: SSH=22\n" in out
         assert "  mqtt: reconnect 1-20s (reset after 10s connected) receive_maximum=10\n" in out
+
+    @pytest.mark.parametrize(
+        ("run", "flags", "said"),
+        [
+            ("1", [], "  memory: proxies offered to same-page merging; ksmd runs\n"),
+            ("0", [], "  memory: proxies offered to same-page merging, but ksmd is stopped"),
+            (None, [], "  memory: this kernel has no same-page merging (KSM)\n"),
+            ("1", ["--no-proxy-merge-pages"], "(proxy.merge_pages = false)\n"),
+        ],
+    )
+    def test_says_whether_proxies_share_pages(
+        self, config, capsys, monkeypatch, tmp_path, run, flags, said
+    ):
+        """The launcher's proxies and ksmd: what the operator needs to know to save memory."""
+        run_file = tmp_path / "ksm-run"
+        if run is not None:
+            run_file.write_text(run + "\n")
+        monkeypatch.setattr(process, "_KSM_RUN", str(run_file))
+
+        code = main(["check-config", "--config", str(config), *flags])
+
+        assert code == 0
+        assert said in capsys.readouterr().out
 
     def test_flags_mirror_env(self, config, capsys, monkeypatch):
         """Flags override env, env overrides the file, for every setting."""
