@@ -8,6 +8,7 @@ cost nothing; the figures (handling rate, reconnect times) are printed (`pytest 
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import contextlib
 import json
@@ -219,6 +220,28 @@ sneaky = st.fixed_dictionaries(
 ).filter(lambda d: not (d["clientMode"] == "destination" and d["region"] == "us-east-1"))
 
 
+def windows(value: str) -> set[str]:
+    """Every 8-character piece of ``value``."""
+    return {value[i : i + 8] for i in range(len(value) - 7)}
+
+
+def agent_words() -> set[str]:
+    """
+    Every 8-character piece of every string literal in the agent's code.
+
+    Hypothesis draws text from the project's own string constants too (its "local
+    constants"): a drawn "endpoint" then shows in the log as a key the agent always writes.
+    A word the agent has of its own is not something the payload carried. The tests' words
+    are not in it: the look-alikes are theirs, and the agent must never write those.
+    """
+    found: set[str] = set()
+    for path in (ROOT / "agent").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                found |= windows(node.value)
+    return found
+
+
 def pieces(document: dict[str, object]) -> set[str]:
     """Every 8-character piece of every string value sent, as sent and as JSON escapes it."""
     values = [v for v in document.values() if isinstance(v, str)]
@@ -228,7 +251,7 @@ def pieces(document: dict[str, object]) -> set[str]:
         if value in ("destination", "us-east-1", TOKEN):
             continue  # the agent's own vocabulary, or the valid token it registers as a secret
         for form in (value, json.dumps(value)[1:-1]):
-            found.update(form[i : i + 8] for i in range(len(form) - 7))
+            found |= windows(form)
     return {piece for piece in found if piece not in VOCABULARY}
 
 
@@ -309,6 +332,7 @@ class TestHostileInput:
 
         collect()
         agent = world.agent()
+        before = agent.text  # the agent's own words for this run: topic, endpoint, paths
 
         publish_many(world, [json.dumps(d).encode() for d in documents])
         wait_until(
@@ -322,7 +346,8 @@ class TestHostileInput:
             lambda: agent.text[-2000:],
         )
         text = agent.text
-        leaked = sorted(p for d in documents for p in pieces(d) if p in text)
+        own = agent_words() | windows(before)
+        leaked = sorted(p for d in documents for p in pieces(d) - own if p in text)
 
         assert len(agent.events("notification_rejected")) == len(
             agent.events("notification_received")
