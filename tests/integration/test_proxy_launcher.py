@@ -55,12 +55,18 @@ def rss_kib(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_proxies_are_forked_by_the_launcher(world):
-    agent = world.agent()
+def one_tunnel(world, *flags: str) -> tuple[Any, int, int, dict[str, Any]]:
+    """An agent with one connected ECHO tunnel: the agent, launcher pid, proxy pid, tunnel."""
+    agent = world.agent(*flags)
     launcher = launcher_pid(agent)
     tunnel = world.open(["ECHO"])
     world.wait_connected(tunnel["tunnelId"])
     (proxy,) = agent.proxy_pids()
+    return agent, launcher, proxy, tunnel
+
+
+def test_proxies_are_forked_by_the_launcher(world):
+    _, launcher, proxy, tunnel = one_tunnel(world)
     source = world.source(tunnel["sourceAccessToken"], ["ECHO"])
 
     sent, received = roundtrip(source.port("ECHO"), seed=1)
@@ -72,11 +78,7 @@ def test_proxies_are_forked_by_the_launcher(world):
 
 
 def test_launcher_killed_is_restarted_and_running_tunnels_are_unaffected(world):
-    agent = world.agent()
-    launcher = launcher_pid(agent)
-    tunnel = world.open(["ECHO"])
-    world.wait_connected(tunnel["tunnelId"])
-    (proxy,) = agent.proxy_pids()
+    agent, launcher, proxy, tunnel = one_tunnel(world)
     source = world.source(tunnel["sourceAccessToken"], ["ECHO"])
     with connect(source.port("ECHO")) as sock:
         before = exchange(sock, 128 * 1024, seed=2)
@@ -199,19 +201,9 @@ def ksmd_running():
         (KSM / name).write_text(before[name])
 
 
-def one_tunnel(world, *flags: str) -> tuple[Any, int, int]:
-    """An agent with one connected ECHO tunnel: the agent, its launcher's pid, the proxy's."""
-    agent = world.agent(*flags)
-    launcher = launcher_pid(agent)
-    tunnel = world.open(["ECHO"])
-    world.wait_connected(tunnel["tunnelId"])
-    (proxy,) = agent.proxy_pids()
-    return agent, launcher, proxy
-
-
 def test_launcher_and_its_proxies_offer_their_pages_to_ksm(world):
     """proxy.merge_pages (default): the launcher opts in and its forked proxies inherit it."""
-    agent, launcher, proxy = one_tunnel(world)
+    agent, launcher, proxy, _ = one_tunnel(world)
 
     assert ksm_stat(launcher)["ksm_merge_any"] == "yes"
     assert ksm_stat(proxy)["ksm_merge_any"] == "yes"
@@ -220,7 +212,7 @@ def test_launcher_and_its_proxies_offer_their_pages_to_ksm(world):
 
 
 def test_merge_pages_off_offers_nothing(world):
-    agent, launcher, proxy = one_tunnel(world, "--no-proxy-merge-pages")
+    agent, launcher, proxy, _ = one_tunnel(world, "--no-proxy-merge-pages")
 
     assert ksm_stat(launcher)["ksm_merge_any"] == "no"
     assert ksm_stat(proxy)["ksm_merge_any"] == "no"
