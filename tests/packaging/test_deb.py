@@ -580,12 +580,14 @@ class Container:
         )  # fmt: skip
         try:
             self.leader = self._wait_for(self._find_leader, "the container's systemd")
-            self._wait_for(self._booted, "the container to finish booting")
+            self._wait_for(
+                self._booted, "the container to finish booting", report=self._boot_report
+            )
         except BaseException:
             self.close()  # a container that never booted must not outlive the test
             raise
 
-    def _wait_for(self, probe, what: str, timeout: float = 60):
+    def _wait_for(self, probe, what: str, timeout: float = 60, report=None):
         deadline = time.monotonic() + timeout * SCALE
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -594,7 +596,21 @@ class Container:
             if found:
                 return found
             time.sleep(0.1)
-        pytest.fail(f"timed out waiting for {what}")
+        pytest.fail(f"timed out waiting for {what}" + (f"\n{report()}" if report else ""))
+
+    def _boot_report(self) -> str:
+        """What a boot that did not finish was still doing: its state, its jobs, its failures."""
+        parts = [
+            self.run(*argv, check=False).stdout
+            for argv in (
+                ("systemctl", "is-system-running"),
+                ("systemctl", "list-jobs", "--no-pager"),
+                ("systemctl", "--failed", "--no-pager"),
+            )
+        ]
+        self._log.flush()
+        parts.append(Path(self._log.name).read_text(errors="replace")[-3000:])
+        return "\n".join(parts)
 
     def _find_leader(self) -> int | None:
         for entry in Path("/proc").iterdir():
